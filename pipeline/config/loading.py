@@ -1,0 +1,230 @@
+"""Build a `Config` from a preset or YAML file plus `--set` overrides, type-checked field by field."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.config.settings import Config
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the field and what is wrong."""
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a preset name or YAML path, then `a.b=value` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if preset_or_path:
+        raw = _read_yaml(preset_or_path)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. loss.triplet.margin=0.2")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(text) if text.strip() else "")
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _read_yaml(preset_or_path: str) -> dict[str, Any]:
+    path = Path(preset_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown preset {preset_or_path!r}; presets: {', '.join(available_presets())}"
+            )
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {key} is a value, not a section")
+    node[keys[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    """Instantiate dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(fields)}"
+        raise ConfigError(f"{prefix}{key}: unknown setting{hint}")
+    values = {}
+    for name, value in raw.items():
+        path = f"{prefix}{name}"
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, path + ".")
+        else:
+            values[name] = _coerce(kind, value, path)
+    return cls(**values)
+
+
+def _coerce(kind, value: Any, path: str):
+    """Check `value` against the annotation; ints are accepted where floats are expected."""
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return value
+    if kind in (int, float, str, bool):
+        # bool is an int subclass: reject True where a number is expected and vice versa.
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{path}: expected {kind.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported setting type {kind}")
+
+
+def validate(config: Config) -> None:
+    """Every value range and cross-field rule; raises ConfigError naming the field."""
+    positive = {
+        "data.image_size": config.data.image_size,
+        "data.eval_resize": config.data.eval_resize,
+        "data.decode_actors": config.data.decode_actors,
+        "data.synthetic.num_classes": config.data.synthetic.num_classes,
+        "data.synthetic.images_per_class": config.data.synthetic.images_per_class,
+        "data.synthetic.modes_per_class": config.data.synthetic.modes_per_class,
+        "sampler.classes_per_batch": config.sampler.classes_per_batch,
+        "sampler.samples_per_class": config.sampler.samples_per_class,
+        "sampler.batch_size": config.sampler.batch_size,
+        "model.embedding_dim": config.model.embedding_dim,
+        "optim.lr": config.optim.lr,
+        "loss.lr": config.loss.lr,
+        "train.num_workers": config.train.num_workers,
+        "train.epochs": config.train.epochs,
+        "train.log_every_steps": config.train.log_every_steps,
+        "train.checkpoints_to_keep": config.train.checkpoints_to_keep,
+        "train.torch_threads": config.train.torch_threads,
+        "eval.batch_size": config.eval.batch_size,
+        "eval.every_epochs": config.eval.every_epochs,
+        "loss.normalized_softmax.temperature": config.loss.normalized_softmax.temperature,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {value}")
+    non_negative = {
+        "train.steps_per_epoch": config.train.steps_per_epoch,
+        "train.cpus_per_worker": config.train.cpus_per_worker,
+        "optim.weight_decay": config.optim.weight_decay,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.grad_clip": config.optim.grad_clip,
+        "loss.triplet.margin": config.loss.triplet.margin,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {value}")
+    if config.data.eval_resize < config.data.image_size:
+        raise ConfigError(
+            f"data.eval_resize: {config.data.eval_resize} is smaller than data.image_size "
+            f"{config.data.image_size}; the center crop would not fit"
+        )
+    if not 0.0 < config.data.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {config.data.crop_scale_min}")
+    if not 0.0 < config.data.synthetic.test_fraction < 1.0:
+        raise ConfigError(
+            f"data.synthetic.test_fraction: must be in (0, 1), got {config.data.synthetic.test_fraction}"
+        )
+    if config.sampler.name == "m_per_class" and config.sampler.samples_per_class < 2:
+        raise ConfigError("sampler.samples_per_class: must be >= 2 so every example has a positive")
+    from pipeline.losses import batch_requirement  # late import: losses import torch
+
+    need = batch_requirement(config.loss.name)
+    if need == "m_per_class" and config.sampler.name != "m_per_class":
+        raise ConfigError(
+            f"sampler.name: loss {config.loss.name!r} mines pairs inside the batch and needs "
+            f"sampler.name=m_per_class, got {config.sampler.name!r}"
+        )
+    ks = config.eval.recall_ks
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise ConfigError(f"eval.recall_ks: expected a non-empty list of positive ints, got {ks!r}")
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain nested dicts (what is saved with runs and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from `config_to_dict` output (e.g. read from a checkpoint)."""
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """`section.field` -> value, for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(config_to_dict(config), "")
+    return out
+
+
+def config_digest(config: Config, length: int = 8) -> str:
+    """A short stable hash of the resolved config (names runs and caches; no timestamps)."""
+    text = json.dumps(config_to_dict(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """One line per setting: `path = default  # doc`, for `--help-config`."""
+    lines = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"[{prefix}{f.name}]  {f.metadata.get('doc', '')}")
+            lines.extend(describe(type(value), f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  {prefix}{f.name} = {value!r}  # {f.metadata.get('doc', '')}")
+    return lines

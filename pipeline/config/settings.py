@@ -1,0 +1,238 @@
+"""The settings tree: one dataclass per concern, each field documented where it is declared.
+
+Precedence is CLI (`--set a.b=c`) > preset/YAML file > the defaults below. `Config.validate`
+holds every cross-field rule, so a bad combination stops with one message before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def setting(default, doc: str):
+    """A dataclass field with a default and a one-line description (shown by `--help-config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def section(cls, doc: str):
+    """A nested settings section."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The built-in generated dataset, used when `data.root` is empty."""
+
+    num_classes: int = setting(128, "Classes in total (half train, half test).")
+    modes_per_class: int = setting(3, "Distinct visual modes per class; 1 is the unimodal control.")
+    images_per_class: int = setting(60, "Images generated per class.")
+    image_size: int = setting(64, "Side of the generated square images, in pixels.")
+    test_fraction: float = setting(0.5, "Fraction of classes held out as the (unseen) test split.")
+    seed: int = setting(0, "Seed of the generator; the same seed gives the same bytes.")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are turned into tensors."""
+
+    root: str = setting("", "Dataset root (local path or s3://) in the project's format; empty = built-in.")
+    cache_dir: str = setting("data", "Where the built-in dataset is generated (reused when it exists).")
+    synthetic: SyntheticDataConfig = section(SyntheticDataConfig, "The built-in dataset.")
+    train_split: str = setting("train", "Split trained on.")
+    test_split: str = setting("test", "Split evaluated on (classes unseen in training).")
+    image_size: int = setting(48, "Side of the crop fed to the model.")
+    eval_resize: int = setting(56, "Evaluation: resize the short side to this, then center-crop image_size.")
+    crop_scale_min: float = setting(0.35, "Training RandomResizedCrop: smallest area fraction.")
+    decode_actors: int = setting(1, "Ray Data actors that plan, fetch and decode training batches.")
+    decode_cpus: float = setting(0.5, "CPUs reserved by each decode actor.")
+    prefetch_batches: int = setting(4, "Batches each rank keeps decoded ahead of the step.")
+
+
+@dataclass
+class SamplerConfig:
+    """How each rank's sub-batch is planned (a list of example ids chosen by label)."""
+
+    name: Literal["m_per_class", "shuffle"] = setting(
+        "m_per_class", "m_per_class: P classes x M examples per sub-batch; shuffle: plain epochs."
+    )
+    classes_per_batch: int = setting(8, "P: classes in each rank's sub-batch (m_per_class).")
+    samples_per_class: int = setting(4, "M: examples per class in a sub-batch (m_per_class).")
+    batch_size: int = setting(32, "Examples per rank's sub-batch (shuffle).")
+
+
+@dataclass
+class ModelConfig:
+    """The embedding network: a backbone and a linear, L2-normalised head."""
+
+    backbone: Literal["tiny_cnn", "resnet18", "resnet34", "resnet50"] = setting(
+        "tiny_cnn", "Backbone; tiny_cnn is a small CNN for CPU runs and tests."
+    )
+    embedding_dim: int = setting(64, "Output embedding size.")
+    normalize: bool = setting(True, "L2-normalise the embedding.")
+    pretrained: str = setting("", "Backbone weights (state_dict) from a local path or URI; empty = random init.")
+    channels_last: bool = setting(True, "Use channels_last memory format on GPU.")
+
+
+@dataclass
+class TripletSettings:
+    """Triplet loss with margin on normalised embeddings."""
+
+    margin: float = setting(0.2, "Margin between positive and negative distances.")
+    mining: Literal["batch_hard", "semi_hard", "all"] = setting("batch_hard", "Triplet mining in the global batch.")
+
+
+@dataclass
+class NormalizedSoftmaxSettings:
+    """Normalised softmax (one proxy per class)."""
+
+    temperature: float = setting(0.05, "Softmax temperature over cosine logits.")
+    margin: float = setting(0.0, "Additive margin on the true-class cosine.")
+
+
+@dataclass
+class ContrastiveSettings:
+    """Contrastive loss on pair distances."""
+
+    pos_margin: float = setting(0.0, "Positive pairs are pulled below this distance.")
+    neg_margin: float = setting(0.5, "Negative pairs are pushed beyond this distance.")
+
+
+@dataclass
+class MultiSimilaritySettings:
+    """Multi-similarity loss (Wang et al. 2019)."""
+
+    alpha: float = setting(2.0, "Weight of positive similarities.")
+    beta: float = setting(50.0, "Weight of negative similarities.")
+    base: float = setting(0.5, "Similarity offset lambda.")
+    epsilon: float = setting(0.1, "Pair-mining margin.")
+
+
+@dataclass
+class ProxyAnchorSettings:
+    """Proxy-anchor loss (Kim et al. 2020)."""
+
+    margin: float = setting(0.1, "Margin delta on proxy similarities.")
+    alpha: float = setting(32.0, "Scale alpha.")
+
+
+@dataclass
+class SoftTripleSettings:
+    """SoftTriple (Qian et al. 2019): K centers per class; defaults from the paper."""
+
+    centers_per_class: int = setting(10, "K: centers per class.")
+    la: float = setting(20.0, "lambda: scale of the logits (about 10 if training diverges).")
+    gamma: float = setting(0.1, "gamma: temperature of the softmax over a class's centers.")
+    tau: float = setting(0.2, "tau: weight of the center regulariser.")
+    margin: float = setting(0.01, "delta: margin on the true class.")
+
+
+@dataclass
+class PDDMSettings:
+    """PDDM (Huang et al. 2016): learned pair similarity, hard quadruplets, double-header hinge."""
+
+    hidden_dim: int = setting(128, "Width of the PDDM unit's layers.")
+    alpha: float = setting(0.5, "Margin of the metric (score) hinge.")
+    beta: float = setting(1.0, "Margin of the embedding (distance) hinge.")
+    lam: float = setting(0.5, "lambda: weight of the embedding loss.")
+    quadruplets: Literal["hardest", "per_positive_pair"] = setting(
+        "hardest", "One quadruplet per batch (the paper) or one per positive pair."
+    )
+
+
+@dataclass
+class LossConfig:
+    """Which loss, and each loss's parameters (only the chosen loss's section is used)."""
+
+    name: Literal[
+        "triplet", "normalized_softmax", "contrastive", "multi_similarity", "softtriple", "pddm",
+        "proxy_anchor",
+    ] = setting(
+        "triplet", "Loss by name; the README's table lists each with its parameters."
+    )
+    lr: float = setting(1e-2, "Learning rate of learned loss parameters (proxies, centers).")
+    triplet: TripletSettings = section(TripletSettings, "triplet")
+    normalized_softmax: NormalizedSoftmaxSettings = section(NormalizedSoftmaxSettings, "normalized_softmax")
+    contrastive: ContrastiveSettings = section(ContrastiveSettings, "contrastive")
+    multi_similarity: MultiSimilaritySettings = section(MultiSimilaritySettings, "multi_similarity")
+    softtriple: SoftTripleSettings = section(SoftTripleSettings, "softtriple")
+    pddm: PDDMSettings = section(PDDMSettings, "pddm")
+    proxy_anchor: ProxyAnchorSettings = section(ProxyAnchorSettings, "proxy_anchor")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule of the embedding network."""
+
+    name: Literal["adamw", "adam", "sgd"] = setting("adamw", "Optimizer.")
+    lr: float = setting(1e-3, "Peak learning rate of the backbone and head.")
+    weight_decay: float = setting(1e-4, "Weight decay (decoupled for adamw).")
+    momentum: float = setting(0.9, "SGD momentum.")
+    warmup_steps: int = setting(50, "Linear warm-up steps.")
+    schedule: Literal["cosine", "constant"] = setting("cosine", "Decay after warm-up.")
+    grad_clip: float = setting(0.0, "Clip the gradient norm to this; 0 = off.")
+
+
+@dataclass
+class TrainConfig:
+    """The distributed run: workers, length, checkpoints, storage."""
+
+    num_workers: int = setting(2, "Ray Train workers (DDP ranks).")
+    cpus_per_worker: float = setting(0.5, "CPUs per worker (fractions let Data and Train share 2 cores).")
+    use_gpu: bool = setting(False, "One GPU per worker; NCCL and bf16 autocast.")
+    epochs: int = setting(4, "Epochs; an epoch is steps_per_epoch global batches.")
+    steps_per_epoch: int = setting(0, "Steps per epoch; 0 = training images / global batch size.")
+    log_every_steps: int = setting(10, "Log loss, learning rate and throughput every this many steps.")
+    seed: int = setting(0, "Seed of model init and batch planning.")
+    storage_path: str = setting("runs", "Where runs, checkpoints and the local MLflow store live (path or s3://).")
+    run_name: str = setting("", "Run name; empty = derived from the config (stable, so a rerun resumes).")
+    checkpoints_to_keep: int = setting(2, "Checkpoints kept per run.")
+    max_failures: int = setting(1, "Worker-group restarts from the last checkpoint before the run fails.")
+    torch_threads: int = setting(1, "Intra-op threads per CPU worker.")
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation on the test split."""
+
+    every_epochs: int = setting(1, "Evaluate every this many epochs (and always after the last).")
+    batch_size: int = setting(256, "Images per inference batch.")
+    recall_ks: list = setting([1, 2, 4, 8], "K values of Recall@K.")
+    nmi: bool = setting(True, "Compute NMI (k-means with as many clusters as test classes).")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    tracking_uri: str = setting("", "MLflow tracking URI; empty = sqlite store under train.storage_path.")
+    experiment: str = setting("dml", "MLflow experiment name.")
+    log_model: bool = setting(True, "Log the final model checkpoint as an artifact.")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one run."""
+
+    data: DataConfig = section(DataConfig, "Data")
+    sampler: SamplerConfig = section(SamplerConfig, "Batch planning")
+    model: ModelConfig = section(ModelConfig, "Model")
+    loss: LossConfig = section(LossConfig, "Loss")
+    optim: OptimConfig = section(OptimConfig, "Optimizer")
+    train: TrainConfig = section(TrainConfig, "Training")
+    eval: EvalConfig = section(EvalConfig, "Evaluation")
+    tracking: TrackingConfig = section(TrackingConfig, "Tracking")
+
+    @property
+    def sub_batch_size(self) -> int:
+        """Examples in one rank's sub-batch."""
+        if self.sampler.name == "m_per_class":
+            return self.sampler.classes_per_batch * self.sampler.samples_per_class
+        return self.sampler.batch_size
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples in one optimizer step, across all ranks."""
+        return self.sub_batch_size * self.train.num_workers

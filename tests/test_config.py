@@ -1,0 +1,83 @@
+"""Config loading: presets, overrides, and one clear message for every kind of mistake."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    available_presets,
+    config_from_dict,
+    config_to_dict,
+    describe,
+    load_config,
+)
+from jobs.train import main as train_main
+
+
+def test_presets_load_and_round_trip():
+    assert {"local", "gpu"} <= set(available_presets())
+    for name in available_presets():
+        config = load_config(name)
+        assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_overrides_take_precedence_and_are_typed():
+    config = load_config("local", ["loss.triplet.margin=0.3", "train.epochs=2", "optim.lr=1"])
+    assert config.loss.triplet.margin == 0.3
+    assert config.train.epochs == 2
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\n  name: normalized_softmax\nsampler:\n  name: shuffle\n")
+    config = load_config(str(path))
+    assert config.loss.name == "normalized_softmax" and config.sampler.name == "shuffle"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.margn=0.2"], "loss.margn: unknown setting"),
+        (["loss.triplet.margn=0.2"], "did you mean 'margin'"),
+        (["train.num_workers=two"], "train.num_workers: expected int, got 'two'"),
+        (["train.num_workers=0"], "train.num_workers: must be > 0"),
+        (["train.epochs=true"], "train.epochs: expected int, got True"),
+        (["loss.name=magic"], "loss.name: 'magic' is not one of"),
+        (["data.eval_resize=16"], "data.eval_resize: 16 is smaller than data.image_size"),
+        (["sampler.name=shuffle"], "needs sampler.name=m_per_class"),
+        (["sampler.samples_per_class=1"], "sampler.samples_per_class: must be >= 2"),
+        (["eval.recall_ks=[1, 0]"], "eval.recall_ks"),
+        (["train=3"], "train: expected a section"),
+        (["nonsense"], "expected KEY=VALUE"),
+    ],
+)
+def test_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config("local", overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; presets: .*local"):
+        load_config("nope")
+
+
+def test_softmax_runs_with_plain_shuffling():
+    config = load_config("local", ["loss.name=normalized_softmax", "sampler.name=shuffle"])
+    assert config.sub_batch_size == config.sampler.batch_size
+
+
+def test_every_setting_is_documented():
+    lines = describe()
+    assert any("loss.triplet.margin" in line for line in lines)
+    assert all(not line.rstrip().endswith("#") for line in lines)
+
+
+def test_job_rejects_bad_config_before_ray(capsys):
+    import ray
+
+    assert train_main(["--set", "train.num_workers=-1"]) == 2
+    assert "config error: train.num_workers: must be > 0" in capsys.readouterr().err
+    assert not ray.is_initialized()

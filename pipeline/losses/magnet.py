@@ -1,0 +1,168 @@
+"""Magnet loss (Rippel, Paluri, Dollar, Bourdev, ICLR 2016) and its soft nearest-cluster classifier.
+
+The loss models each class as the clusters that the cluster index found in it and penalises
+overlap between an example's own cluster and the clusters of *other* classes. Its batches are
+neighbourhoods (a seed cluster plus its nearest impostor clusters, D examples each), delivered by
+the neighbourhood sampler together with each example's global cluster id (`clusters=`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses.base import LossOutput, MetricLoss
+
+_SIGMA2_FLOOR = 1e-12
+"""Lower bound on the batch variance. sigma2 is 0 when every cluster of the batch holds one
+distinct point (D=1, or an embedding collapsed at initialisation); the floor keeps the loss finite
+there instead of dividing by zero. It is far below any variance a real batch has."""
+
+
+class MagnetLoss(MetricLoss):
+    """Magnet loss over a neighbourhood batch: a hinge on each example's own-cluster likelihood.
+
+    For an example r of batch cluster m (class c), with mu the batch means of the clusters and
+    sigma2 the batch variance around them (divided by N - 1):
+
+        l(r) = max(0, ||r - mu_m||^2 / (2 sigma2) + alpha
+                      + log sum_{m': class(m') != c} exp(-||r - mu_m'||^2 / (2 sigma2)))
+
+    and the loss is the mean of l over the batch. Clusters of r's own class other than m appear
+    nowhere. Gradient flows through mu and sigma2: both are functions of the batch, as in the
+    paper, so moving an example also moves the cluster statistics it contributes to.
+
+    A running mean of sigma2 (an exponential moving average, `running_sigma2`) is kept for
+    inference with `magnet_class_scores`; it is updated without gradient in training mode only.
+    Every rank sees the same global batch, so every rank's running value is the same.
+    """
+
+    batch_requirement = "neighbourhoods"
+
+    running_sigma2: torch.Tensor
+    sigma2_updates: torch.Tensor
+
+    def __init__(self, alpha: float = 1.0, sigma2_momentum: float = 0.9):
+        """alpha: margin between own-cluster and other-class terms; sigma2_momentum: weight of the
+        old value in the running sigma2 (the first training batch sets it outright)."""
+        super().__init__()
+        if not 0.0 <= sigma2_momentum < 1.0:
+            raise ValueError(f"sigma2_momentum must be in [0, 1), got {sigma2_momentum}")
+        self.alpha = alpha
+        self.sigma2_momentum = sigma2_momentum
+        self.register_buffer("running_sigma2", torch.tensor(1.0))
+        # Counts updates so that the first batch replaces the placeholder value 1.0 outright.
+        self.register_buffer("sigma2_updates", torch.tensor(0, dtype=torch.long))
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, *, clusters: torch.Tensor, **extras
+    ) -> LossOutput:
+        """embeddings [N, D], labels [N] long, clusters [N] long global cluster ids."""
+        n = embeddings.shape[0]
+        if n < 2:
+            raise ValueError("the Magnet loss needs at least 2 examples (sigma2 divides by N - 1)")
+
+        # Batch-local cluster index 0..M-1 of every example; the global ids only group examples.
+        cluster_ids, cluster_of = torch.unique(clusters, return_inverse=True)
+        num_clusters = cluster_ids.numel()
+        cluster_class = _cluster_classes(cluster_of, labels, num_clusters)
+
+        # Cluster means as a membership-matrix product: unlike index_add (atomic adds on CUDA)
+        # a matmul sums in a fixed order, so the loss is bitwise reproducible.
+        membership = F.one_hot(cluster_of, num_clusters).T.to(embeddings.dtype)  # [M, N]
+        means = (membership @ embeddings) / membership.sum(dim=1, keepdim=True)
+
+        # Explicit differences rather than the Gram form: N x M x D is small for a neighbourhood
+        # (48 x 12 x 512 by default) and the own-cluster distances are then exact.
+        sq_dist = (embeddings[:, None, :] - means[None, :, :]).pow(2).sum(-1)  # [N, M]
+        own_sq_dist = sq_dist.gather(1, cluster_of[:, None]).squeeze(1)
+        sigma2 = (own_sq_dist.sum() / (n - 1)).clamp_min(_SIGMA2_FLOOR)
+        scaled = sq_dist / (2.0 * sigma2)  # the paper's 1 / (2 sigma^2), not 1 / (2 sigma^4)
+
+        other_class = cluster_class[None, :] != labels[:, None]  # [N, M]
+        has_impostor = other_class.any(dim=1)
+        logits = (-scaled).masked_fill(~other_class, float("-inf"))
+        # A row with no other-class cluster would be all -inf (log-sum-exp -inf, NaN gradient);
+        # give it a finite dummy row and zero its loss below, like a batch with no triplet.
+        logits = logits.masked_fill(~has_impostor[:, None], 0.0)
+        impostor_term = torch.logsumexp(logits, dim=1)
+
+        hinge = torch.relu(own_sq_dist / (2.0 * sigma2) + self.alpha + impostor_term)
+        per_example = torch.where(has_impostor, hinge, 0.0)
+
+        if self.training:
+            self._update_running_sigma2(sigma2.detach())
+
+        return LossOutput(
+            loss=per_example.mean(),
+            per_example=per_example.detach(),
+            stats={
+                "sigma2": float(sigma2.detach()),
+                "running_sigma2": float(self.running_sigma2),
+                "active_fraction": float((per_example.detach() > 0).float().mean()),
+            },
+        )
+
+    @torch.no_grad()
+    def _update_running_sigma2(self, sigma2: torch.Tensor) -> None:
+        value = sigma2.to(self.running_sigma2.dtype)
+        if int(self.sigma2_updates) == 0:
+            self.running_sigma2.copy_(value)
+        else:
+            self.running_sigma2.lerp_(value, 1.0 - self.sigma2_momentum)
+        self.sigma2_updates += 1
+
+
+def _cluster_classes(
+    cluster_of: torch.Tensor, labels: torch.Tensor, num_clusters: int
+) -> torch.Tensor:
+    """Integer class of each batch cluster, read from its members' labels (which must agree)."""
+    lowest = labels.new_full((num_clusters,), torch.iinfo(labels.dtype).max)
+    highest = labels.new_full((num_clusters,), torch.iinfo(labels.dtype).min)
+    lowest = lowest.scatter_reduce(0, cluster_of, labels, reduce="amin")
+    highest = highest.scatter_reduce(0, cluster_of, labels, reduce="amax")
+    if not torch.equal(lowest, highest):
+        raise ValueError("every member of a cluster must have the cluster's class label")
+    return lowest
+
+
+def magnet_class_scores(
+    queries: torch.Tensor,
+    centroids: torch.Tensor,
+    centroid_classes: torch.Tensor,
+    sigma2: float | torch.Tensor,
+    num_classes: int,
+    L: int = 128,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class probabilities [Q, num_classes] by a soft vote of the L nearest centroids.
+
+    score(c) = sum over the L nearest centroids of class c of exp(-||r - mu||^2 / (2 sigma2)),
+    normalised over classes. sigma2 is the loss's `running_sigma2`. Queries are processed
+    `chunk_size` at a time, so memory is about chunk_size x (C + L^2) elements.
+    """
+    num_nearest = min(L, centroids.shape[0])
+    centroid_sq_norms = centroids.pow(2).sum(-1)
+    chunks = []
+    for chunk in queries.split(chunk_size):
+        sq_dist = (
+            chunk.pow(2).sum(-1, keepdim=True)
+            + centroid_sq_norms[None, :]
+            - 2.0 * chunk @ centroids.T
+        ).clamp_min(0.0)
+        nearest_sq_dist, nearest = torch.topk(sq_dist, num_nearest, dim=1, largest=False)
+        logits = -nearest_sq_dist / (2.0 * sigma2)
+        # Subtracting the row maximum before exp: the largest weight becomes 1, so the total is
+        # >= 1 and neither overflows nor becomes 0/0 for distant queries or a tiny sigma2.
+        weights = torch.exp(logits - logits.max(dim=1, keepdim=True).values)  # [q, L]
+        nearest_classes = centroid_classes[nearest]
+        # Each neighbour's class score as a masked sum over the L neighbours ([q, L, L]), then
+        # written into its class column: every write to a column carries the same value, so
+        # the result does not depend on write order (scatter_add would, with atomics on CUDA).
+        same_class = nearest_classes[:, :, None] == nearest_classes[:, None, :]
+        class_score = torch.where(same_class, weights[:, None, :], 0.0).sum(-1)
+        probabilities = weights.new_zeros(chunk.shape[0], num_classes).scatter(
+            1, nearest_classes, class_score / weights.sum(dim=1, keepdim=True)
+        )
+        chunks.append(probabilities)
+    return torch.cat(chunks)

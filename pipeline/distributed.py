@@ -1,0 +1,69 @@
+"""Cross-rank helpers: losses see the global batch; gradients still come out right under DDP.
+
+Why the local slot's gradient is scaled by the world size: every rank computes the same loss L
+on the gathered batch, but only its own slice carries a graph, so rank r's backward yields
+dL/de_r (d e_r / d theta). DDP *averages* gradients over ranks, which would give 1/W of the
+full-batch gradient; scaling the local slice's gradient by W undoes that. Learned loss
+parameters (proxies, centers) see the whole batch on every rank, so their gradient is already
+the full one on each rank and DDP's average leaves it unchanged: they must not be scaled,
+which is why the scaling sits on the gathered embeddings and not on the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `scale` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks in rank order; only the local slice keeps its graph.
+
+    Every rank must pass a tensor of the same shape (planned sub-batches guarantee it).
+    """
+    rank, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = _ScaleGradient.apply(x, float(size))
+    return torch.cat(parts)
+
+
+def gather_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor without gradient (labels, ids) from all ranks in rank order."""
+    _, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    """The mean of a Python number over ranks (for logging only)."""
+    _, size = world()
+    if size == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / size

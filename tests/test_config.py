@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.train import main as train_main
 from pipeline.config import (
     ConfigError,
     available_presets,
@@ -12,7 +13,6 @@ from pipeline.config import (
     describe,
     load_config,
 )
-from jobs.train import main as train_main
 
 
 def test_presets_load_and_round_trip():

@@ -165,6 +165,13 @@ def validate(config: Config) -> None:
         )
     if config.sampler.name == "m_per_class" and config.sampler.samples_per_class < 2:
         raise ConfigError("sampler.samples_per_class: must be >= 2 so every example has a positive")
+    if not config.data.root:
+        from pipeline.data.synthetic import SyntheticSpec
+
+        try:
+            SyntheticSpec(**vars(config.data.synthetic))
+        except ValueError as err:
+            raise ConfigError(f"data.synthetic: {err}") from err
     from pipeline.losses import batch_requirement  # late import: losses import torch
 
     need = batch_requirement(config.loss.name)

@@ -81,7 +81,9 @@ class TripletSettings:
     """Triplet loss with margin on normalised embeddings."""
 
     margin: float = setting(0.2, "Margin between positive and negative distances.")
-    mining: Literal["batch_hard", "semi_hard", "all"] = setting("batch_hard", "Triplet mining in the global batch.")
+    mining: Literal["batch_hard", "semi_hard", "all"] = setting(
+        "semi_hard", "Triplet mining in the global batch (batch_hard tends to collapse from scratch)."
+    )
 
 
 @dataclass
@@ -201,6 +203,9 @@ class EvalConfig:
     batch_size: int = setting(256, "Images per inference batch.")
     recall_ks: list = setting([1, 2, 4, 8], "K values of Recall@K.")
     nmi: bool = setting(True, "Compute NMI (k-means with as many clusters as test classes).")
+    cache_max_mb: int = setting(
+        1024, "Rank 0 keeps the decoded test split in memory after the first evaluation if it fits."
+    )
 
 
 @dataclass

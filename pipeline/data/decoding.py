@@ -1,0 +1,122 @@
+"""Fetch encoded images by id, decode them and augment them, inside Ray Data operators.
+
+The training split's encoded bytes are read once by Ray Data and stay in the object store as
+Arrow blocks (`EncodedImageStore`); a decode actor maps each plan index to ids through the
+planner, slices those rows out of the blocks (zero-copy) and decodes them. Decoding uses
+torchvision's native PNG/JPEG decoders on uint8 tensors; augmentation follows the field's
+recipe (random resized crop + horizontal flip for training, resize + center crop for eval).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+
+@dataclass
+class EncodedImageStore:
+    """A split's encoded images in the object store, addressable by example id."""
+
+    block_refs: list
+    block_of: np.ndarray
+    row_of: np.ndarray
+    labels: np.ndarray
+    """Label of each id, remapped to 0..C-1 over the split's classes (what losses see)."""
+    classes: np.ndarray
+    """The original class index of each remapped label."""
+
+    @classmethod
+    def from_dataset(cls, dataset) -> EncodedImageStore:
+        """Materialise a Ray Dataset of (id, label, image) rows and index it by id."""
+        import ray
+
+        refs = dataset.to_arrow_refs()
+        tables = ray.get(refs)
+        num = sum(t.num_rows for t in tables)
+        block_of = np.full(num, -1, dtype=np.int32)
+        row_of = np.zeros(num, dtype=np.int64)
+        raw_labels = np.zeros(num, dtype=np.int64)
+        for b, table in enumerate(tables):
+            ids = table.column("id").to_numpy()
+            if ids.size and (ids.min() < 0 or ids.max() >= num):
+                raise ValueError(f"example ids must be dense 0..{num - 1}; found {ids.min()}..{ids.max()}")
+            block_of[ids] = b
+            row_of[ids] = np.arange(len(ids))
+            raw_labels[ids] = table.column("label").to_numpy()
+        if (block_of < 0).any():
+            missing = np.flatnonzero(block_of < 0)[:5].tolist()
+            raise ValueError(f"example ids are not dense: ids such as {missing} are missing")
+        classes, labels = np.unique(raw_labels, return_inverse=True)
+        return cls(refs, block_of, row_of, labels.astype(np.int64), classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """PNG or JPEG bytes -> uint8 tensor [3, H, W]."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def train_transform(image_size: int, crop_scale_min: float) -> v2.Transform:
+    """Random resized crop and horizontal flip, on uint8 tensors."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def eval_transform(image_size: int, resize: int) -> v2.Transform:
+    """Resize the short side, then center crop."""
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
+
+
+class TrainBatchDecoder:
+    """Ray Data callable: plan indices in, decoded and augmented sub-batches out.
+
+    One output row per plan index, holding the whole sub-batch, so a rank always receives
+    exactly one planned sub-batch per step.
+    """
+
+    def __init__(self, planner, store: EncodedImageStore, image_size: int, crop_scale_min: float, seed: int):
+        import ray
+
+        torch.set_num_threads(1)
+        self.planner = planner
+        self.store = store
+        self.images = [t.column("image") for t in ray.get(store.block_refs)]
+        self.transform = train_transform(image_size, crop_scale_min)
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels, ids = [], [], []
+        for index in batch["id"]:
+            plan_ids = np.asarray(self.planner.plan(int(index)), dtype=np.int64)
+            # Augmentation is seeded by the plan index: the same sub-batch whichever actor makes it.
+            torch.manual_seed(self.seed * 1_000_003 + int(index))
+            decoded = [
+                self.transform(decode_rgb(self.images[self.store.block_of[i]][int(self.store.row_of[i])].as_py()))
+                for i in plan_ids
+            ]
+            images.append(torch.stack(decoded).numpy())
+            labels.append(self.store.labels[plan_ids])
+            ids.append(plan_ids)
+        return {
+            "index": batch["id"],
+            "images": np.stack(images),
+            "labels": np.stack(labels),
+            "ids": np.stack(ids),
+        }
+
+
+def decode_eval_batch(batch: dict[str, np.ndarray], image_size: int, resize: int) -> dict[str, np.ndarray]:
+    """Ray Data function: encoded rows in, resized and center-cropped uint8 images out."""
+    transform = eval_transform(image_size, resize)
+    images = np.stack([transform(decode_rgb(data)).numpy() for data in batch["image"]])
+    return {"image": images, "label": batch["label"], "id": batch["id"]}

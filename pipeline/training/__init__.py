@@ -1,0 +1,1 @@
+"""Distributed training: the per-worker loop, its parts, and the driver that launches it."""

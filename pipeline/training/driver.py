@@ -1,0 +1,170 @@
+"""The driver of one training run: check everything, start Ray, fit, record, summarise.
+
+Everything that can be wrong with the config or the dataset is found before Ray starts and
+before any cluster resource is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
+from pipeline.data.format import read_metadata, validate_dataset
+from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
+from pipeline.training.loop import RunPlan, train_loop_per_worker
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports back to its caller."""
+
+    run_name: str
+    run_id: str
+    tracking_uri: str
+    metrics: dict
+    checkpoint_path: str | None
+
+
+def run_name_for(config: Config) -> str:
+    """A stable run name (no timestamps): rerunning the same config resumes the same run."""
+    return config.train.run_name or f"{config.loss.name}-{config.model.backbone}-{config_digest(config)}"
+
+
+def resolve_dataset(config: Config) -> tuple[str, object]:
+    """The dataset root to train on (generating the built-in one if needed) and its metadata."""
+    if config.data.root:
+        metadata = read_metadata(config.data.root)
+        root = config.data.root
+    else:
+        root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
+        metadata = read_metadata(root)
+    for split in (config.data.train_split, config.data.test_split):
+        if split not in metadata.splits:
+            raise ValueError(
+                f"data.{'train' if split == config.data.train_split else 'test'}_split: "
+                f"{root} has no split {split!r} (it has {', '.join(metadata.splits)})"
+            )
+    validate_dataset(root)
+    return root, metadata
+
+
+def _storage_path(config: Config) -> str:
+    storage = config.train.storage_path
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def _init_ray(verbose: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # A local run reserves more logical CPUs than cores so Data and Train never starve each
+    # other on a small machine; on a cluster (RAY_ADDRESS set) the cluster's resources rule.
+    local = not os.environ.get("RAY_ADDRESS")
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1) if local else None,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        configure_logging=True,
+    )
+
+
+def run_training(config: Config, *, verbose: bool = False, printer=print) -> RunSummary:
+    """Train, evaluate and record one run as the config says; returns where the results are."""
+    from pipeline import tracking
+
+    if not verbose:
+        import mlflow  # noqa: F401  (its import sets its own log level; lower it afterwards)
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    root, metadata = resolve_dataset(config)
+    name = run_name_for(config)
+    uri = tracking.tracking_uri(config)
+    config_yaml = config_to_yaml(config)
+    run_id = tracking.start_run(
+        config,
+        name,
+        config_yaml,
+        tags={
+            "git_commit": tracking.git_commit(),
+            "dataset.name": metadata.name,
+            "dataset.fingerprint": metadata.fingerprint,
+            "dataset.root": root,
+        },
+    )
+    printer(f"run {name}: dataset {metadata.name} ({root}), MLflow run {run_id}", flush=True)
+
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    _init_ray(verbose)
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = verbose
+    data_context.print_on_execution_start = verbose
+
+    from pipeline.data.ray_datasets import build_training_data
+
+    data = build_training_data(config, root)
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    plan = RunPlan(
+        run_id=run_id,
+        tracking_uri=uri,
+        num_classes=data.num_train_classes,
+        steps_per_epoch=data.steps_per_epoch,
+        total_steps=data.total_steps,
+        progress_queue=queue,
+    )
+    printer(
+        f"{config.train.num_workers} workers, global batch {config.global_batch_size}, "
+        f"{data.steps_per_epoch} steps/epoch x {config.train.epochs} epochs on "
+        f"{data.num_train_examples} images of {data.num_train_classes} classes",
+        flush=True,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_to_dict(config), "plan": plan},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=_storage_path(config),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+        ),
+        datasets={"train": data.train, "test": data.test},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+    from pipeline.progress import ProgressPrinter
+    from pipeline.training.checkpoint import load_metrics
+
+    failed = True
+    checkpoint_path = None
+    metrics: dict = {}
+    try:
+        with ProgressPrinter(queue, printer):
+            result = trainer.fit()
+        if result.checkpoint is not None:
+            checkpoint_path = result.checkpoint.path
+            with result.checkpoint.as_directory() as directory:
+                metrics = load_metrics(directory)
+                if config.tracking.log_model:
+                    tracking.finish_run(uri, run_id, directory, failed=False)
+                else:
+                    tracking.finish_run(uri, run_id, None, failed=False)
+        else:
+            tracking.finish_run(uri, run_id, None, failed=False)
+        failed = False
+    finally:
+        if failed:
+            tracking.finish_run(uri, run_id, None, failed=True)
+    return RunSummary(name, run_id, uri, metrics, checkpoint_path)

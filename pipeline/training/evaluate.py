@@ -1,0 +1,41 @@
+"""Embed a split and compute the field's retrieval metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.evaluation.metrics import retrieval_metrics
+
+
+@torch.no_grad()
+def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocast_dtype=None):
+    """Embeddings, labels and ids of every image an iterator of decoded batches yields."""
+    was_training = model.training
+    model.eval()
+    embeddings, labels, ids = [], [], []
+    for batch in batches:
+        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float().div_(255)
+        if autocast_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+                out = model(images)
+        else:
+            out = model(images)
+        embeddings.append(out.float().cpu().numpy())
+        labels.append(np.asarray(batch["label"]))
+        ids.append(np.asarray(batch["id"]))
+    model.train(was_training)
+    return np.concatenate(embeddings), np.concatenate(labels), np.concatenate(ids)
+
+
+def evaluate_retrieval(model, batches, device, eval_config, autocast_dtype=None) -> dict[str, float]:
+    """Recall@K, MAP@R, R-Precision and NMI of the model on the images `batches` yields."""
+    embeddings, labels, _ = embed_batches(model, batches, device, autocast_dtype)
+    metrics = retrieval_metrics(
+        embeddings,
+        labels,
+        ks=tuple(eval_config.recall_ks),
+        compute_nmi=eval_config.nmi,
+        use_gpu=device.type == "cuda",
+    )
+    return {k: float(v) for k, v in metrics.items()}

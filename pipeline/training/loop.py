@@ -1,0 +1,236 @@
+"""The function every Ray Train worker runs.
+
+Built once, in a fixed order: model, loss, DDP, optimizer, schedule, state restored from the
+latest checkpoint. The step is forward on the local sub-batch, loss on the gathered global
+batch, backward, optimizer step. Each rank runs exactly `total_steps` steps and calls
+`ray.train.report` once per epoch (it is a barrier); only rank 0 evaluates, logs and attaches
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import config_from_dict, config_to_yaml
+from pipeline.distributed import mean_across_ranks
+from pipeline.learner import MetricLearner
+from pipeline.losses import build_loss
+from pipeline.models import build_model
+from pipeline.training.checkpoint import load_training_state, save_checkpoint
+from pipeline.training.evaluate import evaluate_retrieval
+from pipeline.training.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class RunPlan:
+    """What the driver decided that every worker needs to know (picklable)."""
+
+    run_id: str
+    tracking_uri: str
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+    progress_queue: object = None
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    """Ray Train entry point: `payload` holds the resolved config dict and the `RunPlan`."""
+    import ray.train
+    import ray.train.torch
+
+    config = config_from_dict(payload["config"])
+    plan: RunPlan = payload["plan"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(config.train.torch_threads)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    # Same seed on every rank: DDP broadcasts rank 0's weights anyway, and loss parameters
+    # must start equal too.
+    torch.manual_seed(config.train.seed)
+    embedder = build_model(config.model)
+    if device.type == "cuda" and config.model.channels_last:
+        embedder = embedder.to(memory_format=torch.channels_last)
+    loss = build_loss(config.loss, plan.num_classes, config.model.embedding_dim)
+    learner = ray.train.torch.prepare_model(MetricLearner(embedder, loss, autocast))
+    inner = _unwrap(learner)
+    optimizer = build_optimizer(inner.embedder, inner.loss, config.optim, config.loss.lr)
+    scheduler = build_scheduler(optimizer, config.optim, plan.total_steps)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(directory)
+        inner.load_state_dict(state["learner"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+
+    logger = None
+    if rank == 0:
+        from pipeline.tracking import MetricsLogger
+
+        logger = MetricsLogger(plan.tracking_uri, plan.run_id)
+    config_yaml = config_to_yaml(config)
+    batches = iter(ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=1, batch_format="numpy", prefetch_batches=config.data.prefetch_batches
+    ))
+    if start_step:
+        _emit(plan, rank, {"kind": "text", "text": f"resumed from step {start_step}"})
+
+    test_images = _TestImages(config.eval)
+    window = _Window()
+    run_start = time.perf_counter()
+    for step in range(start_step, plan.total_steps):
+        wait_start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            raise RuntimeError(f"rank {rank}: the data stream ended at step {step} of {plan.total_steps}")
+        images = torch.from_numpy(batch["images"][0]).to(device, non_blocking=True).float().div_(255)
+        if device.type == "cuda" and config.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.from_numpy(batch["labels"][0]).to(device)
+        compute_start = time.perf_counter()
+
+        out, _ = learner(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(learner.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+
+        window.add(out.loss.item(), compute_start - wait_start, time.perf_counter() - wait_start)
+        done = step + 1
+        if done % config.train.log_every_steps == 0 or done == plan.total_steps:
+            _log_window(window, config, plan, rank, logger, optimizer, done, start_step, run_start, out, device)
+            window = _Window()
+        if done % plan.steps_per_epoch == 0:
+            epoch = done // plan.steps_per_epoch
+            last = done == plan.total_steps
+            metrics = {"step": done, "epoch": epoch}
+            if rank == 0 and (epoch % config.eval.every_epochs == 0 or last):
+                metrics.update(
+                    _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images)
+                )
+            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml)
+            window = _Window()  # evaluation time is not training throughput
+
+
+class _Window:
+    """Running sums over one logging interval."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.wait = 0.0
+        self.total = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, wait: float, total: float) -> None:
+        self.losses.append(loss)
+        self.wait += wait
+        self.total += total
+
+
+def _log_window(window, config, plan, rank, logger, optimizer, done, start_step, run_start, out, device):
+    # Every rank joins the reduction (a collective); only rank 0 writes.
+    wait_fraction = mean_across_ranks(window.wait / max(window.total, 1e-9), device)
+    if rank != 0:
+        return
+    elapsed = time.perf_counter() - window.start
+    metrics = {
+        "train/loss": float(np.mean(window.losses)),
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/images_per_s": len(window.losses) * config.global_batch_size / max(elapsed, 1e-9),
+        "train/data_wait_fraction": wait_fraction,
+    }
+    metrics.update({f"train/{k}": float(v) for k, v in out.stats.items()})
+    logger.log(metrics, done)
+    _emit(plan, rank, {
+        "kind": "step",
+        "epoch": (done - 1) // plan.steps_per_epoch + 1,
+        "step": done,
+        "start_step": start_step,
+        "total_steps": plan.total_steps,
+        "loss": metrics["train/loss"],
+        "lr": metrics["train/lr"],
+        "images_per_s": metrics["train/images_per_s"],
+        "data_wait_fraction": wait_fraction,
+        "elapsed": time.perf_counter() - run_start,
+    })
+
+
+class _TestImages:
+    """The decoded test split: streamed from Ray Data the first time, then kept in memory
+    when it fits in `eval.cache_max_mb` (its eval transform is deterministic)."""
+
+    def __init__(self, eval_config):
+        self.eval_config = eval_config
+        self.cached: list[dict] | None = None
+
+    def batches(self):
+        """Decoded test batches."""
+        import ray.train
+
+        if self.cached is not None:
+            yield from self.cached
+            return
+        kept: list[dict] | None = []
+        size, limit = 0, self.eval_config.cache_max_mb * 2**20
+        for batch in ray.train.get_dataset_shard("test").iter_batches(
+            batch_size=self.eval_config.batch_size, batch_format="numpy"
+        ):
+            size += batch["image"].nbytes
+            if kept is not None and size <= limit:
+                kept.append(batch)
+            else:
+                kept = None
+            yield batch
+        self.cached = kept
+
+
+def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images) -> dict[str, float]:
+    start = time.perf_counter()
+    metrics = evaluate_retrieval(inner.embedder, test_images.batches(), device, config.eval, autocast)
+    seconds = time.perf_counter() - start
+    logged = {f"test/{k}": v for k, v in metrics.items()}
+    logged["test/eval_seconds"] = seconds
+    logged["epoch"] = epoch
+    logger.log(logged, done)
+    shown = {k: v for k, v in metrics.items() if not k.startswith("num_")}
+    _emit(plan, 0, {"kind": "eval", "epoch": epoch, "metrics": shown, "seconds": seconds})
+    return logged
+
+
+def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(
+            directory, learner=inner, optimizer=optimizer, scheduler=scheduler,
+            step=done, epoch=epoch, config_yaml=config_yaml, metrics=metrics,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _emit(plan: RunPlan, rank: int, event: dict) -> None:
+    if rank == 0 and plan.progress_queue is not None:
+        try:
+            plan.progress_queue.put_nowait(event)
+        except Exception:  # a full or gone queue must never stop training
+            pass

@@ -104,6 +104,8 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
     from ray.util.queue import Queue
 
     _init_ray(verbose)
+    if not verbose:  # Data's per-execution INFO lines would interleave with the progress lines
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = verbose
     data_context.print_on_execution_start = verbose

@@ -25,7 +25,7 @@ class MetricLearner(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor):
-        """Returns (LossOutput over the global batch, local embeddings detached)."""
+        """The LossOutput over the global batch (every rank's sub-batch)."""
         if self.autocast_dtype is not None:
             ctx = torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype)
         else:
@@ -37,4 +37,4 @@ class MetricLearner(nn.Module):
         embeddings = gather_with_local_grad(local)
         gathered = {name: gather_tensor(value) for name, value in extras.items()}
         out: LossOutput = self.loss(embeddings, gather_tensor(labels), **gathered)
-        return out, local.detach()
+        return out

@@ -58,7 +58,7 @@ def _build(loss_name: str):
 
 def _train(learner, optimizer, batches, rows: slice) -> None:
     for images, labels in batches:
-        out, _ = learner(images[rows], labels[rows])
+        out = learner(images[rows], labels[rows])
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

@@ -159,10 +159,8 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
             checkpoint_path = result.checkpoint.path
             with result.checkpoint.as_directory() as directory:
                 metrics = load_metrics(directory)
-                if config.tracking.log_model:
-                    tracking.finish_run(uri, run_id, directory, failed=False)
-                else:
-                    tracking.finish_run(uri, run_id, None, failed=False)
+                model_dir = directory if config.tracking.log_model else None
+                tracking.finish_run(uri, run_id, model_dir, failed=False)
         else:
             tracking.finish_run(uri, run_id, None, failed=False)
         failed = False

@@ -13,7 +13,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pipeline.config import config_from_dict, config_to_yaml
@@ -104,7 +103,7 @@ def train_loop_per_worker(payload: dict) -> None:
         labels = torch.from_numpy(batch["labels"][0]).to(device)
         compute_start = time.perf_counter()
 
-        out, _ = learner(images, labels)
+        out = learner(images, labels)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if config.optim.grad_clip:
@@ -112,7 +111,7 @@ def train_loop_per_worker(payload: dict) -> None:
         optimizer.step()
         scheduler.step()
 
-        window.add(out.loss.item(), compute_start - wait_start, time.perf_counter() - wait_start)
+        window.add(out.loss.detach(), compute_start - wait_start, time.perf_counter() - wait_start)
         done = step + 1
         if done % config.train.log_every_steps == 0 or done == plan.total_steps:
             _log_window(window, config, plan, rank, logger, optimizer, done, start_step, run_start, out, device)
@@ -130,15 +129,19 @@ def train_loop_per_worker(payload: dict) -> None:
 
 
 class _Window:
-    """Running sums over one logging interval."""
+    """Running sums over one logging interval.
+
+    Losses stay device tensors until the interval is logged: `.item()` every step would make
+    the CPU wait for the GPU on every step.
+    """
 
     def __init__(self):
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []
         self.wait = 0.0
         self.total = 0.0
         self.start = time.perf_counter()
 
-    def add(self, loss: float, wait: float, total: float) -> None:
+    def add(self, loss: torch.Tensor, wait: float, total: float) -> None:
         self.losses.append(loss)
         self.wait += wait
         self.total += total
@@ -151,7 +154,7 @@ def _log_window(window, config, plan, rank, logger, optimizer, done, start_step,
         return
     elapsed = time.perf_counter() - window.start
     metrics = {
-        "train/loss": float(np.mean(window.losses)),
+        "train/loss": torch.stack(window.losses).float().mean().item(),
         "train/lr": optimizer.param_groups[0]["lr"],
         "train/images_per_s": len(window.losses) * config.global_batch_size / max(elapsed, 1e-9),
         "train/data_wait_fraction": wait_fraction,

@@ -137,6 +137,12 @@ def validate(config: Config) -> None:
         "eval.batch_size": config.eval.batch_size,
         "eval.every_epochs": config.eval.every_epochs,
         "loss.normalized_softmax.temperature": config.loss.normalized_softmax.temperature,
+        "loss.magnet.clusters_per_class": config.loss.magnet.clusters_per_class,
+        "loss.magnet.neighbourhoods_per_rank": config.loss.magnet.neighbourhoods_per_rank,
+        "loss.magnet.nearest_clusters": config.loss.magnet.nearest_clusters,
+        "loss.magnet.seed_floor": config.loss.magnet.seed_floor,
+        "refresh.batch_size": config.refresh.batch_size,
+        "refresh.max_plan_ahead_steps": config.refresh.max_plan_ahead_steps,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -148,6 +154,12 @@ def validate(config: Config) -> None:
         "optim.warmup_steps": config.optim.warmup_steps,
         "optim.grad_clip": config.optim.grad_clip,
         "loss.triplet.margin": config.loss.triplet.margin,
+        "loss.magnet.alpha": config.loss.magnet.alpha,
+        "refresh.every_steps": config.refresh.every_steps,
+        "refresh.num_cpus": config.refresh.num_cpus,
+        "refresh.num_gpus": config.refresh.num_gpus,
+        "refresh.cache_max_mb": config.refresh.cache_max_mb,
+        "refresh.max_restarts": config.refresh.max_restarts,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -163,6 +175,31 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"data.synthetic.test_fraction: must be in (0, 1), got {config.data.synthetic.test_fraction}"
         )
+    if not 0.0 <= config.data.seen_holdout_fraction < 1.0:
+        raise ConfigError(
+            f"data.seen_holdout_fraction: must be in [0, 1), got {config.data.seen_holdout_fraction}"
+        )
+    magnet = config.loss.magnet
+    if magnet.clusters_per_neighbourhood < 2:
+        raise ConfigError(
+            "loss.magnet.clusters_per_neighbourhood: must be >= 2 (a seed cluster and at least one impostor), "
+            f"got {magnet.clusters_per_neighbourhood}"
+        )
+    if magnet.examples_per_cluster < 2:
+        raise ConfigError(
+            "loss.magnet.examples_per_cluster: must be >= 2 (one example per cluster leaves no "
+            f"within-cluster variance), got {magnet.examples_per_cluster}"
+        )
+    if config.uses_refresh_actor and config.refresh.max_plan_ahead_steps < config.data.prefetch_batches + 2:
+        # Ray Data's iterator waits for `prefetch_batches` sub-batches before it yields the
+        # first, and ranks report a step one step late: a planner held closer to training
+        # than that would wait for steps that wait for it.
+        raise ConfigError(
+            f"refresh.max_plan_ahead_steps: must be >= data.prefetch_batches + 2 = "
+            f"{config.data.prefetch_batches + 2}, got {config.refresh.max_plan_ahead_steps}"
+        )
+    if not 0.0 <= magnet.sigma2_momentum < 1.0:
+        raise ConfigError(f"loss.magnet.sigma2_momentum: must be in [0, 1), got {magnet.sigma2_momentum}")
     if config.sampler.name == "m_per_class" and config.sampler.samples_per_class < 2:
         raise ConfigError("sampler.samples_per_class: must be >= 2 so every example has a positive")
     if not config.data.root:
@@ -179,6 +216,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"sampler.name: loss {config.loss.name!r} mines pairs inside the batch and needs "
             f"sampler.name=m_per_class, got {config.sampler.name!r}"
+        )
+    if (need == "neighbourhoods") != (config.sampler.name == "neighbourhoods"):
+        raise ConfigError(
+            f"sampler.name: neighbourhood batches and the magnet loss go together; got loss "
+            f"{config.loss.name!r} with sampler {config.sampler.name!r} (the 'magnet' preset sets both)"
         )
     ks = config.eval.recall_ks
     if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):

@@ -46,6 +46,9 @@ class DataConfig:
     image_size: int = setting(48, "Side of the crop fed to the model.")
     eval_resize: int = setting(56, "Evaluation: resize the short side to this, then center-crop image_size.")
     crop_scale_min: float = setting(0.35, "Training RandomResizedCrop: smallest area fraction.")
+    seen_holdout_fraction: float = setting(
+        0.0, "Fraction of each training class held out of training, for seen-class accuracy (Magnet)."
+    )
     decode_actors: int = setting(1, "Ray Data actors that plan, fetch and decode training batches.")
     decode_cpus: float = setting(0.5, "CPUs reserved by each decode actor.")
     prefetch_batches: int = setting(4, "Batches each rank keeps decoded ahead of the step.")
@@ -55,8 +58,10 @@ class DataConfig:
 class SamplerConfig:
     """How each rank's sub-batch is planned (a list of example ids chosen by label)."""
 
-    name: Literal["m_per_class", "shuffle"] = setting(
-        "m_per_class", "m_per_class: P classes x M examples per sub-batch; shuffle: plain epochs."
+    name: Literal["m_per_class", "shuffle", "neighbourhoods"] = setting(
+        "m_per_class",
+        "m_per_class: P classes x M examples per sub-batch; shuffle: plain epochs; "
+        "neighbourhoods: Magnet's (set in loss.magnet).",
     )
     classes_per_batch: int = setting(8, "P: classes in each rank's sub-batch (m_per_class).")
     samples_per_class: int = setting(4, "M: examples per class in a sub-batch (m_per_class).")
@@ -145,12 +150,26 @@ class PDDMSettings:
 
 
 @dataclass
+class MagnetSettings:
+    """Magnet loss (Rippel et al. 2016): cluster index, neighbourhood batches, soft-cluster inference."""
+
+    alpha: float = setting(1.0, "Margin between the own-cluster and other-class terms.")
+    clusters_per_class: int = setting(8, "K: k-means clusters per class in the index (fewer for small classes).")
+    clusters_per_neighbourhood: int = setting(12, "M: clusters per neighbourhood (the seed and its M-1 impostors).")
+    examples_per_cluster: int = setting(4, "D: examples drawn from each cluster of a neighbourhood.")
+    neighbourhoods_per_rank: int = setting(1, "Neighbourhoods in each rank's sub-batch.")
+    nearest_clusters: int = setting(128, "L: nearest centroids voting at inference.")
+    sigma2_momentum: float = setting(0.9, "Weight of the old value in the running sigma2 used at inference.")
+    seed_floor: float = setting(0.01, "Smallest seed weight, as a fraction of the mean cluster loss.")
+
+
+@dataclass
 class LossConfig:
     """Which loss, and each loss's parameters (only the chosen loss's section is used)."""
 
     name: Literal[
         "triplet", "normalized_softmax", "contrastive", "multi_similarity", "softtriple", "pddm",
-        "proxy_anchor",
+        "proxy_anchor", "magnet",
     ] = setting(
         "triplet", "Loss by name; the README's table lists each with its parameters."
     )
@@ -162,6 +181,7 @@ class LossConfig:
     softtriple: SoftTripleSettings = section(SoftTripleSettings, "softtriple")
     pddm: PDDMSettings = section(PDDMSettings, "pddm")
     proxy_anchor: ProxyAnchorSettings = section(ProxyAnchorSettings, "proxy_anchor")
+    magnet: MagnetSettings = section(MagnetSettings, "magnet")
 
 
 @dataclass
@@ -196,6 +216,21 @@ class TrainConfig:
 
 
 @dataclass
+class RefreshConfig:
+    """The refresh actor: re-embeds the full training set and rebuilds the cluster index (Magnet)."""
+
+    every_steps: int = setting(0, "Publish weights for a refresh every this many steps; 0 = once per epoch.")
+    num_cpus: float = setting(0.5, "CPUs reserved by the actor (its torch threads: at least 1).")
+    num_gpus: float = setting(0.0, "GPU (or fraction) for the actor; faiss uses it when faiss-gpu is installed.")
+    batch_size: int = setting(256, "Images per embedding batch.")
+    cache_max_mb: int = setting(2048, "Keep the decoded training images in the actor if they fit.")
+    max_restarts: int = setting(3, "Times Ray restarts the actor if it dies.")
+    max_plan_ahead_steps: int = setting(
+        8, "Plan batches at most this many steps ahead of training, so they use a recent index."
+    )
+
+
+@dataclass
 class EvalConfig:
     """Retrieval evaluation on the test split."""
 
@@ -227,6 +262,7 @@ class Config:
     loss: LossConfig = section(LossConfig, "Loss")
     optim: OptimConfig = section(OptimConfig, "Optimizer")
     train: TrainConfig = section(TrainConfig, "Training")
+    refresh: RefreshConfig = section(RefreshConfig, "Refresh actor")
     eval: EvalConfig = section(EvalConfig, "Evaluation")
     tracking: TrackingConfig = section(TrackingConfig, "Tracking")
 
@@ -235,7 +271,20 @@ class Config:
         """Examples in one rank's sub-batch."""
         if self.sampler.name == "m_per_class":
             return self.sampler.classes_per_batch * self.sampler.samples_per_class
+        if self.sampler.name == "neighbourhoods":
+            m = self.loss.magnet
+            return m.neighbourhoods_per_rank * m.clusters_per_neighbourhood * m.examples_per_cluster
         return self.sampler.batch_size
+
+    @property
+    def uses_refresh_actor(self) -> bool:
+        """Whether the run starts a refresh actor (its batches follow the model)."""
+        return self.sampler.name == "neighbourhoods"
+
+    @property
+    def refresh_every_steps(self) -> int | None:
+        """Refresh period in steps when set; None = once per epoch (known once data is read)."""
+        return self.refresh.every_steps or None
 
     @property
     def global_batch_size(self) -> int:

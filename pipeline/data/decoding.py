@@ -84,7 +84,10 @@ class TrainBatchDecoder:
     exactly one planned sub-batch per step.
     """
 
-    def __init__(self, planner, store: EncodedImageStore, image_size: int, crop_scale_min: float, seed: int):
+    def __init__(self, planner, store: EncodedImageStore, image_size: int, crop_scale_min: float, seed: int,
+                 index_offset: int = 0, index_stride: int = 1):
+        """Input row `id` is plan index `index_offset + index_stride * id` (one rank's stream
+        when the ranks have a stream each)."""
         import ray
 
         torch.set_num_threads(1)
@@ -93,11 +96,24 @@ class TrainBatchDecoder:
         self.images = [t.column("image") for t in ray.get(store.block_refs)]
         self.transform = train_transform(image_size, crop_scale_min)
         self.seed = seed
+        self.index_offset = index_offset
+        self.index_stride = index_stride
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.data.planning import as_planned
+
         images, labels, ids = [], [], []
-        for index in batch["id"]:
-            plan_ids = np.asarray(self.planner.plan(int(index)), dtype=np.int64)
+        extras: dict[str, list] = {}
+        plan_indices = self.index_offset + self.index_stride * np.asarray(batch["id"], dtype=np.int64)
+        for index in plan_indices:
+            planned = as_planned(self.planner.plan(int(index)))
+            plan_ids = planned.ids
+            # Extras (per example, e.g. Magnet's clusters) and info (scalars, e.g. the index
+            # version) travel as extra columns of the row.
+            for name, value in planned.extras.items():
+                extras.setdefault(f"extra_{name}", []).append(np.asarray(value))
+            for name, value in planned.info.items():
+                extras.setdefault(f"info_{name}", []).append(np.int64(value))
             # Augmentation is seeded by the plan index: the same sub-batch whichever actor makes it.
             torch.manual_seed(self.seed * 1_000_003 + int(index))
             decoded = [
@@ -108,10 +124,11 @@ class TrainBatchDecoder:
             labels.append(self.store.labels[plan_ids])
             ids.append(plan_ids)
         return {
-            "index": batch["id"],
+            "index": plan_indices,
             "images": np.stack(images),
             "labels": np.stack(labels),
             "ids": np.stack(ids),
+            **{name: np.stack(values) for name, values in extras.items()},
         }
 
 

@@ -16,12 +16,29 @@ from typing import Protocol
 import numpy as np
 
 
+@dataclass
+class PlannedBatch:
+    """A sub-batch plan with more than ids: per-example extras the loss needs (Magnet's
+    `clusters`) and scalars describing how it was planned (the index version it used)."""
+
+    ids: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, int] = field(default_factory=dict)
+
+
 class BatchPlanner(Protocol):
     """Anything that turns a plan index into the example ids of one sub-batch."""
 
-    def plan(self, index: int) -> np.ndarray:
-        """Example ids (int64) of sub-batch `index`; always the same length."""
+    def plan(self, index: int) -> np.ndarray | PlannedBatch:
+        """Example ids (int64) of sub-batch `index`, or a PlannedBatch; always the same length."""
         ...
+
+
+def as_planned(result: np.ndarray | PlannedBatch) -> PlannedBatch:
+    """Whatever a planner returned, as a PlannedBatch."""
+    if isinstance(result, PlannedBatch):
+        return result
+    return PlannedBatch(np.asarray(result, dtype=np.int64))
 
 
 @dataclass
@@ -33,10 +50,14 @@ class ClassTable:
     offsets: np.ndarray
 
     @classmethod
-    def from_labels(cls, labels: np.ndarray) -> ClassTable:
-        """Build from `labels[id]` (ids are the dense positions 0..N-1)."""
+    def from_labels(cls, labels: np.ndarray, exclude: np.ndarray | None = None) -> ClassTable:
+        """Build from `labels[id]` (ids are the dense positions 0..N-1), leaving out the ids
+        in `exclude` (a held-out part of the training classes)."""
         labels = np.asarray(labels)
-        order = np.argsort(labels, kind="stable")
+        kept = np.arange(len(labels), dtype=np.int64)
+        if exclude is not None and len(exclude):
+            kept = np.setdiff1d(kept, exclude)
+        order = kept[np.argsort(labels[kept], kind="stable")]
         classes, counts = np.unique(labels[order], return_counts=True)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         return cls(classes=classes, ids=order.astype(np.int64), offsets=offsets)
@@ -64,10 +85,12 @@ class MPerClassPlanner:
     classes_per_batch: int
     samples_per_class: int
     seed: int = 0
+    exclude: np.ndarray | None = None
+    """Ids never planned (the seen-class hold-out)."""
     table: ClassTable = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.table = ClassTable.from_labels(self.labels)
+        self.table = ClassTable.from_labels(self.labels, self.exclude)
         if len(self.table.classes) < self.classes_per_batch:
             raise ValueError(
                 f"sampler.classes_per_batch: {self.classes_per_batch} classes per batch but the "
@@ -100,26 +123,62 @@ class ShufflePlanner:
     num_examples: int
     batch_size: int
     seed: int = 0
+    exclude: np.ndarray | None = None
+    """Ids never planned (the seen-class hold-out)."""
 
     def __post_init__(self):
-        if self.num_examples < self.batch_size:
+        self.ids = np.arange(self.num_examples, dtype=np.int64)
+        if self.exclude is not None and len(self.exclude):
+            self.ids = np.setdiff1d(self.ids, self.exclude)
+        if len(self.ids) < self.batch_size:
             raise ValueError(
-                f"sampler.batch_size: {self.batch_size} exceeds the {self.num_examples} training examples"
+                f"sampler.batch_size: {self.batch_size} exceeds the {len(self.ids)} training examples"
             )
-        self.batches_per_epoch = self.num_examples // self.batch_size
+        self.batches_per_epoch = len(self.ids) // self.batch_size
 
     def plan(self, index: int) -> np.ndarray:
         epoch, position = divmod(index, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-        return order[position * self.batch_size : (position + 1) * self.batch_size].astype(np.int64)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.ids)
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
 
 
-def build_planner(sampler_config, labels: np.ndarray, seed: int) -> BatchPlanner:
-    """The planner named by `sampler.name`, over the training labels (indexed by id)."""
-    if sampler_config.name == "m_per_class":
-        return MPerClassPlanner(
-            labels, sampler_config.classes_per_batch, sampler_config.samples_per_class, seed
+def seen_holdout_ids(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Ids held out of training in each training class (a seeded `fraction` of the class,
+    rounded down; a class always keeps at least 2 examples to train on). Sorted int64."""
+    if fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    table = ClassTable.from_labels(labels)
+    rng = np.random.default_rng([seed, 7])
+    held = []
+    for position, size in enumerate(table.sizes):
+        count = min(int(fraction * size), max(0, int(size) - 2))
+        if count:
+            held.append(rng.choice(table.members(position), count, replace=False))
+    return np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+
+
+def build_planner(config, labels: np.ndarray, exclude: np.ndarray | None = None, refresh_actor: str = "") -> BatchPlanner:
+    """The planner named by `sampler.name`, over the training labels (indexed by id).
+
+    `exclude` are ids never planned (the seen-class hold-out); `refresh_actor` names the
+    refresh actor that model-following planners (neighbourhoods) read their index from.
+    """
+    sampler, seed = config.sampler, config.train.seed
+    if sampler.name == "m_per_class":
+        return MPerClassPlanner(labels, sampler.classes_per_batch, sampler.samples_per_class, seed, exclude)
+    if sampler.name == "shuffle":
+        return ShufflePlanner(len(labels), sampler.batch_size, seed, exclude)
+    if sampler.name == "neighbourhoods":
+        from pipeline.data.neighbourhoods import NeighbourhoodPlanner
+
+        magnet = config.loss.magnet
+        return NeighbourhoodPlanner(
+            actor_name=refresh_actor,
+            neighbourhoods=magnet.neighbourhoods_per_rank,
+            num_ranks=config.train.num_workers,
+            max_ahead_steps=config.refresh.max_plan_ahead_steps,
+            clusters_per_neighbourhood=magnet.clusters_per_neighbourhood,
+            examples_per_cluster=magnet.examples_per_cluster,
+            seed=seed,
         )
-    if sampler_config.name == "shuffle":
-        return ShufflePlanner(len(labels), sampler_config.batch_size, seed)
-    raise ValueError(f"sampler.name: unknown sampler {sampler_config.name!r}")
+    raise ValueError(f"sampler.name: unknown sampler {sampler.name!r}")

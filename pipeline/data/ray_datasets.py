@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.data.decoding import EncodedImageStore, TrainBatchDecoder, decode_eval_batch
 from pipeline.data.format import shard_uris
-from pipeline.data.planning import build_planner
+from pipeline.data.planning import build_planner, seen_holdout_ids
 
 # Light CPU reservations for Data's tasks: on a 2-core machine the Train workers hold most of
 # the CPUs, and a read task asking for a whole CPU would wait forever.
@@ -27,13 +27,18 @@ class TrainingData:
     """Everything the driver builds about the data before the workers start."""
 
     train: object
-    """Ray Dataset of decoded sub-batches (one row each)."""
+    """Ray Dataset of decoded sub-batches (one row each), split across the ranks; or, for
+    planners that follow the model, a list with one such dataset per rank."""
     test: object
     """Ray Dataset of decoded test images."""
     num_train_classes: int
     num_train_examples: int
     steps_per_epoch: int
     total_steps: int
+    store: EncodedImageStore
+    """The training split's encoded images (the refresh actor embeds them)."""
+    holdout_ids: np.ndarray
+    """Training-split ids held out of training for the seen-class accuracy."""
 
 
 def steps_per_epoch(config, num_examples: int) -> int:
@@ -41,33 +46,45 @@ def steps_per_epoch(config, num_examples: int) -> int:
     return config.train.steps_per_epoch or max(1, num_examples // config.global_batch_size)
 
 
-def build_training_data(config, root: str) -> TrainingData:
-    """Read the splits with Ray Data and build the planned training stream and the eval stream."""
+def build_training_data(config, root: str, refresh_actor: str = "") -> TrainingData:
+    """Read the splits with Ray Data and build the planned training stream and the eval stream.
+
+    `refresh_actor` names the run's refresh actor, for planners that follow the model.
+    """
     import ray.data
 
     train_read = ray.data.read_parquet(
         shard_uris(root, config.data.train_split), num_cpus=READ_CPUS
     ).select_columns(["id", "label", "image"])
     store = EncodedImageStore.from_dataset(train_read)
-    planner = build_planner(config.sampler, store.labels, config.train.seed)
-    per_epoch = steps_per_epoch(config, len(store))
+    holdout = seen_holdout_ids(store.labels, config.data.seen_holdout_fraction, config.train.seed)
+    if config.uses_refresh_actor:
+        check_neighbourhoods_fit(config, store.labels, holdout)
+    planner = build_planner(config, store.labels, holdout, refresh_actor)
+    per_epoch = steps_per_epoch(config, len(store) - len(holdout))
     total = per_epoch * config.train.epochs
     num_sub_batches = total * config.train.num_workers
-    # Several small blocks so several decode actors can work at once.
-    chunks = np.array_split(np.arange(num_sub_batches, dtype=np.int64), max(1, num_sub_batches // 8))
-    train = ray.data.from_numpy(chunks).rename_columns({"data": "id"}).map_batches(
-        TrainBatchDecoder,
-        fn_constructor_kwargs={
-            "planner": planner,
-            "store": store,
-            "image_size": config.data.image_size,
-            "crop_scale_min": config.data.crop_scale_min,
-            "seed": config.train.seed,
-        },
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=config.data.decode_actors),
-        num_cpus=config.data.decode_cpus,
-    )
+    decoder_args = {
+        "planner": planner,
+        "store": store,
+        "image_size": config.data.image_size,
+        "crop_scale_min": config.data.crop_scale_min,
+        "seed": config.train.seed,
+    }
+    if config.uses_refresh_actor:
+        # A planner that follows the model must not run far ahead of training, so it waits
+        # for training to catch up (NeighbourhoodPlanner.max_ahead_steps). An equal
+        # streaming_split cannot be combined with that: to keep the ranks equal it holds
+        # sub-batches back until more are planned, and the planner waits for steps that
+        # need those very sub-batches. So each rank gets its own stream instead - plan
+        # indices rank, rank + W, ... - decoded by its own actors. One sub-batch per block:
+        # a map task releases its output only when it ends, so a task holding two sub-batches
+        # could wait to plan the second for a step that needs the first.
+        ranks = config.train.num_workers
+        train = [_decoded_stream(total, 1, decoder_args, config, offset=r, stride=ranks) for r in range(ranks)]
+    else:
+        # Several small blocks so several decode actors can work at once.
+        train = _decoded_stream(num_sub_batches, 8, decoder_args, config)
     test = ray.data.read_parquet(
         shard_uris(root, config.data.test_split), num_cpus=READ_CPUS
     ).select_columns(["id", "label", "image"]).map_batches(
@@ -83,4 +100,42 @@ def build_training_data(config, root: str) -> TrainingData:
         num_train_examples=len(store),
         steps_per_epoch=per_epoch,
         total_steps=total,
+        store=store,
+        holdout_ids=holdout,
     )
+
+
+def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
+    """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them),
+    `per_block` per block. `ray.data.range` generates the rows lazily, nothing is stored."""
+    import ray.data
+
+    blocks = max(1, count // per_block)
+    return ray.data.range(count, override_num_blocks=blocks).map_batches(
+        TrainBatchDecoder,
+        fn_constructor_kwargs={**decoder_args, "index_offset": offset, "index_stride": stride},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=config.data.decode_actors),
+        num_cpus=config.data.decode_cpus,
+    )
+
+
+def check_neighbourhoods_fit(config, labels: np.ndarray, holdout: np.ndarray) -> None:
+    """Refuse, before training starts, a Magnet setup whose neighbourhoods cannot be formed:
+    every seed needs M - 1 clusters of other classes. A class of n examples gets min(K, n)
+    clusters, so the class with the most clusters bounds what is left for the others."""
+    magnet = config.loss.magnet
+    kept = np.ones(len(labels), dtype=bool)
+    kept[holdout] = False
+    sizes = np.bincount(labels[kept])
+    clusters = np.minimum(sizes[sizes > 0], magnet.clusters_per_class)
+    others = int(clusters.sum() - clusters.max())
+    if others < magnet.clusters_per_neighbourhood - 1:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"loss.magnet.clusters_per_neighbourhood: {magnet.clusters_per_neighbourhood} clusters per "
+            f"neighbourhood need {magnet.clusters_per_neighbourhood - 1} impostor clusters of other classes, "
+            f"but the training split yields at most {others} (K={magnet.clusters_per_class}, "
+            f"{len(clusters)} classes)"
+        )

@@ -9,6 +9,7 @@ import inspect
 
 from pipeline.losses.base import LossOutput, MetricLoss
 from pipeline.losses.contrastive import ContrastiveLoss
+from pipeline.losses.magnet import MagnetLoss
 from pipeline.losses.multi_similarity import MultiSimilarityLoss
 from pipeline.losses.normalized_softmax import NormalizedSoftmaxLoss
 from pipeline.losses.pddm import PDDMLoss
@@ -24,6 +25,7 @@ LOSSES: dict[str, type[MetricLoss]] = {
     "softtriple": SoftTripleLoss,
     "pddm": PDDMLoss,
     "proxy_anchor": ProxyAnchorLoss,
+    "magnet": MagnetLoss,
 }
 
 
@@ -33,11 +35,15 @@ def batch_requirement(name: str) -> str:
 
 
 def build_loss(loss_config, num_classes: int, embedding_dim: int) -> MetricLoss:
-    """Instantiate the configured loss with its section's parameters."""
+    """Instantiate the configured loss with its section's parameters.
+
+    A section may hold settings that belong to the loss's sampler or index (Magnet's M, D, K);
+    only those the loss's constructor takes are passed to it.
+    """
     cls = LOSSES[loss_config.name]
-    params = dict(vars(getattr(loss_config, loss_config.name)))
-    # Learned parameters (proxies, centers, the PDDM unit) are sized by the data and model.
     accepted = inspect.signature(cls).parameters
+    params = {k: v for k, v in vars(getattr(loss_config, loss_config.name)).items() if k in accepted}
+    # Learned parameters (proxies, centers, the PDDM unit) are sized by the data and model.
     for key, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
         if key in accepted:
             params[key] = value

@@ -111,8 +111,10 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
     data_context.print_on_execution_start = verbose
 
     from pipeline.data.ray_datasets import build_training_data
+    from pipeline.refresh.actor import refresh_actor_name
 
-    data = build_training_data(config, root)
+    actor_name = refresh_actor_name(name) if config.uses_refresh_actor else ""
+    data = build_training_data(config, root, actor_name)
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     plan = RunPlan(
         run_id=run_id,
@@ -121,6 +123,9 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
         steps_per_epoch=data.steps_per_epoch,
         total_steps=data.total_steps,
         progress_queue=queue,
+        refresh_actor=actor_name,
+        refresh_every_steps=config.refresh_every_steps or data.steps_per_epoch,
+        has_seen_holdout=len(data.holdout_ids) > 0,
     )
     printer(
         f"{config.train.num_workers} workers, global batch {config.global_batch_size}, "
@@ -142,8 +147,8 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
         ),
-        datasets={"train": data.train, "test": data.test},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=_trainer_datasets(data),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if not isinstance(data.train, list) else []),
     )
 
     from pipeline.progress import ProgressPrinter
@@ -152,7 +157,15 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
     failed = True
     checkpoint_path = None
     metrics: dict = {}
+    refresh_actor = None
     try:
+        if actor_name:
+            refresh_actor = start_refresh_actor(config, actor_name, data, run_id, uri)
+            printer(
+                f"refresh actor {actor_name}: re-clusters the training set every "
+                f"{plan.refresh_every_steps} steps",
+                flush=True,
+            )
         with ProgressPrinter(queue, printer):
             result = trainer.fit()
         if result.checkpoint is not None:
@@ -165,6 +178,40 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
             tracking.finish_run(uri, run_id, None, failed=False)
         failed = False
     finally:
+        if refresh_actor is not None:
+            import ray
+
+            ray.kill(refresh_actor, no_restart=True)
         if failed:
             tracking.finish_run(uri, run_id, None, failed=True)
     return RunSummary(name, run_id, uri, metrics, checkpoint_path)
+
+
+def _trainer_datasets(data) -> dict:
+    """'train' split across ranks, or 'train_<rank>' (one stream per rank), plus 'test'."""
+    if isinstance(data.train, list):
+        return {**{f"train_{rank}": ds for rank, ds in enumerate(data.train)}, "test": data.test}
+    return {"train": data.train, "test": data.test}
+
+
+def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri: str):
+    """Start the run's refresh actor with its own resources; it begins embedding at once.
+
+    Threaded (max_concurrency) so that planners, losses and weights are served while a
+    refresh runs in its background thread; restarted by Ray if it dies.
+    """
+    import ray
+
+    from pipeline.refresh.actor import RefreshActor
+
+    return (
+        ray.remote(RefreshActor)
+        .options(
+            name=actor_name,
+            num_cpus=config.refresh.num_cpus,
+            num_gpus=config.refresh.num_gpus,
+            max_restarts=config.refresh.max_restarts,
+            max_concurrency=16,
+        )
+        .remote(config_to_dict(config), data.store, data.holdout_ids, run_id, uri)
+    )

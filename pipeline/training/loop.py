@@ -23,6 +23,7 @@ from pipeline.models import build_model
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
 from pipeline.training.evaluate import evaluate_retrieval
 from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.refresh_link import RefreshLink
 
 
 @dataclass
@@ -35,6 +36,12 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     progress_queue: object = None
+    refresh_actor: str = ""
+    """Name of the run's refresh actor; empty when the batches do not follow the model."""
+    refresh_every_steps: int = 0
+    """Rank 0 publishes its weights for a refresh every this many steps."""
+    has_seen_holdout: bool = False
+    """Whether part of the training classes is held out for the seen-class accuracy."""
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -67,11 +74,14 @@ def train_loop_per_worker(payload: dict) -> None:
     optimizer = build_optimizer(inner.embedder, inner.loss, config.optim, config.loss.lr)
     scheduler = build_scheduler(optimizer, config.optim, plan.total_steps)
 
+    refresh = RefreshLink(plan, rank, device) if plan.refresh_actor else None
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_training_state(directory)
+            if refresh is not None and rank == 0:
+                refresh.restore(directory)
         inner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -83,7 +93,9 @@ def train_loop_per_worker(payload: dict) -> None:
 
         logger = MetricsLogger(plan.tracking_uri, plan.run_id)
     config_yaml = config_to_yaml(config)
-    batches = iter(ray.train.get_dataset_shard("train").iter_batches(
+    # Planners that follow the model give each rank its own stream (see ray_datasets).
+    stream = f"train_{rank}" if plan.refresh_actor else "train"
+    batches = iter(ray.train.get_dataset_shard(stream).iter_batches(
         batch_size=1, batch_format="numpy", prefetch_batches=config.data.prefetch_batches
     ))
     if start_step:
@@ -101,9 +113,13 @@ def train_loop_per_worker(payload: dict) -> None:
         if device.type == "cuda" and config.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.from_numpy(batch["labels"][0]).to(device)
+        extras = {
+            key[len("extra_"):]: torch.from_numpy(value[0]).to(device)
+            for key, value in batch.items() if key.startswith("extra_")
+        }
         compute_start = time.perf_counter()
 
-        out = learner(images, labels)
+        out = learner(images, labels, **extras)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if config.optim.grad_clip:
@@ -113,6 +129,13 @@ def train_loop_per_worker(payload: dict) -> None:
 
         window.add(out.loss.detach(), compute_start - wait_start, time.perf_counter() - wait_start)
         done = step + 1
+        if refresh is not None:
+            refresh.after_step(step, batch, out.per_example, inner)
+            window.add_index_use(refresh.last_version, refresh.last_staleness)
+            if rank == 0 and done < plan.total_steps and (
+                done % plan.refresh_every_steps == 0 or refresh.actor_needs_weights()
+            ):
+                refresh.publish(done, inner)
         if done % config.train.log_every_steps == 0 or done == plan.total_steps:
             _log_window(window, config, plan, rank, logger, optimizer, done, start_step, run_start, out, device)
             window = _Window()
@@ -122,9 +145,9 @@ def train_loop_per_worker(payload: dict) -> None:
             metrics = {"step": done, "epoch": epoch}
             if rank == 0 and (epoch % config.eval.every_epochs == 0 or last):
                 metrics.update(
-                    _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images)
+                    _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh)
                 )
-            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml)
+            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh)
             window = _Window()  # evaluation time is not training throughput
 
 
@@ -140,11 +163,18 @@ class _Window:
         self.wait = 0.0
         self.total = 0.0
         self.start = time.perf_counter()
+        self.index_versions: list[int] = []
+        self.staleness: list[int] = []
 
     def add(self, loss: torch.Tensor, wait: float, total: float) -> None:
         self.losses.append(loss)
         self.wait += wait
         self.total += total
+
+    def add_index_use(self, version: int, staleness: int) -> None:
+        """The cluster-index version this step's sub-batch was planned from, and its age."""
+        self.index_versions.append(version)
+        self.staleness.append(staleness)
 
 
 def _log_window(window, config, plan, rank, logger, optimizer, done, start_step, run_start, out, device):
@@ -160,6 +190,12 @@ def _log_window(window, config, plan, rank, logger, optimizer, done, start_step,
         "train/data_wait_fraction": wait_fraction,
     }
     metrics.update({f"train/{k}": float(v) for k, v in out.stats.items()})
+    if window.index_versions:
+        # The version rank 0's last step used, and how many steps older than the step its
+        # weights were (mean and worst over the interval).
+        metrics["refresh/index_version_used"] = window.index_versions[-1]
+        metrics["refresh/staleness_steps"] = sum(window.staleness) / len(window.staleness)
+        metrics["refresh/staleness_steps_max"] = max(window.staleness)
     logger.log(metrics, done)
     _emit(plan, rank, {
         "kind": "step",
@@ -204,11 +240,19 @@ class _TestImages:
         self.cached = kept
 
 
-def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images) -> dict[str, float]:
+def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh) -> dict[str, float]:
     start = time.perf_counter()
+    if refresh is not None and plan.has_seen_holdout:
+        # Magnet inference needs the cluster index of *these* weights: ask for it first, so
+        # the actor builds it while the retrieval metrics are computed here.
+        refresh.publish(done, inner, confirm=True)
     metrics = evaluate_retrieval(inner.embedder, test_images.batches(), device, config.eval, autocast)
-    seconds = time.perf_counter() - start
     logged = {f"test/{k}": v for k, v in metrics.items()}
+    if refresh is not None and plan.has_seen_holdout:
+        accuracy = refresh.seen_accuracy(done)
+        if accuracy is not None:
+            logged["seen/magnet_accuracy"] = metrics["seen_magnet_accuracy"] = accuracy
+    seconds = time.perf_counter() - start
     logged["test/eval_seconds"] = seconds
     logged["epoch"] = epoch
     logger.log(logged, done)
@@ -217,7 +261,7 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_i
     return logged
 
 
-def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml) -> None:
+def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh) -> None:
     import ray.train
 
     if rank != 0:
@@ -228,6 +272,8 @@ def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml
             directory, learner=inner, optimizer=optimizer, scheduler=scheduler,
             step=done, epoch=epoch, config_yaml=config_yaml, metrics=metrics,
         )
+        if refresh is not None:
+            refresh.save(directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

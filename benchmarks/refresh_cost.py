@@ -1,0 +1,127 @@
+"""What a Magnet refresh costs: the embedding pass and the clustering, against dataset size,
+and (with --training) the training time lost to refreshes in a real run.
+
+    python benchmarks/refresh_cost.py                      # clustering + embedding sweeps
+    python benchmarks/refresh_cost.py --training           # also two short Magnet runs
+
+Clustering runs `build_cluster_index` (faiss k-means per class + impostor search) on random
+embeddings with 60 images per class, K=8, M=12. The embedding pass runs the model over uint8
+images already decoded (the actor keeps them decoded after its first pass). --training trains
+the `magnet` preset twice - refreshing every `--every` steps, and refreshing never (only the
+initial index) - and compares the time per training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+def clustering_sweep(sizes, dim, use_gpu):
+    from pipeline.refresh.cluster_index import build_cluster_index
+
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        labels = np.arange(n) // 60
+        embeddings = rng.standard_normal((n, dim)).astype(np.float32)
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        start = time.perf_counter()
+        index, cluster_seconds = build_cluster_index(
+            embeddings, labels, clusters_per_class=8, num_impostors=11, version=1, model_step=0, use_gpu=use_gpu
+        )
+        rows.append({"n": n, "classes": int(labels.max()) + 1, "clusters": index.num_clusters,
+                     "cluster_seconds": round(cluster_seconds, 3),
+                     "wall_seconds": round(time.perf_counter() - start, 3)})
+        print(json.dumps({"clustering": rows[-1]}), flush=True)
+    return rows
+
+
+def embedding_sweep(backbone, image_size, sizes, batch_size, device):
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+
+    config = load_config("local", [f"model.backbone={backbone}"])
+    model = build_model(config.model).to(device).eval()
+    rows = []
+    for n in sizes:
+        images = torch.randint(0, 255, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
+        autocast = device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            model(images[:2].to(device).float().div_(255))  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(0, n, batch_size):
+                model(images.to(device, non_blocking=True).float().div_(255)).float().cpu()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append({"backbone": backbone, "image_size": image_size, "n": n,
+                     "embed_seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1)})
+        print(json.dumps({"embedding": rows[-1]}), flush=True)
+    return rows
+
+
+def training_overhead(every, epochs, storage):
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.training.driver import run_training
+
+    results = {}
+    for label, period in (("refreshing", every), ("initial_index_only", 10**9)):
+        config = load_config("magnet", [
+            f"refresh.every_steps={period}", f"train.epochs={epochs}", "eval.every_epochs=1000",
+            "data.seen_holdout_fraction=0.0", f"train.storage_path={storage}/{label}",
+            f"train.run_name=refresh-bench-{label}",
+        ])
+        times: list[tuple[int, float]] = []
+
+        def printer(text, times=times, **_):
+            if " step " in text:
+                times.append((int(text.split(" step ")[1].split("/")[0]), time.perf_counter()))
+
+        run_training(config, printer=printer)
+        (s0, t0), (s1, t1) = times[1], times[-1]  # from the first logged interval on: no start-up
+        results[label] = {"steps": s1 - s0, "seconds": round(t1 - t0, 2),
+                          "seconds_per_step": round((t1 - t0) / (s1 - s0), 4)}
+        print(json.dumps({"training": {label: results[label]}}), flush=True)
+        ray.shutdown()
+    lost = results["refreshing"]["seconds_per_step"] / results["initial_index_only"]["seconds_per_step"] - 1
+    results["time_lost_fraction"] = round(lost, 4)
+    print(json.dumps({"training_time_lost_fraction": results["time_lost_fraction"]}), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,50000,200000", help="training-set sizes to cluster")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--embed", default="tiny_cnn:48:2000,8000;resnet18:224:512",
+                        help="backbone:image_size:n1,n2 groups, ';'-separated")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--training", action="store_true", help="also measure training time lost")
+    parser.add_argument("--every", type=int, default=27, help="refresh period of the --training run")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--storage", default="/tmp/refresh-bench")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps({"machine": platform.node(), "device": torch.cuda.get_device_name() if device.type == "cuda"
+                      else f"cpu x{torch.get_num_threads()} threads"}), flush=True)
+    clustering_sweep([int(s) for s in args.sizes.split(",")], args.dim, device.type == "cuda")
+    for group in filter(None, args.embed.split(";")):
+        backbone, size, ns = group.split(":")
+        embedding_sweep(backbone, int(size), [int(n) for n in ns.split(",")], args.batch_size, device)
+    if args.training:
+        training_overhead(args.every, args.epochs, args.storage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The refresh actor: one per training run, re-embedding the full training set and rebuilding
+the cluster index while training goes on.
+
+Rank 0 publishes its weights (`publish_weights`, an object-store reference) every
+`refresh.every_steps` steps; a background thread inside the actor picks up the newest
+weights, embeds every training image (eval preprocessing, decoded once and kept), runs the
+per-class k-means and the impostor search with faiss, and swaps the new index in. The decode
+actors' planners poll `plan_tables` without blocking; every rank sends its per-example losses
+with `record_losses` (fire-and-forget), which become the seed weights. Nothing in training ever
+waits for a refresh, except the very first index, built from the initial model before step 1.
+
+If the actor dies, Ray restarts it (`max_restarts`); the new incarnation tells rank 0 (through
+the replies to `record_losses`) that it needs weights, and rebuilds the index from the latest
+ones while the planners go on with the last tables they hold.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict
+
+import numpy as np
+
+from pipeline.data.neighbourhoods import PlanTables
+from pipeline.refresh.cluster_index import (
+    ClusterIndex,
+    build_cluster_index,
+    cluster_seed_weights,
+    faiss_gpu_count,
+)
+
+
+def refresh_actor_name(run_name: str) -> str:
+    """The name workers and decode actors look the refresh actor up by."""
+    return f"dml-refresh-{run_name}"
+
+
+class RefreshActor:
+    """Holds the cluster index and the per-example losses of one run (a threaded Ray actor)."""
+
+    def __init__(self, config_dict: dict, store, holdout_ids: np.ndarray, run_id: str = "", tracking_uri: str = ""):
+        """config_dict: the run's resolved config; store: the training split's EncodedImageStore;
+        holdout_ids: ids held out of training (embedded for the seen-class accuracy only)."""
+        import ray
+
+        from pipeline.config import config_from_dict
+
+        self.config = config_from_dict(config_dict)
+        self.store = store
+        self.holdout_ids = np.asarray(holdout_ids, dtype=np.int64)
+        self.num_examples = len(store)
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.logger = None
+        if run_id and tracking_uri:
+            from pipeline.tracking import MetricsLogger
+
+            self.logger = MetricsLogger(tracking_uri, run_id)
+
+        self.cond = threading.Condition()
+        self.index: ClusterIndex | None = None
+        self.version = 0
+        self.example_loss = np.full(self.num_examples, np.nan, dtype=np.float32)
+        self.loss_stamp = 0
+        self._weights_cache: tuple[int, int, np.ndarray] | None = None  # (version, loss_stamp, weights)
+        self.pending: tuple[int, object, float, int] | None = None  # (step, weights ref, sigma2, min_version)
+        self.building = False
+        self.latest_step = 0
+        self.seen_accuracy: dict[int, float] = {}
+        self.history: list[dict] = []
+        self.error: str | None = None
+        self._images: list[np.ndarray] | None = None
+        if not self.reconstructed:
+            # The first index comes from the initial model, which every rank builds identically.
+            self.pending = (0, None, 1.0, 0)
+        self.thread = threading.Thread(target=self._serve, name="refresh", daemon=True)
+        self.thread.start()
+
+    # ---- calls from training ----------------------------------------------------------
+
+    def publish_weights(self, step: int, weights: list, sigma2: float = 1.0, min_version: int = 0) -> None:
+        """Rank 0's weights at `step` (`weights` = [ObjectRef of the state_dict], wrapped in a
+        list so Ray does not fetch it into this call). Replaces any not yet started."""
+        with self.cond:
+            if self.pending is None or step >= self.pending[0]:
+                self.pending = (step, weights[0], float(sigma2), int(min_version))
+            self.cond.notify_all()
+
+    def record_losses(self, step: int, ids: np.ndarray, losses: np.ndarray, index_version: int = 0) -> dict:
+        """Per-example losses of a trained sub-batch, planned from index `index_version`; the
+        reply tells rank 0 whether we need weights (after a restart)."""
+        losses = np.asarray(losses, dtype=np.float32)
+        with self.cond:
+            self._note_version_in_use(index_version)
+            self.example_loss[np.asarray(ids, dtype=np.int64)] = losses
+            self.loss_stamp += 1
+            self.latest_step = max(self.latest_step, int(step))
+            return {
+                "incarnation": self.incarnation,
+                "needs_weights": self.index is None and self.pending is None,
+                "version": self.version,
+            }
+
+    def plan_tables(self, have_version: int, have_tag: int, have_stamp: int, wait: bool) -> dict:
+        """What a planner holding index (`have_version`, `have_tag`) and seed weights
+        `have_stamp` lacks: `tables` (a whole PlanTables) when the index changed (by tag),
+        `weights` = (tag, weights, stamp) when only the
+        seed weights did, and always `latest_step`, the newest step a rank reported. With
+        `wait`, blocks until the first index exists."""
+        with self.cond:
+            self._note_version_in_use(have_version)
+            if wait:
+                while self.index is None and self.error is None:
+                    self.cond.wait(timeout=1.0)
+            if self.error is not None and self.index is None:
+                raise RuntimeError(f"the refresh actor could not build an index: {self.error}")
+            reply = {"tables": None, "weights": None, "latest_step": self.latest_step}
+            if self.index is None:
+                return reply
+            index = self.index
+            weights = self._seed_weights()
+            stamp = self.loss_stamp
+        if index.tag != have_tag:
+            reply["tables"] = PlanTables(
+                version=index.version, model_step=index.model_step, tag=index.tag, members=index.members,
+                offsets=index.offsets, cluster_class=index.cluster_class, impostors=index.impostors,
+                weights=weights, weights_stamp=stamp,
+            )
+        elif stamp != have_stamp:
+            reply["weights"] = (index.tag, weights, stamp)
+        return reply
+
+    def wait_for_index(self, min_step: int, timeout_s: float = 600.0) -> dict | None:
+        """Block until an index built from weights of step >= `min_step` exists; its summary.
+        None if it cannot come: no such weights are being built or waiting, or time is up."""
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while self.index is None or self.index.model_step < min_step:
+                left = deadline - time.monotonic()
+                coming = self.building or (self.pending is not None and self.pending[0] >= min_step)
+                if left <= 0 or self.error is not None or not coming:
+                    return None
+                self.cond.wait(timeout=min(left, 1.0))
+            index = self.index
+        return {
+            "version": index.version,
+            "model_step": index.model_step,
+            "seen_accuracy": self.seen_accuracy.get(index.version),
+        }
+
+    def status(self) -> dict:
+        """Counters and the timing of every refresh so far (for tests and benchmarks)."""
+        with self.cond:
+            return {
+                "incarnation": self.incarnation,
+                "reconstructed": self.reconstructed,
+                "version": self.version,
+                "model_step": None if self.index is None else self.index.model_step,
+                "num_clusters": None if self.index is None else self.index.num_clusters,
+                "latest_step": self.latest_step,
+                "refreshes": len(self.history),
+                "history": list(self.history),
+                "error": self.error,
+            }
+
+    def get_state(self) -> dict | None:
+        """Index and losses as plain arrays, saved with each checkpoint."""
+        with self.cond:
+            if self.index is None:
+                return None
+            return {"index": asdict(self.index), "example_loss": self.example_loss.copy(), "version": self.version}
+
+    def restore(self, state: dict) -> bool:
+        """Adopt a checkpoint's state if it is newer than ours (a resumed run); True if adopted."""
+        index = ClusterIndex(**state["index"])
+        with self.cond:
+            if self.index is not None and self.index.model_step >= index.model_step:
+                return False
+            self.version = max(self.version, int(state["version"])) + 1
+            index.version = self.version
+            index.tag = int.from_bytes(os.urandom(4), "little") >> 1
+            self.index = index
+            loss = np.asarray(state["example_loss"], dtype=np.float32)
+            if len(loss) == self.num_examples:
+                self.example_loss = loss
+                self.loss_stamp += 1
+            self.cond.notify_all()
+            return True
+
+    # ---- the refresh thread -------------------------------------------------------------
+
+    def _serve(self) -> None:
+        import torch
+
+        from pipeline.models import build_model
+
+        torch.set_num_threads(max(1, int(self.config.refresh.num_cpus)))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(self.config.train.seed)
+        model = build_model(self.config.model).to(device).eval()
+        while True:
+            with self.cond:
+                while self.pending is None:
+                    self.cond.wait()
+                step, ref, sigma2, min_version = self.pending
+                self.pending = None
+                self.building = True
+                start_step = self.latest_step
+            try:
+                self._refresh(model, device, step, ref, sigma2, min_version, start_step)
+            except Exception as err:  # noqa: BLE001 - keep serving the last index; report why
+                import traceback
+
+                with self.cond:
+                    self.error = f"{type(err).__name__}: {err}"
+                    self.cond.notify_all()
+                traceback.print_exc()
+            finally:
+                with self.cond:
+                    self.building = False
+                    self.cond.notify_all()
+
+    def _refresh(self, model, device, step, ref, sigma2, min_version, start_step) -> None:
+        import ray
+        import torch
+
+        started = time.time()
+        t0 = time.perf_counter()
+        if ref is not None:
+            model.load_state_dict(ray.get(ref))
+        embeddings = self._embed_all(model, device)
+        embed_seconds = time.perf_counter() - t0
+
+        magnet = self.config.loss.magnet
+        labels = self.store.labels.copy()
+        labels[self.holdout_ids] = -1
+        with self.cond:
+            version = max(self.version, min_version) + 1
+        index, cluster_seconds = build_cluster_index(
+            embeddings, labels, clusters_per_class=magnet.clusters_per_class,
+            num_impostors=magnet.clusters_per_neighbourhood - 1, version=version, model_step=step,
+            seed=self.config.train.seed, use_gpu=device.type == "cuda" and faiss_gpu_count() > 0,
+        )
+        accuracy = None
+        if len(self.holdout_ids):
+            from pipeline.losses.magnet import magnet_class_scores
+
+            scores = magnet_class_scores(
+                torch.from_numpy(embeddings[self.holdout_ids]), torch.from_numpy(index.centroids),
+                torch.from_numpy(index.cluster_class), sigma2, len(self.store.classes), L=magnet.nearest_clusters,
+            )
+            accuracy = float((scores.argmax(1).numpy() == self.store.labels[self.holdout_ids]).mean())
+        with self.cond:
+            self.version = version
+            self.index = index
+            self.error = None
+            if accuracy is not None:
+                self.seen_accuracy[version] = accuracy
+            record = {
+                "version": version, "model_step": step, "started": started, "finished": time.time(),
+                "embed_seconds": embed_seconds, "cluster_seconds": cluster_seconds,
+                "num_clusters": index.num_clusters, "steps_during": self.latest_step - start_step,
+                "seen_accuracy": accuracy,
+            }
+            self.history.append(record)
+            self.cond.notify_all()
+        self._log(record)
+
+    def _embed_all(self, model, device) -> np.ndarray:
+        """Embeddings [N, dim] float32 of every id of the split (eval preprocessing)."""
+        import torch
+
+        out = []
+        autocast = device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            for images in self._image_batches():
+                batch = torch.from_numpy(images).to(device, non_blocking=True).float().div_(255)
+                out.append(model(batch).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _image_batches(self):
+        """Decoded eval-size uint8 batches in id order; kept in memory after the first pass when
+        they fit in `refresh.cache_max_mb` (the eval transform is deterministic)."""
+        import ray
+
+        from pipeline.data.decoding import decode_rgb, eval_transform
+
+        if self._images is not None:
+            yield from self._images
+            return
+        data = self.config.data
+        transform = eval_transform(data.image_size, data.eval_resize)
+        columns = [t.column("image") for t in ray.get(self.store.block_refs)]
+        kept: list | None = []
+        size, limit = 0, self.config.refresh.cache_max_mb * 2**20
+        batch = self.config.refresh.batch_size
+        for start in range(0, self.num_examples, batch):
+            ids = range(start, min(start + batch, self.num_examples))
+            images = np.stack([
+                transform(decode_rgb(columns[self.store.block_of[i]][int(self.store.row_of[i])].as_py())).numpy()
+                for i in ids
+            ])
+            size += images.nbytes
+            if kept is not None and size <= limit:
+                kept.append(images)
+            else:
+                kept = None
+            yield images
+        self._images = kept
+
+    def _note_version_in_use(self, version: int) -> None:
+        # Called under the lock. A restarted actor starts counting at 0, but the planners and
+        # ranks still hold the old incarnation's versions, and a version number must never
+        # name two different indexes (cluster ids carry it). Jump past any version seen.
+        if self.index is None or version > self.index.version:
+            self.version = max(self.version, int(version))
+
+    def _seed_weights(self) -> np.ndarray:
+        # Called under the lock. Cached per (index version, loss stamp).
+        cached = self._weights_cache
+        if cached is not None and cached[0] == self.index.version and cached[1] == self.loss_stamp:
+            return cached[2]
+        weights = cluster_seed_weights(
+            self.example_loss, self.index.assignment, self.index.num_clusters, self.config.loss.magnet.seed_floor
+        )
+        self._weights_cache = (self.index.version, self.loss_stamp, weights)
+        return weights
+
+    def _log(self, record: dict) -> None:
+        if self.logger is None:
+            return
+        metrics = {
+            "refresh/count": len(self.history),
+            "refresh/version": record["version"],
+            "refresh/embed_seconds": record["embed_seconds"],
+            "refresh/cluster_seconds": record["cluster_seconds"],
+            "refresh/num_clusters": record["num_clusters"],
+            "refresh/steps_during": record["steps_during"],
+            "refresh/reconstructed": float(self.reconstructed),
+        }
+        if record["seen_accuracy"] is not None:
+            metrics["refresh/seen_magnet_accuracy"] = record["seen_accuracy"]
+        try:
+            self.logger.log(metrics, record["model_step"])
+        except Exception as err:  # noqa: BLE001 - a busy tracking store must not stop refreshes
+            print(f"refresh actor: could not log to MLflow: {err}")

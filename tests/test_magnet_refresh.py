@@ -1,0 +1,136 @@
+"""Magnet end to end on Ray: 2 workers, the refresh actor re-clustering while training runs,
+its metrics in MLflow, its state in the checkpoint, and a run that survives killing it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "data.synthetic.num_classes=24",
+    "data.synthetic.images_per_class=16",
+    "data.synthetic.image_size=32",
+    "data.image_size=24",
+    "data.eval_resize=28",
+    "data.seen_holdout_fraction=0.2",
+    "loss.magnet.clusters_per_class=2",
+    "loss.magnet.clusters_per_neighbourhood=4",
+    "loss.magnet.examples_per_cluster=3",
+    "train.log_every_steps=1",
+    "train.max_failures=0",
+    "data.prefetch_batches=2",
+    "refresh.max_plan_ahead_steps=4",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _history(client, run_id, name):
+    return sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+
+
+def _config(tmp_path, extra):
+    return load_config(
+        "magnet",
+        TINY + [f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}"] + extra,
+    )
+
+
+def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.training.driver import run_training
+
+    config = _config(tmp_path, ["train.epochs=2", "train.steps_per_epoch=10", "refresh.every_steps=2"])
+    summary = run_training(config, printer=lambda *a, **k: None)
+    client = MlflowClient(summary.tracking_uri)
+    run_id = summary.run_id
+
+    # The initial index plus at least two refreshes, each timed (embedding and clustering apart).
+    count = _history(client, run_id, "refresh/count")
+    assert count[-1].value >= 3, count
+    assert all(m.value > 0 for m in _history(client, run_id, "refresh/embed_seconds"))
+    assert _history(client, run_id, "refresh/cluster_seconds")
+
+    # The planner moved to newer indexes as they appeared (not strictly in order: a decode
+    # actor may plan two sub-batches at once), and staleness was measured.
+    used = [m.value for m in _history(client, run_id, "refresh/index_version_used")]
+    assert len(used) == 20 and used[-1] > used[0] and max(used) >= 3, used
+    staleness = [m.value for m in _history(client, run_id, "refresh/staleness_steps")]
+    assert all(s >= 0 for s in staleness) and max(staleness) < 20
+
+    # Training went on while refreshes ran: ranks reported steps during some refresh.
+    during = [m.value for m in _history(client, run_id, "refresh/steps_during")]
+    assert sum(during) > 0, during
+
+    # Magnet inference on the held-out seen classes, beside retrieval on the unseen ones.
+    seen = _history(client, run_id, "seen/magnet_accuracy")
+    assert [m.step for m in seen] == [10, 20]
+    assert 0.0 <= summary.metrics["seen/magnet_accuracy"] <= 1.0
+    assert 0.0 <= summary.metrics["test/recall@1"] <= 1.0
+
+    # The actor's index and losses are saved with the checkpoint.
+    assert (Path(summary.checkpoint_path) / "refresh_state.npz").exists()
+
+
+def test_run_finishes_when_the_refresh_actor_is_killed(ray_local, tmp_path):
+    import ray
+    from mlflow import MlflowClient
+
+    from pipeline.refresh.actor import refresh_actor_name
+    from pipeline.training.driver import run_name_for, run_training
+
+    config = _config(tmp_path, ["train.epochs=3", "train.steps_per_epoch=10", "refresh.every_steps=3"])
+    name = refresh_actor_name(run_name_for(config))
+    killed: dict = {}
+
+    def kill_after_second_index():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                actor = ray.get_actor(name)
+                status = ray.get(actor.status.remote(), timeout=10)
+            except Exception:  # not started yet
+                time.sleep(0.2)
+                continue
+            if status["version"] >= 2:
+                killed.update(status)
+                ray.kill(actor, no_restart=False)  # Ray restarts it (refresh.max_restarts)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_second_index, daemon=True)
+    killer.start()
+    summary = run_training(config, printer=lambda *a, **k: None)
+    killer.join(timeout=10)
+    assert killed, "the actor was never seen with a second index"
+
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert summary.metrics["step"] == 30
+    # The restarted incarnation rebuilt the index from rank 0's latest weights...
+    rebuilt = [m for m in _history(client, summary.run_id, "refresh/reconstructed") if m.value == 1.0]
+    assert rebuilt, "no refresh by the restarted actor"
+    assert rebuilt[0].step > 0, "rebuilt from trained weights, not the initial model"
+    # ...numbered after the versions in use before the kill, while every step went on with
+    # an index it had.
+    versions = [m.value for m in _history(client, summary.run_id, "refresh/version")]
+    assert max(versions) > killed["version"], (versions, killed)
+    used = [m.value for m in _history(client, summary.run_id, "refresh/index_version_used")]
+    assert len(used) == 30 and min(used) >= 1, used

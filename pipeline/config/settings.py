@@ -282,11 +282,6 @@ class Config:
         return self.sampler.name == "neighbourhoods"
 
     @property
-    def refresh_every_steps(self) -> int | None:
-        """Refresh period in steps when set; None = once per epoch (known once data is read)."""
-        return self.refresh.every_steps or None
-
-    @property
     def global_batch_size(self) -> int:
         """Examples in one optimizer step, across all ranks."""
         return self.sub_batch_size * self.train.num_workers

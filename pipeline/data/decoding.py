@@ -132,6 +132,34 @@ class TrainBatchDecoder:
         }
 
 
+class ReplayCache:
+    """Batches streamed once, then replayed from memory if they all fit in `limit_bytes`.
+
+    For decodes that are deterministic (the eval transform): the first pass streams and keeps
+    the batches, later passes are free. Past the limit nothing is kept and every pass streams.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.kept: list | None = None
+
+    def batches(self, stream):
+        """The kept batches, or those of `stream()` (a callable), kept when they fit."""
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept: list | None = []
+        size = 0
+        for batch in stream():
+            size += sum(v.nbytes for v in batch.values()) if isinstance(batch, dict) else batch.nbytes
+            if kept is not None and size <= self.limit_bytes:
+                kept.append(batch)
+            else:
+                kept = None
+            yield batch
+        self.kept = kept
+
+
 def decode_eval_batch(batch: dict[str, np.ndarray], image_size: int, resize: int) -> dict[str, np.ndarray]:
     """Ray Data function: encoded rows in, resized and center-cropped uint8 images out."""
     transform = eval_transform(image_size, resize)

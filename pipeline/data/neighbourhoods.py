@@ -103,11 +103,6 @@ class NeighbourhoodPlanner:
     _actor_down: bool = field(default=False, init=False, repr=False)
     _actor: object = field(default=None, init=False, repr=False)
 
-    @property
-    def batch_size(self) -> int:
-        """Examples per sub-batch."""
-        return self.neighbourhoods * self.clusters_per_neighbourhood * self.examples_per_cluster
-
     def __getstate__(self):
         # Pickled to the decode actors by name only; each one looks the actor up itself.
         state = dict(self.__dict__)

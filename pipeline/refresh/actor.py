@@ -24,6 +24,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from pipeline.data.decoding import ReplayCache
 from pipeline.data.neighbourhoods import PlanTables
 from pipeline.refresh.cluster_index import (
     ClusterIndex,
@@ -72,7 +73,7 @@ class RefreshActor:
         self.seen_accuracy: dict[int, float] = {}
         self.history: list[dict] = []
         self.error: str | None = None
-        self._images: list[np.ndarray] | None = None
+        self._images = ReplayCache(self.config.refresh.cache_max_mb * 2**20)
         if not self.reconstructed:
             # The first index comes from the initial model, which every rank builds identically.
             self.pending = (0, None, 1.0, 0)
@@ -284,32 +285,22 @@ class RefreshActor:
     def _image_batches(self):
         """Decoded eval-size uint8 batches in id order; kept in memory after the first pass when
         they fit in `refresh.cache_max_mb` (the eval transform is deterministic)."""
+        yield from self._images.batches(self._decode_all)
+
+    def _decode_all(self):
         import ray
 
         from pipeline.data.decoding import decode_rgb, eval_transform
 
-        if self._images is not None:
-            yield from self._images
-            return
         data = self.config.data
         transform = eval_transform(data.image_size, data.eval_resize)
         columns = [t.column("image") for t in ray.get(self.store.block_refs)]
-        kept: list | None = []
-        size, limit = 0, self.config.refresh.cache_max_mb * 2**20
         batch = self.config.refresh.batch_size
         for start in range(0, self.num_examples, batch):
-            ids = range(start, min(start + batch, self.num_examples))
-            images = np.stack([
+            yield np.stack([
                 transform(decode_rgb(columns[self.store.block_of[i]][int(self.store.row_of[i])].as_py())).numpy()
-                for i in ids
+                for i in range(start, min(start + batch, self.num_examples))
             ])
-            size += images.nbytes
-            if kept is not None and size <= limit:
-                kept.append(images)
-            else:
-                kept = None
-            yield images
-        self._images = kept
 
     def _note_version_in_use(self, version: int) -> None:
         # Called under the lock. A restarted actor starts counting at 0, but the planners and

@@ -124,7 +124,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
         total_steps=data.total_steps,
         progress_queue=queue,
         refresh_actor=actor_name,
-        refresh_every_steps=config.refresh_every_steps or data.steps_per_epoch,
+        refresh_every_steps=config.refresh.every_steps or data.steps_per_epoch,
         has_seen_holdout=len(data.holdout_ids) > 0,
     )
     printer(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import config_from_dict, config_to_yaml
+from pipeline.data.decoding import ReplayCache
 from pipeline.distributed import mean_across_ranks
 from pipeline.learner import MetricLearner
 from pipeline.losses import build_loss
@@ -217,27 +218,17 @@ class _TestImages:
 
     def __init__(self, eval_config):
         self.eval_config = eval_config
-        self.cached: list[dict] | None = None
+        self.cache = ReplayCache(eval_config.cache_max_mb * 2**20)
 
     def batches(self):
         """Decoded test batches."""
         import ray.train
 
-        if self.cached is not None:
-            yield from self.cached
-            return
-        kept: list[dict] | None = []
-        size, limit = 0, self.eval_config.cache_max_mb * 2**20
-        for batch in ray.train.get_dataset_shard("test").iter_batches(
-            batch_size=self.eval_config.batch_size, batch_format="numpy"
-        ):
-            size += batch["image"].nbytes
-            if kept is not None and size <= limit:
-                kept.append(batch)
-            else:
-                kept = None
-            yield batch
-        self.cached = kept
+        yield from self.cache.batches(
+            lambda: ray.train.get_dataset_shard("test").iter_batches(
+                batch_size=self.eval_config.batch_size, batch_format="numpy"
+            )
+        )
 
 
 def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh) -> dict[str, float]:

@@ -5,7 +5,8 @@ and (with --training) the training time lost to refreshes in a real run.
     python benchmarks/refresh_cost.py --training           # also two short Magnet runs
 
 Clustering runs `build_cluster_index` (faiss k-means per class + impostor search) on random
-embeddings with 60 images per class, K=8, M=12. The embedding pass runs the model over uint8
+embeddings with 60 images per class, K=8, M=12; the pools sweep runs `build_hard_pools` (PDDM's
+exact full-set kNN, pool 32) on the same kind of embeddings. The embedding pass runs the model over uint8
 images already decoded (the actor keeps them decoded after its first pass). --training trains
 the `magnet` preset twice - refreshing every `--every` steps, and refreshing never (only the
 initial index) - and compares the time per training step.
@@ -22,15 +23,20 @@ import numpy as np
 import torch
 
 
+def random_embeddings(n, dim):
+    """n unit vectors in 60-image classes (the size of a CUB class), seeded."""
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((n, dim)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings, np.arange(n) // 60
+
+
 def clustering_sweep(sizes, dim, use_gpu):
     from pipeline.refresh.cluster_index import build_cluster_index
 
     rows = []
     for n in sizes:
-        rng = np.random.default_rng(0)
-        labels = np.arange(n) // 60
-        embeddings = rng.standard_normal((n, dim)).astype(np.float32)
-        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings, labels = random_embeddings(n, dim)
         start = time.perf_counter()
         index, cluster_seconds = build_cluster_index(
             embeddings, labels, clusters_per_class=8, num_impostors=11, version=1, model_step=0, use_gpu=use_gpu
@@ -39,6 +45,19 @@ def clustering_sweep(sizes, dim, use_gpu):
                      "cluster_seconds": round(cluster_seconds, 3),
                      "wall_seconds": round(time.perf_counter() - start, 3)})
         print(json.dumps({"clustering": rows[-1]}), flush=True)
+    return rows
+
+
+def pools_sweep(sizes, dim, pool_size, use_gpu):
+    from pipeline.refresh.hard_pools import build_hard_pools
+
+    rows = []
+    for n in sizes:
+        embeddings, labels = random_embeddings(n, dim)
+        _, knn_seconds = build_hard_pools(embeddings, labels, pool_size, version=1, model_step=0, use_gpu=use_gpu)
+        rows.append({"n": n, "classes": int(labels.max()) + 1, "pool_size": pool_size,
+                     "knn_seconds": round(knn_seconds, 3)})
+        print(json.dumps({"hard_pools": rows[-1]}), flush=True)
     return rows
 
 
@@ -102,6 +121,7 @@ def training_overhead(every, epochs, storage):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000,200000", help="training-set sizes to cluster")
+    parser.add_argument("--pool-sizes", default="10000,50000", help="training-set sizes for PDDM's pools")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--embed", default="tiny_cnn:48:2000,8000;resnet18:224:512",
                         help="backbone:image_size:n1,n2 groups, ';'-separated")
@@ -116,6 +136,8 @@ def main() -> None:
     print(json.dumps({"machine": platform.node(), "device": torch.cuda.get_device_name() if device.type == "cuda"
                       else f"cpu x{torch.get_num_threads()} threads"}), flush=True)
     clustering_sweep([int(s) for s in args.sizes.split(",")], args.dim, device.type == "cuda")
+    if args.pool_sizes:
+        pools_sweep([int(s) for s in args.pool_sizes.split(",")], args.dim, 32, device.type == "cuda")
     for group in filter(None, args.embed.split(";")):
         backbone, size, ns = group.split(":")
         embedding_sweep(backbone, int(size), [int(n) for n in ns.split(",")], args.batch_size, device)

@@ -48,6 +48,10 @@ def test_yaml_file(tmp_path):
         (["data.eval_resize=16"], "data.eval_resize: 16 is smaller than data.image_size"),
         (["sampler.name=shuffle"], "needs sampler.name=m_per_class"),
         (["sampler.samples_per_class=1"], "sampler.samples_per_class: must be >= 2"),
+        (["sampler.name=hard_pools", "sampler.pool_size=0"], "sampler.pool_size: must be > 0"),
+        (["sampler.name=hard_pools", "sampler.pool_draws_per_class=-1"], "sampler.pool_draws_per_class: must be > 0"),
+        (["sampler.name=hard_pools", "loss.name=magnet"], "neighbourhood batches and the magnet loss go together"),
+        (["data.seen_holdout_fraction=0.1"], "needs loss.name=magnet"),
         (["eval.recall_ks=[1, 0]"], "eval.recall_ks"),
         (["train=3"], "train: expected a section"),
         (["nonsense"], "expected KEY=VALUE"),
@@ -81,3 +85,10 @@ def test_job_rejects_bad_config_before_ray(capsys):
     assert train_main(["--set", "train.num_workers=-1"]) == 2
     assert "config error: train.num_workers: must be > 0" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_pddm_preset_plans_hard_pools_with_the_refresh_actor():
+    config = load_config("pddm")
+    assert config.loss.name == "pddm" and config.sampler.name == "hard_pools" and config.uses_refresh_actor
+    s = config.sampler
+    assert config.sub_batch_size == s.classes_per_batch * (s.samples_per_class + s.pool_draws_per_class)

@@ -31,17 +31,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def _history(client, run_id, name):
-    return sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
 
 
 def _config(tmp_path, extra):
@@ -51,7 +40,7 @@ def _config(tmp_path, extra):
     )
 
 
-def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path):
+def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path, metric_history):
     from mlflow import MlflowClient
 
     from pipeline.training.driver import run_training
@@ -62,24 +51,24 @@ def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path):
     run_id = summary.run_id
 
     # The initial index plus at least two refreshes, each timed (embedding and clustering apart).
-    count = _history(client, run_id, "refresh/count")
+    count = metric_history(client, run_id, "refresh/count")
     assert count[-1].value >= 3, count
-    assert all(m.value > 0 for m in _history(client, run_id, "refresh/embed_seconds"))
-    assert _history(client, run_id, "refresh/cluster_seconds")
+    assert all(m.value > 0 for m in metric_history(client, run_id, "refresh/embed_seconds"))
+    assert metric_history(client, run_id, "refresh/cluster_seconds")
 
     # The planner moved to newer indexes as they appeared (not strictly in order: a decode
     # actor may plan two sub-batches at once), and staleness was measured.
-    used = [m.value for m in _history(client, run_id, "refresh/index_version_used")]
+    used = [m.value for m in metric_history(client, run_id, "refresh/index_version_used")]
     assert len(used) == 20 and used[-1] > used[0] and max(used) >= 3, used
-    staleness = [m.value for m in _history(client, run_id, "refresh/staleness_steps")]
+    staleness = [m.value for m in metric_history(client, run_id, "refresh/staleness_steps")]
     assert all(s >= 0 for s in staleness) and max(staleness) < 20
 
     # Training went on while refreshes ran: ranks reported steps during some refresh.
-    during = [m.value for m in _history(client, run_id, "refresh/steps_during")]
+    during = [m.value for m in metric_history(client, run_id, "refresh/steps_during")]
     assert sum(during) > 0, during
 
     # Magnet inference on the held-out seen classes, beside retrieval on the unseen ones.
-    seen = _history(client, run_id, "seen/magnet_accuracy")
+    seen = metric_history(client, run_id, "seen/magnet_accuracy")
     assert [m.step for m in seen] == [10, 20]
     assert 0.0 <= summary.metrics["seen/magnet_accuracy"] <= 1.0
     assert 0.0 <= summary.metrics["test/recall@1"] <= 1.0
@@ -88,7 +77,7 @@ def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path):
     assert (Path(summary.checkpoint_path) / "refresh_state.npz").exists()
 
 
-def test_run_finishes_when_the_refresh_actor_is_killed(ray_local, tmp_path):
+def test_run_finishes_when_the_refresh_actor_is_killed(ray_local, tmp_path, metric_history):
     import ray
     from mlflow import MlflowClient
 
@@ -125,12 +114,47 @@ def test_run_finishes_when_the_refresh_actor_is_killed(ray_local, tmp_path):
     assert run.info.status == "FINISHED"
     assert summary.metrics["step"] == 30
     # The restarted incarnation rebuilt the index from rank 0's latest weights...
-    rebuilt = [m for m in _history(client, summary.run_id, "refresh/reconstructed") if m.value == 1.0]
+    rebuilt = [m for m in metric_history(client, summary.run_id, "refresh/reconstructed") if m.value == 1.0]
     assert rebuilt, "no refresh by the restarted actor"
     assert rebuilt[0].step > 0, "rebuilt from trained weights, not the initial model"
     # ...numbered after the versions in use before the kill, while every step went on with
     # an index it had.
-    versions = [m.value for m in _history(client, summary.run_id, "refresh/version")]
+    versions = [m.value for m in metric_history(client, summary.run_id, "refresh/version")]
     assert max(versions) > killed["version"], (versions, killed)
-    used = [m.value for m in _history(client, summary.run_id, "refresh/index_version_used")]
+    used = [m.value for m in metric_history(client, summary.run_id, "refresh/index_version_used")]
     assert len(used) == 30 and min(used) >= 1, used
+
+
+def test_resumed_run_goes_on_from_the_checkpointed_index(ray_local, tmp_path, metric_history):
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from pipeline.training.driver import run_training
+    from pipeline.training.refresh_link import REFRESH_STATE_FILE
+
+    base = ["train.steps_per_epoch=8", "refresh.every_steps=4", "train.run_name=magnet-resume"]
+    first = run_training(_config(tmp_path, base + ["train.epochs=1"]), printer=lambda *a, **k: None)
+    with np.load(Path(first.checkpoint_path) / REFRESH_STATE_FILE) as saved:
+        saved_step, saved_version = int(saved["index.model_step"]), int(saved["version"])
+    between_ms = time.time() * 1000
+
+    # A new driver, the same run name, one more epoch: Ray Train resumes from step 8 and the
+    # new refresh actor starts from the checkpoint's index and losses.
+    lines: list[str] = []
+    second = run_training(_config(tmp_path, base + ["train.epochs=2"]),
+                          printer=lambda text, **_: lines.append(text))
+    assert second.run_id == first.run_id and second.metrics["step"] == 16
+    assert any("resumed from step 8" in line for line in lines), lines
+    assert any(f"checkpoint's index (model step {saved_step})" in line for line in lines), lines
+
+    client = MlflowClient(second.tracking_uri)
+    after = lambda name: [m for m in metric_history(client, second.run_id, name) if m.timestamp >= between_ms]  # noqa: E731
+    restored = after("refresh/restored_step")
+    assert [m.value for m in restored] == [saved_step]
+    # No index was built from the initial model: every index of the second driver came from
+    # trained weights at or after the checkpoint's, numbered after the saved ones.
+    built = [m.value for m in after("refresh/model_step")]
+    assert built and min(built) >= saved_step, built
+    used = [m for m in after("refresh/index_version_used")]
+    assert [m.step for m in used] == list(range(9, 17))
+    assert min(m.value for m in used) > saved_version, (used, saved_version)

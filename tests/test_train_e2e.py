@@ -26,14 +26,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
     from mlflow import MlflowClient
@@ -77,3 +69,32 @@ def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
         out = model(torch.rand(2, 3, 24, 24))
     assert out.shape == (2, config.model.embedding_dim)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+
+def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.training.checkpoint import load_training_state
+    from pipeline.training.driver import run_training
+
+    config = load_config(
+        "local",
+        TINY + ["loss.name=softtriple", "loss.softtriple.centers_per_class=3",
+                f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}"],
+    )
+    summary = run_training(config, printer=lambda *a, **k: None)
+    client = MlflowClient(summary.tracking_uri)
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    assert client.get_run(summary.run_id).data.params["loss.name"] == "softtriple"
+    assert [m.step for m in client.get_metric_history(summary.run_id, "test/recall_at_1")] == [4, 8]
+    # K centers per training class (12 classes), trained: no longer the initial ones.
+    learner = load_training_state(summary.checkpoint_path)["learner"]
+    centers = [v for k, v in learner.items() if k.startswith("loss.") and v.ndim == 2]
+    assert [tuple(c.shape) for c in centers] == [(12 * 3, config.model.embedding_dim)]
+    from pipeline.losses import build_loss
+    from pipeline.models import build_model
+
+    torch.manual_seed(config.train.seed)  # the initial centers, drawn as the workers drew them
+    build_model(config.model)
+    initial = [p for p in build_loss(config.loss, 12, config.model.embedding_dim).parameters() if p.ndim == 2]
+    assert not torch.allclose(centers[0], initial[0].detach())

@@ -126,6 +126,8 @@ def validate(config: Config) -> None:
         "sampler.classes_per_batch": config.sampler.classes_per_batch,
         "sampler.samples_per_class": config.sampler.samples_per_class,
         "sampler.batch_size": config.sampler.batch_size,
+        "sampler.pool_size": config.sampler.pool_size,
+        "sampler.pool_draws_per_class": config.sampler.pool_draws_per_class,
         "model.embedding_dim": config.model.embedding_dim,
         "optim.lr": config.optim.lr,
         "loss.lr": config.loss.lr,
@@ -179,6 +181,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"data.seen_holdout_fraction: must be in [0, 1), got {config.data.seen_holdout_fraction}"
         )
+    if config.data.seen_holdout_fraction > 0 and config.loss.name != "magnet":
+        raise ConfigError(
+            "data.seen_holdout_fraction: the seen-class hold-out is scored by Magnet's soft "
+            f"nearest-cluster vote and needs loss.name=magnet, got {config.loss.name!r}"
+        )
     magnet = config.loss.magnet
     if magnet.clusters_per_neighbourhood < 2:
         raise ConfigError(
@@ -200,7 +207,7 @@ def validate(config: Config) -> None:
         )
     if not 0.0 <= magnet.sigma2_momentum < 1.0:
         raise ConfigError(f"loss.magnet.sigma2_momentum: must be in [0, 1), got {magnet.sigma2_momentum}")
-    if config.sampler.name == "m_per_class" and config.sampler.samples_per_class < 2:
+    if config.sampler.name in ("m_per_class", "hard_pools") and config.sampler.samples_per_class < 2:
         raise ConfigError("sampler.samples_per_class: must be >= 2 so every example has a positive")
     if not config.data.root:
         from pipeline.data.synthetic import SyntheticSpec
@@ -212,10 +219,10 @@ def validate(config: Config) -> None:
     from pipeline.losses import batch_requirement  # late import: losses import torch
 
     need = batch_requirement(config.loss.name)
-    if need == "m_per_class" and config.sampler.name != "m_per_class":
+    if need == "m_per_class" and config.sampler.name not in ("m_per_class", "hard_pools"):
         raise ConfigError(
             f"sampler.name: loss {config.loss.name!r} mines pairs inside the batch and needs "
-            f"sampler.name=m_per_class, got {config.sampler.name!r}"
+            f"sampler.name=m_per_class or hard_pools, got {config.sampler.name!r}"
         )
     if (need == "neighbourhoods") != (config.sampler.name == "neighbourhoods"):
         raise ConfigError(

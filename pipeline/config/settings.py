@@ -58,14 +58,19 @@ class DataConfig:
 class SamplerConfig:
     """How each rank's sub-batch is planned (a list of example ids chosen by label)."""
 
-    name: Literal["m_per_class", "shuffle", "neighbourhoods"] = setting(
+    name: Literal["m_per_class", "shuffle", "neighbourhoods", "hard_pools"] = setting(
         "m_per_class",
         "m_per_class: P classes x M examples per sub-batch; shuffle: plain epochs; "
-        "neighbourhoods: Magnet's (set in loss.magnet).",
+        "neighbourhoods: Magnet's (set in loss.magnet); hard_pools: P x M plus draws from each "
+        "class's hard-negative pool, refreshed by the refresh actor (PDDM's).",
     )
-    classes_per_batch: int = setting(8, "P: classes in each rank's sub-batch (m_per_class).")
-    samples_per_class: int = setting(4, "M: examples per class in a sub-batch (m_per_class).")
+    classes_per_batch: int = setting(8, "P: classes in each rank's sub-batch (m_per_class, hard_pools).")
+    samples_per_class: int = setting(4, "M: examples per class in a sub-batch (m_per_class, hard_pools).")
     batch_size: int = setting(32, "Examples per rank's sub-batch (shuffle).")
+    pool_size: int = setting(
+        32, "Hard-negative pool of each class: its nearest other-class examples over the full set (hard_pools)."
+    )
+    pool_draws_per_class: int = setting(2, "Examples drawn from each batch class's pool (hard_pools).")
 
 
 @dataclass
@@ -217,7 +222,8 @@ class TrainConfig:
 
 @dataclass
 class RefreshConfig:
-    """The refresh actor: re-embeds the full training set and rebuilds the cluster index (Magnet)."""
+    """The refresh actor: re-embeds the full training set and rebuilds Magnet's cluster index or
+    the hard-negative pools (sampler hard_pools)."""
 
     every_steps: int = setting(0, "Publish weights for a refresh every this many steps; 0 = once per epoch.")
     num_cpus: float = setting(0.5, "CPUs reserved by the actor (its torch threads: at least 1).")
@@ -271,6 +277,9 @@ class Config:
         """Examples in one rank's sub-batch."""
         if self.sampler.name == "m_per_class":
             return self.sampler.classes_per_batch * self.sampler.samples_per_class
+        if self.sampler.name == "hard_pools":
+            s = self.sampler
+            return s.classes_per_batch * (s.samples_per_class + s.pool_draws_per_class)
         if self.sampler.name == "neighbourhoods":
             m = self.loss.magnet
             return m.neighbourhoods_per_rank * m.clusters_per_neighbourhood * m.examples_per_cluster
@@ -279,7 +288,7 @@ class Config:
     @property
     def uses_refresh_actor(self) -> bool:
         """Whether the run starts a refresh actor (its batches follow the model)."""
-        return self.sampler.name == "neighbourhoods"
+        return self.sampler.name in ("neighbourhoods", "hard_pools")
 
     @property
     def global_batch_size(self) -> int:

@@ -4,8 +4,8 @@ A planner maps a *plan index* (the i-th sub-batch of the run, over all ranks) to
 planners here are pure functions of (seed, index), so any decode actor can plan any sub-batch,
 a resumed run replays the same plan, and which rank receives a sub-batch does not matter: each
 one is self-contained (whole P x M groups). Planners that follow the model (Magnet
-neighbourhoods, PDDM pools) implement the same `plan(index)` and fetch their newest index from
-the refresh actor.
+neighbourhoods, PDDM's hard pools) implement the same `plan(index)` and fetch their newest index
+from the refresh actor.
 """
 
 from __future__ import annotations
@@ -103,13 +103,17 @@ class MPerClassPlanner:
         """Examples per sub-batch."""
         return self.classes_per_batch * self.samples_per_class
 
-    def plan(self, index: int) -> np.ndarray:
+    def chosen_classes(self, index: int) -> np.ndarray:
+        """Positions (in `table.classes`) of the P classes of sub-batch `index`."""
         round_index, group = divmod(index, self.groups_per_round)
         order = np.random.default_rng([self.seed, round_index]).permutation(len(self.table.classes))
-        chosen = order[group * self.classes_per_batch : (group + 1) * self.classes_per_batch]
+        return order[group * self.classes_per_batch : (group + 1) * self.classes_per_batch]
+
+    def plan(self, index: int) -> np.ndarray:
+        round_index, group = divmod(index, self.groups_per_round)
         rng = np.random.default_rng([self.seed, round_index, group, 1])
         picks = []
-        for position in chosen:
+        for position in self.chosen_classes(index):
             members = self.table.members(position)
             replace = len(members) < self.samples_per_class
             picks.append(rng.choice(members, self.samples_per_class, replace=replace))
@@ -161,24 +165,32 @@ def build_planner(config, labels: np.ndarray, exclude: np.ndarray | None = None,
     """The planner named by `sampler.name`, over the training labels (indexed by id).
 
     `exclude` are ids never planned (the seen-class hold-out); `refresh_actor` names the
-    refresh actor that model-following planners (neighbourhoods) read their index from.
+    refresh actor that model-following planners (neighbourhoods, hard_pools) read their index from.
     """
     sampler, seed = config.sampler, config.train.seed
     if sampler.name == "m_per_class":
         return MPerClassPlanner(labels, sampler.classes_per_batch, sampler.samples_per_class, seed, exclude)
     if sampler.name == "shuffle":
         return ShufflePlanner(len(labels), sampler.batch_size, seed, exclude)
+    if sampler.name in ("neighbourhoods", "hard_pools"):
+        from pipeline.data.actor_tables import ActorTables
+
+        source = ActorTables(refresh_actor, max_ahead_steps=config.refresh.max_plan_ahead_steps)
     if sampler.name == "neighbourhoods":
         from pipeline.data.neighbourhoods import NeighbourhoodPlanner
 
         magnet = config.loss.magnet
         return NeighbourhoodPlanner(
-            actor_name=refresh_actor,
+            source=source,
             neighbourhoods=magnet.neighbourhoods_per_rank,
             num_ranks=config.train.num_workers,
-            max_ahead_steps=config.refresh.max_plan_ahead_steps,
             clusters_per_neighbourhood=magnet.clusters_per_neighbourhood,
             examples_per_cluster=magnet.examples_per_cluster,
             seed=seed,
         )
+    if sampler.name == "hard_pools":
+        from pipeline.data.pool_batches import HardPoolPlanner
+
+        classes = MPerClassPlanner(labels, sampler.classes_per_batch, sampler.samples_per_class, seed, exclude)
+        return HardPoolPlanner(source, classes, sampler.pool_draws_per_class, config.train.num_workers, seed)
     raise ValueError(f"sampler.name: unknown sampler {sampler.name!r}")

@@ -39,6 +39,8 @@ class TrainingData:
     """The training split's encoded images (the refresh actor embeds them)."""
     holdout_ids: np.ndarray
     """Training-split ids held out of training for the seen-class accuracy."""
+    start_step: int = 0
+    """The step the training stream starts at (a resumed run's checkpoint step)."""
 
 
 def steps_per_epoch(config, num_examples: int) -> int:
@@ -46,10 +48,12 @@ def steps_per_epoch(config, num_examples: int) -> int:
     return config.train.steps_per_epoch or max(1, num_examples // config.global_batch_size)
 
 
-def build_training_data(config, root: str, refresh_actor: str = "") -> TrainingData:
+def build_training_data(config, root: str, refresh_actor: str = "", start_step: int = 0) -> TrainingData:
     """Read the splits with Ray Data and build the planned training stream and the eval stream.
 
-    `refresh_actor` names the run's refresh actor, for planners that follow the model.
+    `refresh_actor` names the run's refresh actor, for planners that follow the model;
+    `start_step` is the step a resumed run goes on from: its stream starts with that step's
+    sub-batches, so a resumed run trains on the same plan as one never interrupted.
     """
     import ray.data
 
@@ -63,7 +67,8 @@ def build_training_data(config, root: str, refresh_actor: str = "") -> TrainingD
     planner = build_planner(config, store.labels, holdout, refresh_actor)
     per_epoch = steps_per_epoch(config, len(store) - len(holdout))
     total = per_epoch * config.train.epochs
-    num_sub_batches = total * config.train.num_workers
+    start_step = min(start_step, total)  # a finished run rerun as it was: nothing left to plan
+    num_sub_batches = (total - start_step) * config.train.num_workers
     decoder_args = {
         "planner": planner,
         "store": store,
@@ -81,10 +86,13 @@ def build_training_data(config, root: str, refresh_actor: str = "") -> TrainingD
         # a map task releases its output only when it ends, so a task holding two sub-batches
         # could wait to plan the second for a step that needs the first.
         ranks = config.train.num_workers
-        train = [_decoded_stream(total, 1, decoder_args, config, offset=r, stride=ranks) for r in range(ranks)]
+        train = [
+            _decoded_stream(total - start_step, 1, decoder_args, config, offset=start_step * ranks + r, stride=ranks)
+            for r in range(ranks)
+        ]
     else:
         # Several small blocks so several decode actors can work at once.
-        train = _decoded_stream(num_sub_batches, 8, decoder_args, config)
+        train = _decoded_stream(num_sub_batches, 8, decoder_args, config, offset=start_step * config.train.num_workers)
     test = ray.data.read_parquet(
         shard_uris(root, config.data.test_split), num_cpus=READ_CPUS
     ).select_columns(["id", "label", "image"]).map_batches(
@@ -100,6 +108,7 @@ def build_training_data(config, root: str, refresh_actor: str = "") -> TrainingD
         num_train_examples=len(store),
         steps_per_epoch=per_epoch,
         total_steps=total,
+        start_step=start_step,
         store=store,
         holdout_ids=holdout,
     )

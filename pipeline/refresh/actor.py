@@ -1,13 +1,15 @@
 """The refresh actor: one per training run, re-embedding the full training set and rebuilding
-the cluster index while training goes on.
+the index its batches are planned from while training goes on.
 
 Rank 0 publishes its weights (`publish_weights`, an object-store reference) every
 `refresh.every_steps` steps; a background thread inside the actor picks up the newest
-weights, embeds every training image (eval preprocessing, decoded once and kept), runs the
-per-class k-means and the impostor search with faiss, and swaps the new index in. The decode
-actors' planners poll `plan_tables` without blocking; every rank sends its per-example losses
-with `record_losses` (fire-and-forget), which become the seed weights. Nothing in training ever
-waits for a refresh, except the very first index, built from the initial model before step 1.
+weights, embeds every training image (eval preprocessing, decoded once and kept), builds the
+index with faiss - Magnet's per-class k-means and impostor table, or PDDM's hard-negative
+pools (sampler `hard_pools`) - and swaps it in. The decode actors' planners poll
+`plan_tables` without blocking; every rank reports its steps and per-example losses with
+`record_losses` (fire-and-forget); Magnet's seed weights come from those losses. Nothing in
+training ever waits for a refresh, except the very first index, built from the initial model
+before step 1.
 
 If the actor dies, Ray restarts it (`max_restarts`); the new incarnation tells rank 0 (through
 the replies to `record_losses`) that it needs weights, and rebuilds the index from the latest
@@ -26,12 +28,14 @@ import numpy as np
 
 from pipeline.data.decoding import ReplayCache
 from pipeline.data.neighbourhoods import PlanTables
+from pipeline.data.pool_batches import PoolTables
 from pipeline.refresh.cluster_index import (
     ClusterIndex,
     build_cluster_index,
     cluster_seed_weights,
     faiss_gpu_count,
 )
+from pipeline.refresh.hard_pools import HardPoolIndex, build_hard_pools
 
 
 def refresh_actor_name(run_name: str) -> str:
@@ -42,14 +46,19 @@ def refresh_actor_name(run_name: str) -> str:
 class RefreshActor:
     """Holds the cluster index and the per-example losses of one run (a threaded Ray actor)."""
 
-    def __init__(self, config_dict: dict, store, holdout_ids: np.ndarray, run_id: str = "", tracking_uri: str = ""):
+    def __init__(self, config_dict: dict, store, holdout_ids: np.ndarray, run_id: str = "", tracking_uri: str = "",
+                 resume_state: dict | None = None):
         """config_dict: the run's resolved config; store: the training split's EncodedImageStore;
-        holdout_ids: ids held out of training (embedded for the seen-class accuracy only)."""
+        holdout_ids: ids held out of training (embedded for the seen-class accuracy only);
+        resume_state: the index and losses of the checkpoint a resumed run starts from (then
+        no index is built from the initial model)."""
         import ray
 
         from pipeline.config import config_from_dict
 
         self.config = config_from_dict(config_dict)
+        self.pools = self.config.sampler.name == "hard_pools"
+        """Whether this run's index is the hard-negative pools (else Magnet's clusters)."""
         self.store = store
         self.holdout_ids = np.asarray(holdout_ids, dtype=np.int64)
         self.num_examples = len(store)
@@ -62,7 +71,7 @@ class RefreshActor:
             self.logger = MetricsLogger(tracking_uri, run_id)
 
         self.cond = threading.Condition()
-        self.index: ClusterIndex | None = None
+        self.index: ClusterIndex | HardPoolIndex | None = None
         self.version = 0
         self.example_loss = np.full(self.num_examples, np.nan, dtype=np.float32)
         self.loss_stamp = 0
@@ -74,9 +83,16 @@ class RefreshActor:
         self.history: list[dict] = []
         self.error: str | None = None
         self._images = ReplayCache(self.config.refresh.cache_max_mb * 2**20)
+        self.restored_step: int | None = None
         if not self.reconstructed:
-            # The first index comes from the initial model, which every rank builds identically.
-            self.pending = (0, None, 1.0, 0)
+            if resume_state is not None:
+                # A resumed run: go on from the checkpoint's index and losses.
+                with self.cond:
+                    self._adopt(resume_state)
+                self._log_restored()
+            else:
+                # The first index comes from the initial model, which every rank builds identically.
+                self.pending = (0, None, 1.0, 0)
         self.thread = threading.Thread(target=self._serve, name="refresh", daemon=True)
         self.thread.start()
 
@@ -122,6 +138,13 @@ class RefreshActor:
             if self.index is None:
                 return reply
             index = self.index
+            if self.pools:
+                if index.tag != have_tag:
+                    reply["tables"] = PoolTables(
+                        version=index.version, model_step=index.model_step, tag=index.tag,
+                        classes=index.classes, members=index.members, offsets=index.offsets,
+                    )
+                return reply
             weights = self._seed_weights()
             stamp = self.loss_stamp
         if index.tag != have_tag:
@@ -160,8 +183,9 @@ class RefreshActor:
                 "reconstructed": self.reconstructed,
                 "version": self.version,
                 "model_step": None if self.index is None else self.index.model_step,
-                "num_clusters": None if self.index is None else self.index.num_clusters,
+                "num_clusters": getattr(self.index, "num_clusters", None),
                 "latest_step": self.latest_step,
+                "restored_step": self.restored_step,
                 "refreshes": len(self.history),
                 "history": list(self.history),
                 "error": self.error,
@@ -176,20 +200,37 @@ class RefreshActor:
 
     def restore(self, state: dict) -> bool:
         """Adopt a checkpoint's state if it is newer than ours (a resumed run); True if adopted."""
-        index = ClusterIndex(**state["index"])
         with self.cond:
-            if self.index is not None and self.index.model_step >= index.model_step:
+            if self.index is not None and self.index.model_step >= int(state["index"]["model_step"]):
                 return False
-            self.version = max(self.version, int(state["version"])) + 1
-            index.version = self.version
-            index.tag = int.from_bytes(os.urandom(4), "little") >> 1
-            self.index = index
-            loss = np.asarray(state["example_loss"], dtype=np.float32)
-            if len(loss) == self.num_examples:
-                self.example_loss = loss
-                self.loss_stamp += 1
-            self.cond.notify_all()
-            return True
+            self._adopt(state)
+        self._log_restored()
+        return True
+
+    def _adopt(self, state: dict) -> None:
+        # Under the lock (or in __init__). A fresh version and tag: the planners may hold the
+        # saved index under its old number from before, and must see this one as new.
+        index = (HardPoolIndex if self.pools else ClusterIndex)(**state["index"])
+        self.version = max(self.version, int(state["version"])) + 1
+        index.version = self.version
+        index.tag = int.from_bytes(os.urandom(4), "little") >> 1
+        self.index = index
+        self.restored_step = index.model_step
+        # Training resumes at the checkpoint's step: the planners hold back relative to it.
+        self.latest_step = max(self.latest_step, int(state.get("step", index.model_step)))
+        loss = np.asarray(state["example_loss"], dtype=np.float32)
+        if len(loss) == self.num_examples:
+            self.example_loss = loss
+            self.loss_stamp += 1
+        self.cond.notify_all()
+
+    def _log_restored(self) -> None:
+        if self.logger is not None and self.restored_step is not None:
+            try:
+                self.logger.log({"refresh/restored_step": self.restored_step, "refresh/version": self.version},
+                                self.restored_step)
+            except Exception as err:  # noqa: BLE001 - logging must not stop the actor
+                print(f"refresh actor: could not log to MLflow: {err}")
 
     # ---- the refresh thread -------------------------------------------------------------
 
@@ -226,7 +267,6 @@ class RefreshActor:
 
     def _refresh(self, model, device, step, ref, sigma2, min_version, start_step) -> None:
         import ray
-        import torch
 
         started = time.time()
         t0 = time.perf_counter()
@@ -235,15 +275,52 @@ class RefreshActor:
         embeddings = self._embed_all(model, device)
         embed_seconds = time.perf_counter() - t0
 
-        magnet = self.config.loss.magnet
-        labels = self.store.labels.copy()
-        labels[self.holdout_ids] = -1
         with self.cond:
             version = max(self.version, min_version) + 1
-        index, cluster_seconds = build_cluster_index(
+        index, index_seconds, accuracy = self._build_index(embeddings, version, step, sigma2, device)
+        with self.cond:
+            if self.index is not None and self.index.model_step > step:
+                # A checkpoint's newer index was restored while this one was being built.
+                self.cond.notify_all()
+                return
+            if version <= self.version:  # renumber: a restore took this number meanwhile
+                version = index.version = self.version + 1
+            self.version = version
+            self.index = index
+            self.error = None
+            if accuracy is not None:
+                self.seen_accuracy[version] = accuracy
+            record = {
+                "version": version, "model_step": step, "started": started, "finished": time.time(),
+                "embed_seconds": embed_seconds, "index_seconds": index_seconds,
+                "steps_during": self.latest_step - start_step, "seen_accuracy": accuracy,
+            }
+            if self.pools:
+                record["pool_distance_mean"] = float(index.distances.mean()) if len(index.distances) else 0.0
+            else:
+                record["num_clusters"] = index.num_clusters
+            self.history.append(record)
+            self.cond.notify_all()
+        self._log(record)
+
+    def _build_index(self, embeddings, version, step, sigma2, device):
+        """(index, seconds, seen-class accuracy or None) of this run's kind: the hard-negative
+        pools, or Magnet's cluster index and its soft nearest-cluster accuracy on the hold-out."""
+        import torch
+
+        labels = self.store.labels.copy()
+        labels[self.holdout_ids] = -1
+        use_gpu = device.type == "cuda" and faiss_gpu_count() > 0
+        if self.pools:
+            index, seconds = build_hard_pools(
+                embeddings, labels, self.config.sampler.pool_size, version=version, model_step=step, use_gpu=use_gpu
+            )
+            return index, seconds, None
+        magnet = self.config.loss.magnet
+        index, seconds = build_cluster_index(
             embeddings, labels, clusters_per_class=magnet.clusters_per_class,
             num_impostors=magnet.clusters_per_neighbourhood - 1, version=version, model_step=step,
-            seed=self.config.train.seed, use_gpu=device.type == "cuda" and faiss_gpu_count() > 0,
+            seed=self.config.train.seed, use_gpu=use_gpu,
         )
         accuracy = None
         if len(self.holdout_ids):
@@ -254,21 +331,7 @@ class RefreshActor:
                 torch.from_numpy(index.cluster_class), sigma2, len(self.store.classes), L=magnet.nearest_clusters,
             )
             accuracy = float((scores.argmax(1).numpy() == self.store.labels[self.holdout_ids]).mean())
-        with self.cond:
-            self.version = version
-            self.index = index
-            self.error = None
-            if accuracy is not None:
-                self.seen_accuracy[version] = accuracy
-            record = {
-                "version": version, "model_step": step, "started": started, "finished": time.time(),
-                "embed_seconds": embed_seconds, "cluster_seconds": cluster_seconds,
-                "num_clusters": index.num_clusters, "steps_during": self.latest_step - start_step,
-                "seen_accuracy": accuracy,
-            }
-            self.history.append(record)
-            self.cond.notify_all()
-        self._log(record)
+        return index, seconds, accuracy
 
     def _embed_all(self, model, device) -> np.ndarray:
         """Embeddings [N, dim] float32 of every id of the split (eval preprocessing)."""
@@ -326,12 +389,17 @@ class RefreshActor:
         metrics = {
             "refresh/count": len(self.history),
             "refresh/version": record["version"],
+            "refresh/model_step": record["model_step"],
             "refresh/embed_seconds": record["embed_seconds"],
-            "refresh/cluster_seconds": record["cluster_seconds"],
-            "refresh/num_clusters": record["num_clusters"],
             "refresh/steps_during": record["steps_during"],
             "refresh/reconstructed": float(self.reconstructed),
         }
+        if self.pools:
+            metrics["refresh/knn_seconds"] = record["index_seconds"]
+            metrics["refresh/pool_distance_mean"] = record["pool_distance_mean"]
+        else:
+            metrics["refresh/cluster_seconds"] = record["index_seconds"]
+            metrics["refresh/num_clusters"] = record["num_clusters"]
         if record["seen_accuracy"] is not None:
             metrics["refresh/seen_magnet_accuracy"] = record["seen_accuracy"]
         try:

@@ -53,3 +53,24 @@ def load_embedding_model(directory: str):
     model = EmbeddingNet(config.model.backbone, config.model.embedding_dim, config.model.normalize)
     model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
     return model, config
+
+
+def latest_checkpoint(storage_path: str, run_name: str):
+    """(filesystem, directory, step) of the run's checkpoint with the highest step - the one Ray
+    Train resumes a rerun from - or None. Works for local and `s3://` storage (pyarrow)."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(storage_path.rstrip("/") + "/" + run_name)
+    found = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    best = None
+    for info in found:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with filesystem.open_input_stream(f"{info.path}/{METRICS_FILE}") as stream:
+                step = json.loads(stream.read())["step"]
+        except (OSError, ValueError, KeyError):  # an incomplete checkpoint: Ray never reported it
+            continue
+        if best is None or step > best[0]:
+            best = (step, info.path)
+    return None if best is None else (filesystem, best[1], best[0])

@@ -114,7 +114,13 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
     from pipeline.refresh.actor import refresh_actor_name
 
     actor_name = refresh_actor_name(name) if config.uses_refresh_actor else ""
-    data = build_training_data(config, root, actor_name)
+    from pipeline.training.checkpoint import latest_checkpoint
+
+    # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
+    # data plan and the refresh actor start where that checkpoint left off.
+    resume_from = latest_checkpoint(_storage_path(config), name)
+    start_step = 0 if resume_from is None else resume_from[2]
+    data = build_training_data(config, root, actor_name, start_step=start_step)
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     plan = RunPlan(
         run_id=run_id,
@@ -126,6 +132,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
         refresh_actor=actor_name,
         refresh_every_steps=config.refresh.every_steps or data.steps_per_epoch,
         has_seen_holdout=len(data.holdout_ids) > 0,
+        stream_start_step=data.start_step,
     )
     printer(
         f"{config.train.num_workers} workers, global batch {config.global_batch_size}, "
@@ -160,7 +167,18 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
     refresh_actor = None
     try:
         if actor_name:
-            refresh_actor = start_refresh_actor(config, actor_name, data, run_id, uri)
+            import ray
+
+            resume_state = saved_refresh_state(resume_from)
+            # Held here for the whole run: a restarted actor is constructed again from it.
+            resume_ref = None if resume_state is None else ray.put(resume_state)
+            refresh_actor = start_refresh_actor(config, actor_name, data, run_id, uri, resume_ref)
+            if resume_state is not None:
+                printer(
+                    f"refresh actor resumes from the checkpoint's index (model step "
+                    f"{resume_state['index']['model_step']})",
+                    flush=True,
+                )
             printer(
                 f"refresh actor {actor_name}: re-clusters the training set every "
                 f"{plan.refresh_every_steps} steps",
@@ -194,8 +212,27 @@ def _trainer_datasets(data) -> dict:
     return {"train": data.train, "test": data.test}
 
 
-def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri: str):
-    """Start the run's refresh actor with its own resources; it begins embedding at once.
+def saved_refresh_state(found) -> dict | None:
+    """The refresh actor's state in `found` = (filesystem, directory, step), the checkpoint a
+    rerun resumes from, if it holds one."""
+    import io
+
+    from pipeline.training.refresh_link import REFRESH_STATE_FILE, read_refresh_state
+
+    if found is None:
+        return None
+    filesystem, directory, _ = found
+    try:
+        with filesystem.open_input_stream(f"{directory}/{REFRESH_STATE_FILE}") as stream:
+            return read_refresh_state(io.BytesIO(stream.read()))
+    except FileNotFoundError:  # saved while the actor was restarting: rank 0 rebuilds it
+        return None
+
+
+def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri: str, resume_state=None):
+    """Start the run's refresh actor with its own resources; it begins embedding at once,
+    or, for a resumed run, goes on from the checkpoint's index and losses (`resume_state`, a
+    dict or an ObjectRef of one).
 
     Threaded (max_concurrency) so that planners, losses and weights are served while a
     refresh runs in its background thread; restarted by Ray if it dies.
@@ -213,5 +250,5 @@ def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri:
             max_restarts=config.refresh.max_restarts,
             max_concurrency=16,
         )
-        .remote(config_to_dict(config), data.store, data.holdout_ids, run_id, uri)
+        .remote(config_to_dict(config), data.store, data.holdout_ids, run_id, uri, resume_state)
     )

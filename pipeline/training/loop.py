@@ -43,6 +43,8 @@ class RunPlan:
     """Rank 0 publishes its weights for a refresh every this many steps."""
     has_seen_holdout: bool = False
     """Whether part of the training classes is held out for the seen-class accuracy."""
+    stream_start_step: int = 0
+    """The step whose sub-batches the training stream starts with (the driver's resume step)."""
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -99,6 +101,14 @@ def train_loop_per_worker(payload: dict) -> None:
     batches = iter(ray.train.get_dataset_shard(stream).iter_batches(
         batch_size=1, batch_format="numpy", prefetch_batches=config.data.prefetch_batches
     ))
+    if start_step < plan.stream_start_step:
+        raise RuntimeError(
+            f"Ray Train resumed from step {start_step}, but the driver found a checkpoint of step "
+            f"{plan.stream_start_step} and planned the data from there"
+        )
+    # A worker-group restart within the run resumes from a later checkpoint than the one the
+    # stream starts at, and Ray Data replays the stream from its start: the plan is shifted by
+    # the difference (never short), as it always was before the driver knew the resume step.
     if start_step:
         _emit(plan, rank, {"kind": "text", "text": f"resumed from step {start_step}"})
 
@@ -264,7 +274,7 @@ def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml
             step=done, epoch=epoch, config_yaml=config_yaml, metrics=metrics,
         )
         if refresh is not None:
-            refresh.save(directory)
+            refresh.save(directory, done)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

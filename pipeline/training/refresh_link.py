@@ -1,7 +1,7 @@
 """A training worker's side of the refresh actor: losses out, weights out, nothing waited on.
 
-Every rank sends the per-example losses of its own sub-batch (one step late, so a GPU copy
-never stalls the step); rank 0 also publishes its weights, notices a restarted actor from the
+Every rank reports its step and the per-example losses of its own sub-batch, when the loss has
+them (one step late, so a GPU copy never stalls the step); rank 0 also publishes its weights, notices a restarted actor from the
 replies, saves the actor's state with each checkpoint and restores it on resume.
 """
 
@@ -42,6 +42,9 @@ class RefreshLink:
             self._send(*self.pending)
             self.pending = None
         if per_example is None:
+            # Nothing to weight by (PDDM's pools), but the actor still needs the step: the
+            # planners hold back relative to it.
+            self.pending = (step + 1, np.zeros(0, dtype=np.int64), torch.zeros(0), None, self.last_version)
             return
         ids = batch["ids"][0]
         # The loss is computed on the gathered global batch, rank-major: this rank's slice.
@@ -120,8 +123,8 @@ class RefreshLink:
             return None
         return None if summary is None else summary["seen_accuracy"]
 
-    def save(self, directory: str) -> None:
-        """Rank 0: write the actor's index and per-example losses into a checkpoint directory."""
+    def save(self, directory: str, step: int) -> None:
+        """Rank 0: write the actor's index and per-example losses into the checkpoint of `step`."""
         import ray
 
         try:
@@ -133,21 +136,27 @@ class RefreshLink:
         arrays = {f"index.{k}": np.asarray(v) for k, v in state["index"].items()}
         np.savez(
             Path(directory) / REFRESH_STATE_FILE, **arrays,
-            example_loss=state["example_loss"], version=np.int64(state["version"]),
+            example_loss=state["example_loss"], version=np.int64(state["version"]), step=np.int64(step),
         )
 
     def restore(self, directory: str) -> None:
         """Rank 0 on resume: give the actor the checkpoint's index and losses (it keeps its own
-        if that is newer, as after a worker-group restart within one run)."""
+        if that is newer: the driver handed it this state already, or a worker-group restart
+        within one run)."""
         import ray
 
         path = Path(directory) / REFRESH_STATE_FILE
         if not path.exists():
             return
-        with np.load(path) as data:
-            index = {k[len("index."):]: data[k] for k in data.files if k.startswith("index.")}
-            for key in ("version", "model_step", "tag"):
-                index[key] = int(index[key])
-            index["built_at"] = float(index["built_at"])
-            state = {"index": index, "example_loss": data["example_loss"], "version": int(data["version"])}
-        ray.get(self.actor.restore.remote(state))
+        ray.get(self.actor.restore.remote(read_refresh_state(path)))
+
+
+def read_refresh_state(source) -> dict:
+    """The actor state saved by `RefreshLink.save`, from a path or a binary file object."""
+    with np.load(source) as data:
+        index = {k[len("index."):]: data[k] for k in data.files if k.startswith("index.")}
+        for key in ("version", "model_step", "tag"):
+            index[key] = int(index[key])
+        index["built_at"] = float(index["built_at"])
+        return {"index": index, "example_loss": data["example_loss"], "version": int(data["version"]),
+                "step": int(data["step"]) if "step" in data.files else index["model_step"]}

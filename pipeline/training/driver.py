@@ -180,7 +180,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
                     flush=True,
                 )
             printer(
-                f"refresh actor {actor_name}: re-clusters the training set every "
+                f"refresh actor {actor_name}: re-embeds the training set and rebuilds its index every "
                 f"{plan.refresh_every_steps} steps",
                 flush=True,
             )

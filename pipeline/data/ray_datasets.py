@@ -62,7 +62,7 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
     ).select_columns(["id", "label", "image"])
     store = EncodedImageStore.from_dataset(train_read)
     holdout = seen_holdout_ids(store.labels, config.data.seen_holdout_fraction, config.train.seed)
-    if config.uses_refresh_actor:
+    if config.sampler.name == "neighbourhoods":
         check_neighbourhoods_fit(config, store.labels, holdout)
     planner = build_planner(config, store.labels, holdout, refresh_actor)
     per_epoch = steps_per_epoch(config, len(store) - len(holdout))

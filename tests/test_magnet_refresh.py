@@ -53,7 +53,8 @@ def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path, 
     # The initial index plus at least two refreshes, each timed (embedding and clustering apart).
     count = metric_history(client, run_id, "refresh/count")
     assert count[-1].value >= 3, count
-    assert all(m.value > 0 for m in metric_history(client, run_id, "refresh/embed_seconds"))
+    embed_seconds = metric_history(client, run_id, "refresh/embed_seconds")
+    assert embed_seconds and all(m.value > 0 for m in embed_seconds)
     assert metric_history(client, run_id, "refresh/cluster_seconds")
 
     # The planner moved to newer indexes as they appeared (not strictly in order: a decode

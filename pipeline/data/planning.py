@@ -110,14 +110,19 @@ class MPerClassPlanner:
         return order[group * self.classes_per_batch : (group + 1) * self.classes_per_batch]
 
     def plan(self, index: int) -> np.ndarray:
+        return self.plan_with_classes(index)[0]
+
+    def plan_with_classes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, class positions) of sub-batch `index`: `plan` and `chosen_classes` in one pass."""
         round_index, group = divmod(index, self.groups_per_round)
         rng = np.random.default_rng([self.seed, round_index, group, 1])
+        chosen = self.chosen_classes(index)
         picks = []
-        for position in self.chosen_classes(index):
+        for position in chosen:
             members = self.table.members(position)
             replace = len(members) < self.samples_per_class
             picks.append(rng.choice(members, self.samples_per_class, replace=replace))
-        return np.concatenate(picks)
+        return np.concatenate(picks), chosen
 
 
 @dataclass

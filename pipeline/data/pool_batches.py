@@ -66,7 +66,7 @@ class HardPoolPlanner:
 
     def plan(self, index: int) -> PlannedBatch:
         tables: PoolTables = self.source.current_tables(index // self.num_ranks)
-        labels = self.classes.table.classes[self.classes.chosen_classes(index)]
+        base, chosen = self.classes.plan_with_classes(index)
         rng = np.random.default_rng([self.seed, index, 2])
-        ids = add_pool_draws(self.classes.plan(index), labels, tables, self.draws_per_class, rng)
+        ids = add_pool_draws(base, self.classes.table.classes[chosen], tables, self.draws_per_class, rng)
         return PlannedBatch(ids=ids, info={"index_version": tables.version, "index_step": tables.model_step})

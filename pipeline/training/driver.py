@@ -167,8 +167,6 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
     refresh_actor = None
     try:
         if actor_name:
-            import ray
-
             resume_state = saved_refresh_state(resume_from)
             # Held here for the whole run: a restarted actor is constructed again from it.
             resume_ref = None if resume_state is None else ray.put(resume_state)
@@ -197,8 +195,6 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
         failed = False
     finally:
         if refresh_actor is not None:
-            import ray
-
             ray.kill(refresh_actor, no_restart=True)
         if failed:
             tracking.finish_run(uri, run_id, None, failed=True)

@@ -1,0 +1,72 @@
+"""Find the checkpoint a user names (a directory, local or URI, or a run name) and fetch it."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.training.checkpoint import CONFIG_FILE, MODEL_FILE, latest_checkpoint
+
+
+class CheckpointNotFound(ValueError):
+    """The checkpoint reference names nothing this pipeline wrote."""
+
+
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def _is_checkpoint(filesystem: pafs.FileSystem, directory: str) -> bool:
+    infos = filesystem.get_file_info([f"{directory}/{MODEL_FILE}", f"{directory}/{CONFIG_FILE}"])
+    return all(info.type == pafs.FileType.File for info in infos)
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else str(Path(location).resolve())
+
+
+def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, directory) of the checkpoint `reference` names: a checkpoint directory, a
+    run directory (its latest checkpoint), or a run name under `storage_path` (likewise)."""
+    filesystem, path = _filesystem(reference)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        if _is_checkpoint(filesystem, path):
+            return filesystem, path
+        run_dir = _absolute(reference).rstrip("/")
+        parent, name = run_dir.rsplit("/", 1)
+        found = latest_checkpoint(parent or "/", name)
+        if found is None:
+            raise CheckpointNotFound(
+                f"checkpoint {reference}: the directory holds neither {MODEL_FILE} and "
+                f"{CONFIG_FILE} (a checkpoint) nor complete checkpoint_* directories (a run)"
+            )
+        return found[0], found[1]
+    if "://" in reference or "/" in reference:
+        raise CheckpointNotFound(f"checkpoint {reference}: no such directory")
+    found = latest_checkpoint(_absolute(storage_path), reference)
+    if found is None:
+        raise CheckpointNotFound(
+            f"checkpoint {reference}: not a directory, and no run of that name has a checkpoint "
+            f"under train.storage_path={storage_path}"
+        )
+    return found[0], found[1]
+
+
+def fetch_checkpoint(reference: str, storage_path: str, scratch: str) -> str:
+    """A local directory holding the checkpoint `reference` names: the directory itself when it
+    is local, else a copy under `scratch` (from s3:// or any URI pyarrow reads)."""
+    filesystem, directory = locate_checkpoint(reference, storage_path)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return directory
+    local = str(Path(scratch) / posixpath.basename(directory.rstrip("/")))
+    pafs.copy_files(
+        directory,
+        local,
+        source_filesystem=filesystem,
+        destination_filesystem=pafs.LocalFileSystem(),
+    )
+    return local

@@ -1,0 +1,126 @@
+"""Embed a dataset split with Ray Data batch inference: one model per actor, on a GPU when the
+cluster has GPUs, else on fractional CPUs.
+
+Images get the evaluation transform the model was trained with (resize, center crop), so an
+exported embedding is exactly what the training run's evaluation computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.data.decoding import decode_rgb, eval_transform
+
+EMBEDDING_COLUMN = "embedding"
+"""Fixed-size list of float32 per row, beside `id` and `label`."""
+READ_CPUS = 0.25
+CPU_ACTOR_CPUS = 0.5
+"""CPUs each embedding actor reserves when there is no GPU (fractions share small machines)."""
+
+
+def start_ray(verbose: bool = False) -> None:
+    """Connect to the cluster in RAY_ADDRESS (or start a local one) as training runs do, with
+    Ray Data's progress output only when `verbose`."""
+    import logging
+
+    import ray.data
+
+    from pipeline.training.driver import _init_ray
+
+    _init_ray(verbose)
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+
+
+class EmbedImages:
+    """Ray Data callable class: encoded image rows in, `id`, `label`, `embedding` rows out."""
+
+    def __init__(self, weights: list, model_config: dict, image_size: int, resize: int):
+        """`weights` is `[ObjectRef of the state_dict]` (in a list so that Ray Data passes the
+        reference, not the fetched dict); the model is built once per actor."""
+        import ray
+
+        from pipeline.models import EmbeddingNet
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        self.model = EmbeddingNet(**model_config)
+        self.model.load_state_dict(ray.get(weights[0]))
+        self.model.to(self.device).eval()
+        self.transform = eval_transform(image_size, resize)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        images = torch.stack([self.transform(decode_rgb(data)) for data in batch["image"]])
+        embeddings = self.model(images.to(self.device).float().div_(255)).float().cpu().numpy()
+        return embeddings_table(batch["id"], batch["label"], embeddings)
+
+
+def embeddings_table(ids: np.ndarray, labels: np.ndarray, embeddings: np.ndarray) -> pa.Table:
+    """The exported rows: id (int64), label (int32), embedding (fixed-size list of float32)."""
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    return pa.table(
+        {
+            "id": pa.array(np.asarray(ids), pa.int64()),
+            "label": pa.array(np.asarray(labels), pa.int32()),
+            EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1]),
+        }
+    )
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The `embedding` column of a table as a float32 array [N, D]."""
+    column = table.column(EMBEDDING_COLUMN).combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+
+
+def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: int = 0):
+    """Ray Dataset of the embeddings of the shards' images under `model` (an EmbeddingNet built
+    from `config.model`), with `config.data`'s evaluation transform.
+
+    `actors` = 0 means one per GPU in the cluster, or one on CPUs when it has none.
+    """
+    import ray
+    import ray.data
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
+    model_config = {
+        "backbone": config.model.backbone,
+        "embedding_dim": config.model.embedding_dim,
+        "normalize": config.model.normalize,
+    }
+    return (
+        ray.data.read_parquet(shard_uris, num_cpus=READ_CPUS)
+        .select_columns(["id", "label", "image"])
+        .map_batches(
+            EmbedImages,
+            fn_constructor_kwargs={
+                "weights": [weights],
+                "model_config": model_config,
+                "image_size": config.data.image_size,
+                "resize": config.data.eval_resize,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors or max(1, gpus)),
+            num_gpus=1 if gpus else 0,
+            num_cpus=1 if gpus else CPU_ACTOR_CPUS,
+        )
+    )
+
+
+def collect_embeddings(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids (ascending), labels and embeddings [N, D] of an `embed_split` dataset, gathered on
+    the driver (blocks arrive in any order)."""
+    tables = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    if not tables:
+        raise ValueError("the split yielded no images")
+    table = pa.concat_tables(tables).sort_by("id")
+    return table.column("id").to_numpy(), table.column("label").to_numpy(), embedding_matrix(table)

@@ -1,0 +1,139 @@
+"""Evaluate any checkpoint on any dataset in the project's format and record it in MLflow.
+
+The checkpoint's own config, with `--set` overrides on top, says which dataset (`data.root`,
+or the built-in one), which split (`data.test_split`), the evaluation transform and the metrics
+(`eval.*`). Each evaluation is its own MLflow run, named from the training run, the checkpoint
+step and the dataset (no timestamps), tagged with the checkpoint it read.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from pipeline.config import config_to_yaml, load_config
+from pipeline.data.format import read_metadata, shard_uris, validate_dataset
+from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
+from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.serving.checkpoints import fetch_checkpoint
+from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
+from pipeline.training.checkpoint import CONFIG_FILE, load_embedding_model, load_metrics
+
+
+@dataclass
+class EvaluationSummary:
+    """What an evaluation reports back to its caller."""
+
+    run_name: str
+    run_id: str
+    tracking_uri: str
+    metrics: dict
+    """`<split>/<metric>` -> value, e.g. `test/recall@1`."""
+
+
+def storage_path_of(overrides: list[str]) -> str:
+    """`train.storage_path` as the overrides set it (where run names are looked up)."""
+    return load_config(None, overrides).train.storage_path
+
+
+def evaluation_run_name(
+    source_run: str,
+    step,
+    dataset_name: str,
+    fingerprint: str,
+    split: str,
+    gallery_split: str | None,
+) -> str:
+    """A stable name: evaluating the same checkpoint on the same data again reopens the run."""
+    splits = split if gallery_split is None else f"{split}-vs-{gallery_split}"
+    return f"eval-{source_run}-step{step}-{dataset_name}-{fingerprint[:8]}-{splits}"
+
+
+def evaluate_checkpoint(
+    reference: str,
+    overrides: list[str] | None = None,
+    *,
+    gallery_split: str | None = None,
+    verbose: bool = False,
+    printer=print,
+) -> EvaluationSummary:
+    """Recall@K, MAP@R, R-Precision and NMI of the checkpoint `reference` (a directory or a run
+    name) on `data.test_split` (queries against each other, or against `gallery_split`)."""
+    from pipeline import tracking
+    from pipeline.training.driver import run_name_for
+
+    overrides = list(overrides or [])
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = fetch_checkpoint(reference, storage_path_of(overrides), scratch)
+        model, trained_config = load_embedding_model(directory)
+        config = load_config(f"{directory}/{CONFIG_FILE}", overrides)
+        step = load_metrics(directory).get("step")
+    source_run = run_name_for(trained_config)
+    shown = reference if "://" in reference else directory  # a fetched copy is gone by now
+
+    if config.data.root:
+        root = config.data.root
+    else:
+        root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
+    metadata = read_metadata(root)
+    split = config.data.test_split
+    for name, where in ((split, "data.test_split"), (gallery_split, "gallery split")):
+        if name is not None and name not in metadata.splits:
+            raise ValueError(
+                f"{where}: {root} has no split {name!r} (it has {', '.join(metadata.splits)})"
+            )
+    validate_dataset(root)
+
+    name = evaluation_run_name(
+        source_run, step, metadata.name, metadata.fingerprint, split, gallery_split
+    )
+    uri = tracking.tracking_uri(config)
+    run_id = tracking.start_run(
+        config,
+        name,
+        config_to_yaml(config),
+        tags={
+            "pipeline.kind": "evaluation",
+            "evaluation.checkpoint": shown,
+            "evaluation.source_run": source_run,
+            "evaluation.checkpoint_step": str(step),
+            "git_commit": tracking.git_commit(),
+            "dataset.name": metadata.name,
+            "dataset.fingerprint": metadata.fingerprint,
+            "dataset.root": root,
+        },
+    )
+    printer(
+        f"evaluate {shown} (run {source_run}, step {step}) on {metadata.name} {split}"
+        f"{'' if gallery_split is None else ' against ' + gallery_split}: MLflow run {run_id}",
+        flush=True,
+    )
+    failed = True
+    try:
+        start_ray(verbose)
+        batch_size = config.eval.batch_size
+        _, labels, embeddings = collect_embeddings(
+            embed_split(model, config, shard_uris(root, split), batch_size)
+        )
+        gallery = {}
+        if gallery_split is not None:
+            _, gallery_labels, gallery_embeddings = collect_embeddings(
+                embed_split(model, config, shard_uris(root, gallery_split), batch_size)
+            )
+            gallery = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
+        import faiss
+
+        values = retrieval_metrics(
+            embeddings,
+            labels,
+            **gallery,
+            ks=tuple(config.eval.recall_ks),
+            compute_nmi=config.eval.nmi,
+            use_gpu=faiss.get_num_gpus() > 0,
+        )
+        metrics = {f"{split}/{key}": float(value) for key, value in values.items()}
+        tracking.MetricsLogger(uri, run_id).log(metrics, step or 0)
+        failed = False
+    finally:
+        tracking.finish_run(uri, run_id, None, failed=failed)
+    return EvaluationSummary(name, run_id, uri, metrics)

@@ -1,0 +1,135 @@
+"""Export a checkpoint's embeddings of a dataset split (Parquet) and a faiss index over them,
+so that a trained model serves retrieval.
+
+Layout of an export directory (local or `s3://`):
+
+    embeddings/part-00000.parquet   id, label, embedding (fixed-size list of float32), id order
+    index.faiss                     faiss IDMap2 index (searches return dataset ids)
+    export.json                     what was exported from what; written last
+
+Everything that can be wrong (the output directory, the dataset, the split, the checkpoint,
+the index description) is found before Ray starts, and an existing export is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from pipeline.data.format import read_metadata, shard_uris, validate_dataset
+from pipeline.serving.checkpoints import fetch_checkpoint
+from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
+from pipeline.serving.index import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    build_index,
+    check_index_description,
+    filesystem_of,
+    save_index,
+    write_embeddings,
+)
+from pipeline.training.checkpoint import load_embedding_model, load_metrics
+
+
+@dataclass
+class ExportSummary:
+    """Where an export is and what it holds."""
+
+    export_dir: str
+    num_embeddings: int
+    embedding_dim: int
+    index_path: str
+
+
+def check_export_dir(export_dir: str) -> None:
+    """Refuse an output directory that already holds anything (an export is never overwritten)."""
+    filesystem, path = filesystem_of(export_dir)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise FileExistsError(f"output directory {export_dir}: is a file")
+    if info.type == pafs.FileType.Directory and filesystem.get_file_info(
+        pafs.FileSelector(path, recursive=False)
+    ):
+        raise FileExistsError(
+            f"output directory {export_dir}: not empty; choose a new directory (nothing there "
+            "is overwritten)"
+        )
+
+
+def export_embeddings(
+    checkpoint: str,
+    dataset_root: str,
+    export_dir: str,
+    *,
+    split: str = "test",
+    storage_path: str = "runs",
+    index_description: str = "Flat",
+    batch_size: int = 0,
+    actors: int = 0,
+    verbose: bool = False,
+    printer=print,
+) -> ExportSummary:
+    """Embed `split` of the dataset at `dataset_root` with the checkpoint (a directory or a run
+    name under `storage_path`), write the embeddings and a faiss index to `export_dir`."""
+    check_export_dir(export_dir)
+    metadata = read_metadata(dataset_root)
+    if split not in metadata.splits:
+        splits = ", ".join(metadata.splits)
+        raise ValueError(f"split {split!r}: {dataset_root} has no such split (it has {splits})")
+    validate_dataset(dataset_root)
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = fetch_checkpoint(checkpoint, storage_path, scratch)
+        model, config = load_embedding_model(directory)
+        step = load_metrics(directory).get("step")
+    shown = checkpoint if "://" in checkpoint else directory  # a fetched copy is gone by now
+    check_index_description(config.model.embedding_dim, index_description)
+    printer(
+        f"export {shown} (step {step}): {metadata.name} {split} "
+        f"({metadata.split(split).num_images} images) -> {export_dir}",
+        flush=True,
+    )
+
+    start_ray(verbose)
+    dataset = embed_split(
+        model, config, shard_uris(dataset_root, split), batch_size or config.eval.batch_size, actors
+    )
+    ids, labels, embeddings = collect_embeddings(dataset)
+    expected = metadata.split(split).num_images
+    if len(ids) != expected:
+        raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {expected}")
+
+    index = build_index(
+        embeddings, ids, index_description
+    )  # may fail (too few to train): before writing
+    filesystem, path = filesystem_of(export_dir)
+    filesystem.create_dir(path)
+    write_embeddings(export_dir, ids, labels, embeddings)
+    index_path = save_index(index, export_dir)
+    manifest = {
+        "checkpoint": shown,
+        "checkpoint_step": step,
+        "dataset_root": dataset_root,
+        "dataset_name": metadata.name,
+        "dataset_fingerprint": metadata.fingerprint,
+        "split": split,
+        "num_embeddings": int(len(ids)),
+        "embedding_dim": int(embeddings.shape[1]),
+        "metric": "squared_l2",
+        "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{index_description}"},
+        "model": {
+            "backbone": config.model.backbone,
+            "embedding_dim": config.model.embedding_dim,
+            "normalize": config.model.normalize,
+        },
+        "transform": {"image_size": config.data.image_size, "eval_resize": config.data.eval_resize},
+    }
+    with filesystem.open_output_stream(f"{path}/{MANIFEST_FILE}") as stream:
+        stream.write(json.dumps(manifest, indent=2).encode())
+    printer(
+        f"wrote {len(ids)} embeddings of dimension {embeddings.shape[1]} and {index_path}",
+        flush=True,
+    )
+    return ExportSummary(export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)

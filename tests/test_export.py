@@ -1,0 +1,203 @@
+"""Using a trained model: finding checkpoints, the export job's embeddings and faiss index, and
+the evaluate job's MLflow record. The checkpoint is written without Ray (a fresh model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import config_to_yaml, load_config
+from pipeline.data.format import read_split
+from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
+from pipeline.serving.checkpoints import CheckpointNotFound, locate_checkpoint
+
+TINY = [
+    "data.synthetic.num_classes=8",
+    "data.synthetic.images_per_class=10",
+    "data.synthetic.image_size=32",
+    "data.image_size=24",
+    "data.eval_resize=28",
+    "eval.batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory with one checkpoint (step 4) of a freshly built model, and its dataset."""
+    from pipeline.learner import MetricLearner
+    from pipeline.losses import build_loss
+    from pipeline.models import build_model
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.driver import run_name_for
+    from pipeline.training.optim import build_optimizer, build_scheduler
+
+    root = tmp_path_factory.mktemp("export")
+    config = load_config(
+        "local",
+        TINY
+        + [
+            f"data.cache_dir={root / 'data'}",
+            f"train.storage_path={root / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        ],
+    )
+    dataset_root = ensure_synthetic(
+        config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic))
+    )
+    torch.manual_seed(0)
+    learner = MetricLearner(
+        build_model(config.model), build_loss(config.loss, 4, config.model.embedding_dim)
+    )
+    optimizer = build_optimizer(learner.embedder, learner.loss, config.optim, config.loss.lr)
+    scheduler = build_scheduler(optimizer, config.optim, 8)
+    run_dir = root / "runs" / run_name_for(config)
+    checkpoint = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    save_checkpoint(
+        str(checkpoint),
+        learner=learner,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        step=4,
+        epoch=1,
+        config_yaml=config_to_yaml(config),
+        metrics={"step": 4, "epoch": 1},
+    )
+    return {
+        "root": root,
+        "config": config,
+        "dataset": dataset_root,
+        "run_dir": run_dir,
+        "checkpoint": checkpoint,
+        "model": learner.embedder.eval(),
+    }
+
+
+def in_process_embeddings(model, config, dataset_root, split="test"):
+    """ids and embeddings of a split computed here, one image at a time, with the eval transform."""
+    from pipeline.data.decoding import decode_rgb, eval_transform
+
+    table = read_split(dataset_root, split, ["id", "image"])
+    transform = eval_transform(config.data.image_size, config.data.eval_resize)
+    images = torch.stack(
+        [transform(decode_rgb(data)) for data in table.column("image").to_pylist()]
+    )
+    with torch.no_grad():
+        embeddings = model(images.float().div(255)).numpy()
+    return table.column("id").to_numpy(), embeddings
+
+
+def test_a_checkpoint_is_found_by_directory_run_directory_or_run_name(trained):
+    storage = str(trained["root"] / "runs")
+    expected = str(trained["checkpoint"])
+    assert locate_checkpoint(expected, "unused")[1] == expected
+    assert locate_checkpoint(str(trained["run_dir"]), "unused")[1] == expected
+    assert locate_checkpoint(trained["run_dir"].name, storage)[1] == expected
+
+    with pytest.raises(CheckpointNotFound, match="no run of that name"):
+        locate_checkpoint("no-such-run", storage)
+    with pytest.raises(CheckpointNotFound, match="no such directory"):
+        locate_checkpoint(str(trained["root"] / "missing"), storage)
+    with pytest.raises(CheckpointNotFound, match="neither model.pt"):
+        locate_checkpoint(str(trained["root"] / "data"), storage)
+
+
+def test_export_refuses_bad_input_and_keeps_what_is_there(trained, tmp_path):
+    from pipeline.serving.export import export_embeddings
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    args = (str(trained["checkpoint"]), trained["dataset"])
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_embeddings(*args, str(taken))
+    assert (taken / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="split 'query'.*has no such split"):
+        export_embeddings(*args, str(tmp_path / "out"), split="query")
+    with pytest.raises(ValueError, match="index description 'Bogus'"):
+        export_embeddings(*args, str(tmp_path / "out"), index_description="Bogus")
+    assert not (tmp_path / "out").exists()
+
+
+def test_index_search_matches_brute_force_and_returns_ids():
+    from pipeline.serving.index import build_index
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((300, 16)).astype(np.float32)
+    ids = rng.permutation(10_000)[:300]
+    _, found = build_index(embeddings, ids).search(embeddings[:20], 5)
+    exact = (
+        (embeddings[:20, None, :].astype(np.float64) - embeddings[None].astype(np.float64)) ** 2
+    ).sum(-1)
+    np.testing.assert_array_equal(found, ids[np.argsort(exact, axis=1)[:, :5]])
+
+
+@pytest.mark.ray
+def test_export_and_evaluate_jobs(ray_local, trained, tmp_path):
+    from mlflow import MlflowClient
+
+    from jobs.evaluate import main as evaluate_main
+    from jobs.export_embeddings import main as export_main
+    from pipeline.evaluation.metrics import retrieval_metrics
+    from pipeline.serving.index import load_index, read_embeddings
+
+    config, dataset = trained["config"], trained["dataset"]
+    ids, expected = in_process_embeddings(trained["model"], config, dataset)
+
+    out = tmp_path / "export"
+    assert (
+        export_main(
+            [
+                trained["run_dir"].name,
+                dataset,
+                str(out),
+                "--storage-path",
+                str(trained["root"] / "runs"),
+            ]
+        )
+        == 0
+    )
+    exported_ids, labels, embeddings = read_embeddings(str(out))
+    np.testing.assert_array_equal(exported_ids, ids)
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+    test_labels = read_split(dataset, "test", ["label"]).column("label").to_numpy()
+    np.testing.assert_array_equal(labels, test_labels)
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["num_embeddings"] == len(ids) and manifest["checkpoint_step"] == 4
+    assert manifest["checkpoint"] == str(trained["checkpoint"]) and manifest["split"] == "test"
+
+    # The saved index answers like brute force in float64 over the exported embeddings.
+    index = load_index(str(out))
+    queries = embeddings[::7]
+    distances, found = index.search(queries, 6)
+    exact = (
+        (queries[:, None, :].astype(np.float64) - embeddings[None].astype(np.float64)) ** 2
+    ).sum(-1)
+    order = np.argsort(exact, axis=1, kind="stable")[:, :6]
+    np.testing.assert_allclose(distances, np.take_along_axis(exact, order, 1), atol=1e-5)
+    np.testing.assert_array_equal(found, exported_ids[order])
+
+    # The evaluate job finds the run by name, evaluates the test split and records it.
+    storage = f"train.storage_path={trained['root'] / 'runs'}"
+    assert evaluate_main([trained["run_dir"].name, "--set", storage]) == 0
+    client = MlflowClient(config.tracking.tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(config.tracking.experiment).experiment_id],
+        filter_string="tags.`pipeline.kind` = 'evaluation'",
+    )
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["evaluation.source_run"] == trained["run_dir"].name
+    assert run.data.tags["evaluation.checkpoint"] == str(trained["checkpoint"])
+    reference = retrieval_metrics(expected, test_labels, ks=(1, 2, 4, 8))
+    for key in ("recall@1", "recall@8", "map@r", "r_precision", "nmi"):
+        logged = client.get_metric_history(run.info.run_id, f"test/{key.replace('@', '_at_')}")
+        assert [m.step for m in logged] == [4], key
+        assert logged[0].value == pytest.approx(reference[key], abs=1e-6), key
+
+    # An unknown run name stops before anything runs, with a message that names it.
+    assert evaluate_main(["no-such-run", "--set", storage]) == 2

@@ -59,6 +59,25 @@ class DatasetFormatError(ValueError):
 
 
 @dataclass(frozen=True)
+class EvaluationProtocol:
+    """How a dataset is evaluated: metadata.json's optional `evaluation` object."""
+
+    recall_ks: tuple[int, ...]
+    """K values of Recall@K the field reports for this dataset (SOP: 1, 10, 100, 1000)."""
+    query_split: str | None = None
+    """With gallery_split: queries come from this split (In-Shop: "query")."""
+    gallery_split: str | None = None
+    """With query_split: queries are ranked against this split (In-Shop: "gallery")."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `evaluation` object of metadata.json (split fields only when set)."""
+        doc: dict[str, Any] = {"recall_ks": list(self.recall_ks)}
+        if self.query_split is not None:
+            doc.update(query_split=self.query_split, gallery_split=self.gallery_split)
+        return doc
+
+
+@dataclass(frozen=True)
 class SplitInfo:
     """What metadata.json records about one split."""
 
@@ -95,6 +114,8 @@ class DatasetMetadata:
     """Free JSON data: generator parameters, evaluation protocol, ..."""
     format_version: int = FORMAT_VERSION
     """Version of this format."""
+    evaluation: EvaluationProtocol | None = None
+    """The dataset's evaluation protocol, when its writer recorded one (optional)."""
 
     def split(self, name: str) -> SplitInfo:
         """The SplitInfo of split `name`; KeyError naming the splits there are."""
@@ -135,6 +156,8 @@ class DatasetMetadata:
             "fingerprint": self.fingerprint,
             "extra": self.extra,
         }
+        if self.evaluation is not None:  # absent, not null: older files stay as they were
+            doc["evaluation"] = self.evaluation.to_dict()
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
@@ -176,6 +199,12 @@ def _locate(root: str | os.PathLike[str]) -> _Location:
     return _Location(fs, path.rstrip("/") or "/", scheme)
 
 
+def root_filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it of a dataset root (local path or URI)."""
+    loc = _locate(root)
+    return loc.fs, loc.path
+
+
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -205,9 +234,10 @@ def _reject_unknown(
 
 _METADATA_KEYS = (
     "format_version", "name", "source", "image_format", "class_names", "splits",
-    "fingerprint", "extra",
+    "fingerprint", "extra", "evaluation",
 )  # fmt: skip
 _SPLIT_KEYS = ("num_images", "classes", "shards", "num_shards")
+_EVALUATION_KEYS = ("recall_ks", "query_split", "gallery_split")
 
 
 def _parse_metadata(doc: Any, where: str) -> DatasetMetadata:
@@ -241,6 +271,19 @@ def _parse_metadata(doc: Any, where: str) -> DatasetMetadata:
     if not _FINGERPRINT.match(fingerprint):
         raise DatasetFormatError(f"{where}: field 'fingerprint' is not 64 lower-case hex digits")
     extra = _get(doc, "extra", dict, where, "extra")
+    evaluation = None
+    if "evaluation" in doc:
+        raw = _get(doc, "evaluation", dict, where, "evaluation")
+        _reject_unknown(raw, _EVALUATION_KEYS, where, "evaluation.")
+        evaluation = EvaluationProtocol(
+            recall_ks=tuple(_get(raw, "recall_ks", list, where, "evaluation.recall_ks")),
+            query_split=raw.get("query_split"),
+            gallery_split=raw.get("gallery_split"),
+        )
+        try:
+            _check_evaluation(evaluation, splits)
+        except ValueError as err:
+            raise DatasetFormatError(f"{where}: {err}") from err
     return DatasetMetadata(
         name=name,
         source=source,
@@ -250,7 +293,27 @@ def _parse_metadata(doc: Any, where: str) -> DatasetMetadata:
         fingerprint=fingerprint,
         extra=extra,
         format_version=version,
+        evaluation=evaluation,
     )
+
+
+def _check_evaluation(evaluation: EvaluationProtocol, splits: Iterable[str]) -> None:
+    """ValueError naming the `evaluation.*` field that is wrong."""
+    ks = evaluation.recall_ks
+    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+        raise ValueError(
+            f"field 'evaluation.recall_ks' must be a non-empty list of ints >= 1, got {list(ks)}"
+        )
+    named = (evaluation.query_split, evaluation.gallery_split)
+    if (named[0] is None) != (named[1] is None):
+        raise ValueError(
+            "fields 'evaluation.query_split' and 'evaluation.gallery_split' go together"
+        )
+    for key, split in zip(("query_split", "gallery_split"), named, strict=True):
+        if split is not None and (not isinstance(split, str) or split not in splits):
+            raise ValueError(
+                f"field 'evaluation.{key}' is {split!r}, not one of the splits {sorted(splits)}"
+            )
 
 
 def _check_class_names(class_names: list[Any], where: str) -> None:
@@ -714,18 +777,22 @@ def write_dataset(
     shard_size: int = DEFAULT_SHARD_SIZE,
     extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    evaluation: EvaluationProtocol | None = None,
 ) -> DatasetMetadata:
     """Write a dataset: each split's shards, then metadata.json with the fingerprint.
 
     A split is a pa.Table or an iterable of records (dicts with label, image, width, height and
     optionally id); records are streamed, so a split need not fit in memory. Ids are the row's
     position in its split. Refuses a root that already holds a dataset unless overwrite=True.
-    metadata.json is written last: a root without it is an unfinished write.
+    metadata.json is written last: a root without it is an unfinished write. `evaluation`
+    records the dataset's evaluation protocol (optional).
     """
     loc = _locate(root)
     class_names = list(class_names)
     extra = dict(extra or {})
     _check_write_args(name, class_names, splits, image_format, shard_size, extra)
+    if evaluation is not None:
+        _check_evaluation(evaluation, splits)
     _prepare_root(loc, splits, overwrite)
     infos, digests = {}, {}
     for split in sorted(splits):
@@ -740,6 +807,7 @@ def write_dataset(
         splits=infos,
         fingerprint=_combine_digests(digests),
         extra=extra,
+        evaluation=evaluation,
     )
     with loc.fs.open_output_stream(loc.join(METADATA_FILE)) as stream:
         stream.write(meta.to_json().encode("utf-8"))

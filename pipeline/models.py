@@ -84,9 +84,9 @@ class EmbeddingNet(nn.Module):
 
 def read_bytes(uri: str) -> bytes:
     """Bytes of a local path or any URI pyarrow understands (s3://, gs://, file://)."""
-    import pyarrow.fs as pafs
+    from pipeline.storage import filesystem_for
 
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    fs, path = filesystem_for(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read()
 

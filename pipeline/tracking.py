@@ -1,8 +1,10 @@
 """MLflow: one run per training run, created by the driver and written to by rank 0.
 
 By default the store is a sqlite database in the run storage directory with artifacts beside
-it (`<storage>/mlflow.db`, `<storage>/mlartifacts`); `tracking.tracking_uri` overrides it. A
-rerun of the same run name (a resumed run) continues the same MLflow run.
+it (`<storage>/mlflow.db`, `<storage>/mlartifacts`); `tracking.tracking_uri` overrides it. With
+`s3://` storage the artifacts go to `<storage>/mlartifacts` in S3 while the database stays on
+this machine (sqlite cannot live in an object store; see `local_store_dir`). A rerun of the same
+run name (a resumed run) continues the same MLflow run.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ RUN_NAME_TAG = "pipeline.run_name"
 
 
 def local_store_dir(config) -> Path:
-    """Directory of the default local MLflow store."""
+    """Directory of the default local MLflow store's database. For `s3://bucket/prefix` storage
+    it is `runs/s3/bucket/prefix` under the working directory: one store per storage location,
+    so its experiments keep their artifacts in that location."""
     storage = config.train.storage_path
-    base = Path(storage) if "://" not in storage else Path("runs")
-    return base.resolve()
+    if "://" in storage:
+        scheme, rest = storage.split("://", 1)
+        return Path("runs", scheme, *rest.strip("/").split("/")).resolve()
+    return Path(storage).resolve()
 
 
 def tracking_uri(config) -> str:
@@ -58,7 +64,9 @@ def _experiment_id(client, config) -> str:
     if found is not None:
         return found.experiment_id
     location = None
-    if not config.tracking.tracking_uri:
+    if not config.tracking.tracking_uri and "://" in config.train.storage_path:
+        location = config.train.storage_path.rstrip("/") + "/mlartifacts"
+    elif not config.tracking.tracking_uri:
         artifacts = local_store_dir(config) / "mlartifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         location = artifacts.as_uri()

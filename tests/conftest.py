@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Fake AWS credentials for the whole session, set before any Ray worker starts (workers inherit
+# the environment of ray.init): S3 tests talk to the local moto server only, and no test can
+# reach a real account. The values are distinctive so tests can search for leaks of them.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="AKIADMLPIPELINETEST0",
+    AWS_SECRET_ACCESS_KEY="dml-fake-secret-0d2f9c41e7b8a6350f1e",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +90,66 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto, over HTTP on loopback); its endpoint URL.
+
+    The endpoint is not exported to the environment: each test passes it the way it tests
+    (the `storage` config section, AWS_ENDPOINT_URL, or explicitly).
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    port = _free_port()
+    log = open(log_path, "wb")  # noqa: SIM115 - closed at teardown
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"moto_server did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    yield endpoint
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A new, empty bucket on the `s3_server` (a unique name per test); its name."""
+    import uuid
+
+    import boto3
+
+    name = f"dml-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def restored_environ():
+    """Put os.environ back as it was after the test (for code that exports settings into it,
+    such as `pipeline.storage.export_settings`, which the driver calls)."""
+    saved = dict(os.environ)
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)

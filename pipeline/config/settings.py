@@ -259,6 +259,17 @@ class TrackingConfig:
 
 
 @dataclass
+class StorageConfig:
+    """S3 and S3-compatible stores (MinIO, ...) behind every s3:// path. Credentials come from
+    the standard AWS chain (environment, AWS_PROFILE, instance roles), never from the config."""
+
+    s3_endpoint_url: str = setting(
+        "", "S3-compatible endpoint, e.g. http://minio:9000; empty = AWS_ENDPOINT_URL(_S3) or AWS."
+    )
+    s3_max_attempts: int = setting(10, "Tries per S3 request (retries back off exponentially).")
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of one run."""
 
@@ -271,6 +282,7 @@ class Config:
     refresh: RefreshConfig = section(RefreshConfig, "Refresh actor")
     eval: EvalConfig = section(EvalConfig, "Evaluation")
     tracking: TrackingConfig = section(TrackingConfig, "Tracking")
+    storage: StorageConfig = section(StorageConfig, "Object storage (S3)")
 
     @property
     def sub_batch_size(self) -> int:

@@ -3,7 +3,7 @@
 Every dataset the pipeline reads (the built-in synthetic one; converters for CUB, Cars196, SOP,
 In-Shop, image folders) is written in exactly this layout, specified in docs/dataset_format.md.
 All IO goes through `pyarrow.fs`, so a root is a local path or any URI pyarrow understands
-(`s3://bucket/prefix` honours AWS_ENDPOINT_URL). No Ray here: the driver, tests and converters
+(`s3://bucket/prefix` gets the endpoint and retries of `pipeline.storage`). No Ray here: the driver, tests and converters
 use this module without a cluster.
 """
 
@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipeline.storage import filesystem_for
 
 FORMAT_VERSION = 1
 """The `format_version` this module writes and reads."""
@@ -190,12 +192,9 @@ class _Location:
 
 def _locate(root: str | os.PathLike[str]) -> _Location:
     root = os.fspath(root)
-    if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
-        scheme = root.split("://", 1)[0] + "://"
-    else:
-        # from_uri wants absolute local paths; accept relative ones like everything else does.
-        fs, path, scheme = pafs.LocalFileSystem(), os.path.abspath(root), ""
+    # s3:// gets the configured endpoint and retries; relative local paths are made absolute.
+    fs, path = filesystem_for(root)
+    scheme = root.split("://", 1)[0] + "://" if "://" in root else ""
     return _Location(fs, path.rstrip("/") or "/", scheme)
 
 

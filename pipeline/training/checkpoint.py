@@ -60,7 +60,9 @@ def latest_checkpoint(storage_path: str, run_name: str):
     Train resumes a rerun from - or None. Works for local and `s3://` storage (pyarrow)."""
     import pyarrow.fs as pafs
 
-    filesystem, root = pafs.FileSystem.from_uri(storage_path.rstrip("/") + "/" + run_name)
+    from pipeline.storage import filesystem_for
+
+    filesystem, root = filesystem_for(storage_path.rstrip("/") + "/" + run_name)
     found = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     best = None
     for info in found:

@@ -56,6 +56,18 @@ def _storage_path(config: Config) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
+def _train_storage(config: Config) -> tuple[str, object]:
+    """Ray Train's (storage_path, storage_filesystem): s3:// storage gets a filesystem with the
+    configured endpoint and retries (Ray Train then wants the path without its scheme)."""
+    storage = _storage_path(config)
+    if not storage.startswith("s3://"):
+        return storage, None
+    from pipeline.storage import filesystem_for
+
+    filesystem, path = filesystem_for(storage)
+    return path, filesystem
+
+
 def _init_ray(verbose: bool) -> None:
     import ray
 
@@ -74,8 +86,11 @@ def _init_ray(verbose: bool) -> None:
 
 def run_training(config: Config, *, verbose: bool = False, printer=print) -> RunSummary:
     """Train, evaluate and record one run as the config says; returns where the results are."""
-    from pipeline import tracking
+    from pipeline import storage, tracking
 
+    # The S3 endpoint and retries, for this process and (worker_env) the Ray workers; a bad
+    # setting or a URI carrying credentials stops here, before anything is written.
+    worker_env = storage.export_settings(config)
     if not verbose:
         import mlflow  # noqa: F401  (its import sets its own log level; lower it afterwards)
 
@@ -140,6 +155,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
         f"{data.num_train_examples} images of {data.num_train_classes} classes",
         flush=True,
     )
+    train_storage, train_filesystem = _train_storage(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "plan": plan},
@@ -150,7 +166,9 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=_storage_path(config),
+            storage_path=train_storage,
+            storage_filesystem=train_filesystem,
+            worker_runtime_env={"env_vars": worker_env},
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
         ),
@@ -186,6 +204,8 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
             result = trainer.fit()
         if result.checkpoint is not None:
             checkpoint_path = result.checkpoint.path
+            if train_filesystem is not None:  # a path inside the bucket: give the URI
+                checkpoint_path = "s3://" + checkpoint_path
             with result.checkpoint.as_directory() as directory:
                 metrics = load_metrics(directory)
                 model_dir = directory if config.tracking.log_model else None

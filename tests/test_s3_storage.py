@@ -1,0 +1,279 @@
+"""S3 without Ray, against a real S3 server (moto over HTTP): the endpoint and retry settings
+reach pyarrow, boto3 and MLflow; datasets, pretrained weights, resume lookup and the local
+MLflow store work on s3://; transient errors are retried."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import pickle
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import boto3
+import pyarrow.fs as pafs
+import pytest
+import torch
+from botocore.exceptions import ClientError
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.config.settings import ModelConfig
+from pipeline.data.format import read_split, shard_uris, validate_dataset
+from pipeline.data.synthetic import SyntheticSpec, generate_synthetic
+from pipeline.models import build_model
+from pipeline.training.checkpoint import METRICS_FILE, latest_checkpoint
+
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture
+def s3_env(s3_server, restored_environ, monkeypatch):
+    """This process talks to the moto server through the standard variable."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    return s3_server
+
+
+def test_the_endpoint_setting_reaches_pyarrow_boto3_mlflow_and_ray_workers(
+    s3_server, s3_bucket, restored_environ, tmp_path
+):
+    from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
+
+    config = load_config(
+        "local", [f"storage.s3_endpoint_url={s3_server}", "storage.s3_max_attempts=5"]
+    )
+    worker_env = storage.export_settings(config)
+    assert worker_env == {
+        "AWS_ENDPOINT_URL_S3": s3_server,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "AWS_MAX_ATTEMPTS": "5",
+        "AWS_RETRY_MODE": "standard",
+    }
+    for name in SECRETS:  # credentials stay with each node's own AWS chain
+        assert os.environ[name] not in json.dumps(worker_env)
+
+    # pyarrow through the factory writes, boto3 (ours and a plain client) reads.
+    filesystem, path = storage.filesystem_for(f"s3://{s3_bucket}/probe/a.bin")
+    assert path == f"{s3_bucket}/probe/a.bin"
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(b"written by pyarrow")
+    assert storage.s3_client().get_object(Bucket=s3_bucket, Key="probe/a.bin")["Body"].read() == (
+        b"written by pyarrow"
+    )
+    plain = boto3.client("s3")
+    assert plain.meta.endpoint_url == s3_server
+    assert plain.meta.config.retries["total_max_attempts"] == 5
+    # pyarrow's own URI resolution (what Ray Data's readers use in the driver).
+    plain_fs, prefix = pafs.FileSystem.from_uri(f"s3://{s3_bucket}/probe")
+    assert [i.base_name for i in plain_fs.get_file_info(pafs.FileSelector(prefix))] == ["a.bin"]
+    # MLflow's S3 artifact store.
+    (tmp_path / "note.txt").write_text("logged by mlflow")
+    S3ArtifactRepository(f"s3://{s3_bucket}/mlflow").log_artifact(str(tmp_path / "note.txt"))
+    body = plain.get_object(Bucket=s3_bucket, Key="mlflow/note.txt")["Body"].read()
+    assert body == b"logged by mlflow"
+
+
+def test_the_config_endpoint_wins_and_bad_storage_settings_are_refused(
+    s3_server, s3_bucket, restored_environ, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    storage.export_settings(load_config("local", [f"storage.s3_endpoint_url={s3_server}"]))
+    filesystem, path = storage.filesystem_for(f"s3://{s3_bucket}")
+    assert filesystem.get_file_info(pafs.FileSelector(path)) == []
+
+    cases = {
+        "storage.s3_endpoint_url=minio:9000": "storage.s3_endpoint_url",
+        "storage.s3_endpoint_url=http://AKIAKEY:topsecret@minio:9000": "carries credentials",
+        "storage.s3_max_attempts=0": "storage.s3_max_attempts",
+        "data.root=s3://AKIAKEY:topsecret@bucket/data": "data.root",
+        "train.storage_path=s3://AKIAKEY:topsecret@bucket/runs": "train.storage_path",
+        "model.pretrained=s3://AKIAKEY:topsecret@bucket/w.pt": "model.pretrained",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ValueError, match=message) as err:
+            storage.export_settings(load_config("local", [override]))
+        assert "topsecret" not in str(err.value), "an error message repeats the credentials"
+
+
+def test_datasets_are_written_validated_and_read_on_s3(s3_env, s3_bucket, tmp_path):
+    spec = SyntheticSpec(num_classes=4, images_per_class=3, image_size=16, modes_per_class=1)
+    root = f"s3://{s3_bucket}/datasets/tiny"
+    meta = generate_synthetic(root, spec)
+    local = generate_synthetic(tmp_path / "tiny", spec)
+    assert meta.fingerprint == local.fingerprint
+    assert validate_dataset(root, check_images=True, check_fingerprint=True) == meta
+    assert read_split(root, "train").equals(read_split(tmp_path / "tiny", "train"))
+    listed = storage.s3_client().list_objects_v2(Bucket=s3_bucket)["Contents"]
+    keys = {item["Key"] for item in listed if not item["Key"].endswith("/")}  # no dir markers
+    assert keys == {"datasets/tiny/metadata.json"} | {
+        f"datasets/tiny/{shard}" for split in meta.splits for shard in meta.split(split).shards
+    }
+    assert shard_uris(root, "test") == [f"{root}/{s}" for s in meta.split("test").shards]
+
+
+def test_pretrained_weights_load_from_s3(s3_env, s3_bucket):
+    torch.manual_seed(1)
+    source = build_model(ModelConfig(backbone="tiny_cnn"))
+    buffer = io.BytesIO()
+    torch.save(source.backbone.state_dict(), buffer)
+    storage.s3_client().put_object(Bucket=s3_bucket, Key="weights/tiny.pt", Body=buffer.getvalue())
+
+    torch.manual_seed(2)  # a different random init, replaced by the weights
+    loaded = build_model(ModelConfig(backbone="tiny_cnn", pretrained=f"s3://{s3_bucket}/weights/tiny.pt"))
+    for name, value in source.backbone.state_dict().items():
+        torch.testing.assert_close(loaded.backbone.state_dict()[name], value, msg=name)
+    with pytest.raises(FileNotFoundError, match="model.pretrained: no weights at s3://"):
+        build_model(ModelConfig(backbone="tiny_cnn", pretrained=f"s3://{s3_bucket}/weights/none.pt"))
+
+
+def test_resume_finds_the_latest_checkpoint_on_s3(s3_env, s3_bucket):
+    client = storage.s3_client()
+
+    def put(key, step=None):
+        body = json.dumps({"step": step}) if step is not None else "partial"
+        client.put_object(Bucket=s3_bucket, Key=f"runs/run/{key}", Body=body.encode())
+
+    # Names sort the other way round from steps; the newest has no metrics yet (Ray never
+    # reported it); a directory that is no checkpoint is ignored.
+    put(f"checkpoint_2026-01-02/{METRICS_FILE}", step=4)
+    put(f"checkpoint_2026-01-01/{METRICS_FILE}", step=8)
+    put("checkpoint_2026-01-03/state.pt")
+    put(f"not_a_checkpoint/{METRICS_FILE}", step=99)
+    filesystem, directory, step = latest_checkpoint(f"s3://{s3_bucket}/runs", "run")
+    assert (directory, step) == (f"{s3_bucket}/runs/run/checkpoint_2026-01-01", 8)
+    with filesystem.open_input_stream(f"{directory}/{METRICS_FILE}") as stream:
+        assert json.loads(stream.read()) == {"step": 8}
+    assert latest_checkpoint(f"s3://{s3_bucket}/runs", "other") is None
+
+
+def test_the_local_mlflow_store_of_s3_storage_keeps_its_database_here_and_artifacts_in_s3(
+    s3_env, s3_bucket, tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config("local", [f"train.storage_path=s3://{s3_bucket}/team/runs"])
+    assert tracking.local_store_dir(config) == tmp_path / "runs" / "s3" / s3_bucket / "team" / "runs"
+    run_id = tracking.start_run(config, "probe", "config: yaml\n", tags={"git_commit": "abc"})
+    run = MlflowClient(tracking.tracking_uri(config)).get_run(run_id)
+    assert (tracking.local_store_dir(config) / "mlflow.db").is_file()
+    assert run.info.artifact_uri.startswith(f"s3://{s3_bucket}/team/runs/mlartifacts/")
+    key = run.info.artifact_uri.removeprefix(f"s3://{s3_bucket}/") + "/config.yaml"
+    body = storage.s3_client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    assert body == b"config: yaml\n"
+
+
+# ----------------------------------------------------------------------------- retries
+
+
+class FlakyS3Proxy:
+    """A real HTTP server in front of the S3 server that answers the next `fail` requests with
+    503 SlowDown (what S3 says when throttling) and forwards everything else."""
+
+    def __init__(self, upstream: str):
+        target = urlsplit(upstream)
+        self.failures_left = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    fail = proxy.failures_left > 0
+                    if fail:
+                        proxy.failures_left -= 1
+                        proxy.failed += 1
+                if fail:
+                    error = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                upstream_conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                reply = upstream_conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    # A HEAD reply's length is the object's; other bodies are re-sent whole.
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else len(data)
+                self.send_header("Content-Length", str(length or 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fail_next(self, count: int) -> None:
+        """Answer the next `count` requests with 503."""
+        with self.lock:
+            self.failures_left, self.failed = count, 0
+
+
+@pytest.fixture
+def flaky_s3(s3_server, restored_environ, monkeypatch):
+    """The flaky proxy, set as this process's S3 endpoint."""
+    proxy = FlakyS3Proxy(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.server.shutdown()
+
+
+def test_transient_s3_errors_are_retried_up_to_the_configured_attempts(
+    flaky_s3, s3_bucket, monkeypatch
+):
+    storage.s3_client().put_object(Bucket=s3_bucket, Key="blob", Body=b"payload")
+    uri = f"s3://{s3_bucket}/blob"
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    flaky_s3.fail_next(2)
+    assert storage.s3_client().get_object(Bucket=s3_bucket, Key="blob")["Body"].read() == b"payload"
+    assert flaky_s3.failed == 2
+    flaky_s3.fail_next(2)
+    filesystem, path = storage.filesystem_for(uri)
+    with filesystem.open_input_stream(path) as stream:
+        assert stream.read() == b"payload"
+    assert flaky_s3.failed == 2
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    flaky_s3.fail_next(1)
+    with pytest.raises(ClientError, match="SlowDown|503"):
+        storage.s3_client().get_object(Bucket=s3_bucket, Key="blob")
+    flaky_s3.fail_next(1)
+    filesystem, path = storage.filesystem_for(uri)
+    with pytest.raises(OSError):
+        filesystem.open_input_stream(path).read()
+
+
+def test_a_filesystem_sent_to_a_ray_worker_keeps_its_retry_budget(flaky_s3, s3_bucket):
+    # pyarrow's own pickling resets the retries to 3 attempts; the copy a Ray worker receives
+    # (Ray Train's storage_filesystem) must keep the configured number in both directions.
+    storage.s3_client().put_object(Bucket=s3_bucket, Key="blob", Body=b"payload")
+    patient = pickle.loads(pickle.dumps(storage.S3FileSystem(flaky_s3.endpoint, max_attempts=5)))
+    flaky_s3.fail_next(4)
+    with patient.open_input_stream(f"{s3_bucket}/blob") as stream:
+        assert stream.read() == b"payload"
+    impatient = pickle.loads(pickle.dumps(storage.S3FileSystem(flaky_s3.endpoint, max_attempts=1)))
+    flaky_s3.fail_next(1)
+    with pytest.raises(OSError):
+        impatient.open_input_stream(f"{s3_bucket}/blob").read()

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 RUN_NAME_TAG = "pipeline.run_name"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""MLflow's own tag that nests a run under another (a sweep trial under its sweep)."""
 
 
 def local_store_dir(config) -> Path:
@@ -71,6 +73,11 @@ def _experiment_id(client, config) -> str:
         artifacts.mkdir(parents=True, exist_ok=True)
         location = artifacts.as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+def experiment_id(client, config) -> str:
+    """The id of the config's MLflow experiment, created (with its artifact location) if new."""
+    return _experiment_id(client, config)
 
 
 def start_run(config, run_name: str, config_yaml: str, tags: dict[str, str]) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the package with its dev extra. Idempotent.
+# Create .venv (if missing) and install the package with its dev and sweep extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -8,4 +8,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # pip, not uv/poetry: pip takes the local torch build instead of downloading it again.
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
+# The sweep extra (Optuna) too, so the sweep tests cover every search.
+.venv/bin/python -m pip install -q -e '.[dev,sweep]'

@@ -1,0 +1,172 @@
+"""Run a sweep: check the file and every config it can produce, open the MLflow parent run,
+run (or resume) the Tune experiment, then summarise it on the parent run.
+
+Everything that can be wrong with the file, the configs or the dataset is found before Ray
+starts. Results go under `train.storage_path`: the Tune experiment in `<storage>/<name>`, each
+trial's Train run (checkpoints) in `<storage>/<name>/train_runs/<loss>-<trial id>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.sweep import records
+from pipeline.sweep.search import build_scheduler, build_search, check_search_available
+from pipeline.sweep.space import (
+    TRIAL_DRIVER_CPUS,
+    SweepError,
+    SweepSpec,
+    base_overrides,
+    candidate_configs,
+    override,
+    sweep_fingerprint,
+    trial_concurrency,
+)
+from pipeline.sweep.trial import TrialSetup, run_trial, trial_dirname, trial_name
+
+# Settings that say where a trial's records go: the sweep decides them, so they cannot vary.
+_PLACES = ("train.storage_path", "train.run_name", "data.cache_dir", "data.root", "model.pretrained")
+
+
+@dataclass
+class SweepSummary:
+    """Where a sweep's results are, and how it ended."""
+
+    name: str
+    experiment_path: str
+    tracking_uri: str
+    parent_run_id: str
+    interrupted: bool
+    trials: list = field(default_factory=list)
+    """`records.TrialRecord`s, best first (empty when interrupted)."""
+    best: object = None
+    registered_version: str | None = None
+
+
+def _experiment_storage(storage: str):
+    """(storage_path, storage_filesystem) for Tune: s3:// gets the project's S3 filesystem
+    (endpoint, retries) and the path without its scheme."""
+    if not storage.startswith("s3://"):
+        return storage, None
+    from pipeline.storage import filesystem_for
+
+    filesystem, path = filesystem_for(storage)
+    return path, filesystem
+
+
+def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False,
+              verbose: bool = False, printer=print) -> SweepSummary:
+    """Run the sweep `spec` (or, with `resume`, go on with the one stored under its name)."""
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from pipeline import storage as storage_settings
+    from pipeline import tracking
+    from pipeline.sweep.progress import SweepProgress
+    from pipeline.training.driver import _init_ray, resolve_dataset
+
+    check_search_available(spec)
+    overrides = base_overrides(spec, cli_overrides)
+    for key in spec.swept_keys() + [k for dims in spec.losses.values() for k in dims]:
+        if key in _PLACES or key.startswith("tracking."):
+            raise SweepError(f"{spec.path}: {key}: where records go cannot vary between trials; "
+                             "set it with --set or in fixed")
+    candidates = candidate_configs(spec, overrides)
+    configs = [c for per_loss in candidates.values() for c in per_loss]
+    base = configs[0]
+    storage_settings.export_settings(base)
+    storage = base.train.storage_path
+    storage = storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
+    experiment_path = f"{storage}/{spec.name}"
+    tune_storage, tune_filesystem = _experiment_storage(storage)
+    uri = tracking.tracking_uri(base)
+    exists = tune.Tuner.can_restore(
+        experiment_path if tune_filesystem is None else f"{tune_storage}/{spec.name}", tune_filesystem
+    )
+    if resume and not exists:
+        raise SweepError(f"--resume: there is no sweep to resume at {experiment_path}")
+    if exists and not resume:
+        raise SweepError(f"a sweep named {spec.name!r} already ran at {experiment_path}: pass "
+                         "--resume to go on with it, or give the sweep another name")
+    seen = []
+    for config in configs:  # every dataset a trial can train on exists and is valid
+        if config.data not in seen:
+            seen.append(config.data)
+            resolve_dataset(config)
+    located = [
+        override("train.storage_path", f"{experiment_path}/train_runs"),
+        override("tracking.tracking_uri", uri),
+        override("data.cache_dir", str(Path(base.data.cache_dir).resolve())),
+    ]
+    for key, value in (("data.root", base.data.root), ("model.pretrained", base.model.pretrained)):
+        if value and "://" not in value:  # trials run in their own working directory
+            located.append(override(key, str(Path(value).resolve())))
+
+    client = MlflowClient(uri)
+    parent_run_id = records.open_parent_run(
+        client, base, spec, overrides, experiment_path, sweep_fingerprint(spec, overrides), resume
+    )
+    setup = TrialSetup(spec.preset, tuple(overrides + located), spec.name, parent_run_id)
+
+    import ray
+
+    _init_ray(verbose)
+    concurrency = trial_concurrency(configs, ray.cluster_resources(), spec.max_concurrent_trials)
+    printer(
+        f"sweep {spec.name}: {spec.search} search over {', '.join(spec.losses)}, "
+        f"{concurrency} trial(s) at a time; Tune experiment {experiment_path}; "
+        f"MLflow parent run {parent_run_id} in {uri}",
+        flush=True,
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_DRIVER_CPUS})
+    if resume:
+        tuner = tune.Tuner.restore(
+            f"{tune_storage}/{spec.name}", trainable=trainable, resume_unfinished=True,
+            resume_errored=False, storage_filesystem=tune_filesystem,
+        )
+    else:
+        param_space, search_alg = build_search(spec, concurrency)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                search_alg=search_alg,
+                scheduler=build_scheduler(spec, max(c.train.epochs for c in configs)),
+                num_samples=spec.num_samples,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=tune_storage,
+                storage_filesystem=tune_filesystem,
+                callbacks=[SweepProgress(spec.metric)],
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=0,
+            ),
+        )
+    results = tuner.fit()
+    summary = SweepSummary(spec.name, experiment_path, uri, parent_run_id, interrupted=False)
+    if any(result.error is None and not (result.metrics or {}).get("done") for result in results):
+        # Stopped (Ctrl+C) before every trial ended: Tune saved the experiment, and a resume
+        # runs only the trials that had not ended (a trial's last result is `done` when it
+        # ran every epoch or ASHA stopped it).
+        client.set_terminated(parent_run_id, status="KILLED")
+        summary.interrupted = True
+        return summary
+
+    trials = records.trial_records(results, setup, spec)
+    experiment_id = tracking.experiment_id(client, base)
+    records.link_child_runs(client, experiment_id, parent_run_id, trials)
+    best = records.best_trial(trials, spec.mode)
+    registered = None
+    if best is not None:
+        registered = records.register_best(client, best, spec.registered_model_name)
+    records.finish_parent(client, parent_run_id, spec, trials, best, registered)
+    summary.trials = records.sorted_records(trials, spec.mode)
+    summary.best = best
+    summary.registered_version = registered
+    return summary

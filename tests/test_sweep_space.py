@@ -1,0 +1,232 @@
+"""Sweep files without Ray: parsing, the errors they give, per-loss spaces for every search,
+trial concurrency and the summary table and plot."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.sweep.records import TrialRecord, best_trial, plot_metric_vs_params, write_table
+from pipeline.sweep.search import LOSS_BRANCH, basic_param_space, build_search
+from pipeline.sweep.space import (
+    SweepError,
+    base_overrides,
+    candidate_configs,
+    load_sweep,
+    override,
+    space_params,
+    trial_concurrency,
+    trial_settings,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "pipeline" / "sweeps" / "seeds_vs_baselines.yaml"
+
+SMALL = """\
+name: small
+preset: local
+fixed: {{train.epochs: 2}}
+metric: test/recall@1
+search: {search}
+num_samples: 2
+asha: {{grace_period: 1, reduction_factor: 2}}
+space:
+  optim.lr: {lr}
+losses:
+  triplet:
+    loss.triplet.margin: {margin}
+  contrastive:
+    loss.contrastive.neg_margin: {{choice: [0.4, 0.6]}}
+"""
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def _small(tmp_path, search="random", lr="{loguniform: [1e-4, 1e-2]}", margin="{uniform: [0.1, 0.3]}"):
+    return load_sweep(_write(tmp_path, SMALL.format(search=search, lr=lr, margin=margin)))
+
+
+def test_example_sweep_is_valid_for_every_loss():
+    spec = load_sweep(EXAMPLE)
+    configs = candidate_configs(spec, base_overrides(spec, []))
+    assert set(configs) == {"triplet", "multi_similarity", "proxy_anchor", "softtriple", "pddm", "magnet"}
+    magnet = configs["magnet"][0]
+    assert (magnet.loss.name, magnet.sampler.name) == ("magnet", "neighbourhoods")
+    # Each loss's own setting reaches only that loss's configs.
+    assert {c.loss.triplet.margin for c in configs["triplet"]} == {0.1, 0.3}
+    assert {c.loss.triplet.margin for c in configs["magnet"]} == {0.2}
+    params = space_params(spec, [])
+    assert params["space.optim.lr"] == "loguniform(0.0005, 0.005)"
+    assert params["losses.magnet.sampler.name"] == "'neighbourhoods'"
+
+
+def test_exponent_numbers_are_floats_and_overrides_round_trip(tmp_path):
+    spec = _small(tmp_path)
+    assert spec.space["optim.lr"].values == (1e-4, 1e-2)
+    config = load_config("local", [override("optim.lr", 1e-5), override("optim.name", "sgd")])
+    assert (config.optim.lr, config.optim.name) == (1e-5, "sgd")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\nlosses: {triplet: {}}\nserach: grid\n", "serach: unknown key (did you mean 'search'?)"),
+        ("name: x\nlosses: {triplet: {loss.triplet.margin: {normal: [0, 1]}}}\n",
+         "losses.triplet.loss.triplet.margin: expected one of choice, grid"),
+        ("name: x\nsearch: grid\nlosses: {triplet: {loss.triplet.margin: {uniform: [0.1, 0.3]}}}\n",
+         "a grid search cannot sample uniform"),
+        ("name: x\nlosses: {triplet: {loss.triplet.margin: [0.1, 0.2]}}\n", "a list is ambiguous"),
+        ("name: x\nlosses: {triplet: {loss.contrastive.neg_margin: 0.5}}\n", "belongs to another loss"),
+        ("name: x\nlosses: {triplet: {}}\nspace: {optim.lr: {loguniform: [0, 1]}}\n", "needs low > 0"),
+        ("name: x\n", "losses: required"),
+        ("name: a/b\nlosses: {triplet: {}}\n", "name: 'a/b' must be"),
+    ],
+)
+def test_bad_sweep_files_name_the_field(tmp_path, text, message):
+    with pytest.raises(SweepError, match="space.yaml") as err:
+        load_sweep(_write(tmp_path, text))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "cli", "message"),
+    [
+        ("losses: {triplet: {loss.triplet.margn: 0.1}}", [], "loss.triplet.margn: unknown setting (did you mean 'margin'?)"),
+        ("losses: {trplet: {}}", [], "losses.trplet: loss.name: 'trplet' is not one of"),
+        ("losses: {triplet: {loss.triplet.margin: {choice: [0.1, -1.0]}}}", [],
+         "with loss.triplet.margin=-1.0: loss.triplet.margin: must be >= 0"),
+        ("losses: {triplet: {}}\nmetric: test/recall@3", [], "'test/recall@3' is not reported"),
+        ("losses: {triplet: {}}", ["eval.every_epochs=2"], "needs the metric every epoch"),
+        ("losses: {triplet: {}}\nasha: {grace_period: 9}", [], "asha.grace_period: 9 epochs is more"),
+        ("losses: {triplet: {loss.triplet.margin: {choice: [0.1, 0.2]}}}", ["loss.triplet.margin=0.3"],
+         "--set loss.triplet.margin: the sweep"),
+    ],
+)
+def test_configs_a_sweep_would_run_are_checked_first(tmp_path, text, cli, message):
+    spec = load_sweep(_write(tmp_path, "name: x\nfixed: {train.epochs: 2}\n" + text + "\n"))
+    with pytest.raises(SweepError) as err:
+        candidate_configs(spec, base_overrides(spec, cli))
+    assert message in str(err.value)
+    assert "space.yaml" in str(err.value)
+
+
+def _variants(space):
+    from ray.tune.search.variant_generator import generate_variants
+
+    return [trial_settings(v) for _, v in generate_variants(space)]
+
+
+def test_grid_search_expands_each_losses_own_grid(tmp_path):
+    spec = _small(tmp_path, search="grid", lr="{choice: [1e-3, 2e-3]}", margin="{choice: [0.1, 0.2]}")
+    trials = _variants(basic_param_space(spec))
+    # (2 margins for triplet + 2 negative margins for contrastive) x 2 learning rates
+    assert len(trials) == 8
+    for settings in trials:
+        own = "loss.triplet.margin" if settings["loss.name"] == "triplet" else "loss.contrastive.neg_margin"
+        assert set(settings) == {"loss.name", "optim.lr", own}
+    assert sorted({(s["loss.name"], s.get("loss.triplet.margin")) for s in trials}) == [
+        ("contrastive", None), ("triplet", 0.1), ("triplet", 0.2)]
+
+
+def test_random_search_samples_per_loss_settings_within_their_ranges(tmp_path):
+    spec = _small(tmp_path)
+    space = basic_param_space(spec)
+    assert set(space) == {LOSS_BRANCH, "optim.lr"}
+    trials = _variants(space)
+    assert sorted(s["loss.name"] for s in trials) == ["contrastive", "triplet"]
+    triplet = next(s for s in trials if s["loss.name"] == "triplet")
+    assert 0.1 <= triplet["loss.triplet.margin"] <= 0.3 and "loss.contrastive.neg_margin" not in triplet
+    assert all(1e-4 <= s["optim.lr"] <= 1e-2 for s in trials)
+
+
+def test_optuna_asks_only_for_the_chosen_losses_settings(tmp_path):
+    pytest.importorskip("optuna")
+    spec = _small(tmp_path, search="optuna")
+    _, searcher = build_search(spec, concurrency=2)
+    assert searcher.max_concurrent == 2
+    own = {"triplet": "loss.triplet.margin", "contrastive": "loss.contrastive.neg_margin"}
+    seen = set()
+    for i in range(12):
+        settings = trial_settings(searcher.suggest(f"t{i}"))
+        searcher.on_trial_complete(f"t{i}", {"test/recall@1": 0.5})
+        seen.add(settings["loss.name"])
+        assert set(settings) == {"loss.name", "optim.lr", own[settings["loss.name"]]}
+        load_config("local", [override(k, v) for k, v in settings.items()])
+    assert seen == {"triplet", "contrastive"}
+
+
+def test_a_missing_search_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an uninstalled package looks like
+    spec = _small(tmp_path, search="optuna")
+    with pytest.raises(SweepError, match=r"search: optuna needs the optuna package.*dml-pipeline\[sweep\]"):
+        build_search(spec, concurrency=1)
+
+
+def test_hyperopt_space_branches_per_loss(tmp_path):
+    pytest.importorskip("hyperopt")
+    spec = _small(tmp_path, search="hyperopt")
+    _, searcher = build_search(spec, concurrency=1)
+    searcher.searcher.set_search_properties("test/recall@1", "max", {})
+    losses = set()
+    for i in range(8):
+        settings = trial_settings(searcher.suggest(f"t{i}"))
+        searcher.on_trial_complete(f"t{i}", {"test/recall@1": 0.5})
+        losses.add(settings["loss.name"])
+        assert ("loss.triplet.margin" in settings) == (settings["loss.name"] == "triplet")
+    assert losses == {"triplet", "contrastive"}
+
+
+def test_concurrency_follows_the_clusters_resources(tmp_path):
+    spec = _small(tmp_path)
+    configs = [c for per_loss in candidate_configs(spec, base_overrides(spec, [])).values() for c in per_loss]
+    # A trial: its driver (1 CPU) + 2 workers x 0.5 + 1 decode actor x 0.5 = 2.5 CPUs.
+    assert trial_concurrency(configs, {"CPU": 4.0}) == 1
+    assert trial_concurrency(configs, {"CPU": 10.0}) == 4
+    assert trial_concurrency(configs, {"CPU": 10.0}, requested=2) == 2
+    with pytest.raises(SweepError, match="a trial needs 2.5 CPU .* the cluster has 2"):
+        trial_concurrency(configs, {"CPU": 2.0})
+    gpu = [load_config("local", ["train.use_gpu=true", "train.num_workers=2"])]
+    assert trial_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+
+
+def _records():
+    return [
+        TrialRecord("a_00000", "triplet", {"optim.lr": 1e-3, "loss.triplet.margin": 0.1}, 2, 2, 0.50, "completed",
+                    run_name="triplet-a_00000"),
+        TrialRecord("a_00001", "triplet", {"optim.lr": 3e-3, "loss.triplet.margin": 0.2}, 1, 2, 0.70, "stopped early",
+                    run_name="triplet-a_00001"),
+        TrialRecord("a_00002", "contrastive", {"optim.lr": 2e-3, "loss.contrastive.neg_margin": 0.4}, 2, 2, 0.60,
+                    "completed", run_name="contrastive-a_00002"),
+        TrialRecord("a_00003", "contrastive", {"optim.lr": 5e-4, "loss.contrastive.neg_margin": 0.6}, 0, 2, None,
+                    "failed", run_name="contrastive-a_00003"),
+    ]
+
+
+def test_summary_table_and_plot(tmp_path):
+    spec = _small(tmp_path)
+    records = _records()
+    # The best model is the best trial that ran every epoch; a stopped one is not a model.
+    assert best_trial(records, "max").trial_id == "a_00002"
+    assert best_trial(records, "max", completed_only=False).trial_id == "a_00001"
+    assert best_trial(records, "min").trial_id == "a_00000"
+    write_table(records, spec, tmp_path)
+    with (tmp_path / "trials.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    assert [r["run"] for r in rows] == ["triplet-a_00001", "contrastive-a_00002", "triplet-a_00000",
+                                        "contrastive-a_00003"]
+    assert rows[0]["status"] == "stopped early" and rows[0]["epochs"] == "1/2"
+    assert rows[0]["loss.triplet.margin"] == "0.2" and rows[1]["loss.triplet.margin"] == ""
+    assert "| triplet-a_00001 | triplet | stopped early |" in (tmp_path / "trials.md").read_text()
+    png = plot_metric_vs_params(records, spec, tmp_path / "plot.png")
+    from PIL import Image
+
+    with Image.open(png) as image:
+        # Two losses (rows) x two swept settings each (columns) at 90 dpi.
+        assert image.size == (8 * 90, 6 * 90)

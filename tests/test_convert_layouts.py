@@ -401,7 +401,7 @@ def test_query_gallery_evaluation_ranks_queries_against_the_gallery():
 
     from pipeline.config import load_config
     from pipeline.evaluation.metrics import retrieval_metrics
-    from pipeline.training.evaluate import embed_and_evaluate
+    from pipeline.training.evaluate import evaluate_retrieval
 
     rng = np.random.default_rng(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
@@ -412,7 +412,7 @@ def test_query_gallery_evaluation_ranks_queries_against_the_gallery():
 
     queries, gallery = batches([0, 1, 2, 0]), batches([0, 0, 1, 1, 2, 3])
     eval_config = load_config("local", ["eval.recall_ks=[1, 2]"]).eval
-    metrics, (embedded, labels, _) = embed_and_evaluate(
+    metrics = evaluate_retrieval(
         model, queries, torch.device("cpu"), eval_config, gallery_batches=gallery
     )
     with torch.no_grad():
@@ -420,7 +420,9 @@ def test_query_gallery_evaluation_ranks_queries_against_the_gallery():
                     for b in (queries, gallery)]  # fmt: skip
     expected = retrieval_metrics(as_array[0], np.array([0, 1, 2, 0]), as_array[1],
                                  np.array([0, 0, 1, 1, 2, 3]), ks=(1, 2))  # fmt: skip
-    assert metrics["num_queries"] == 4 and len(embedded) == 4
+    assert metrics["num_queries"] == 4
+    alone = evaluate_retrieval(model, queries, torch.device("cpu"), eval_config)
+    assert alone["map@r"] != metrics["map@r"]  # without the gallery: R differs for label 0
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
-from pipeline.data.format import read_metadata, validate_dataset
+from pipeline.data.format import DatasetMetadata, read_metadata, shard_uris, validate_dataset
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.training.loop import RunPlan, train_loop_per_worker
 
@@ -41,6 +41,7 @@ def resolve_dataset(config: Config) -> tuple[str, object]:
     else:
         root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
         metadata = read_metadata(root)
+    config = apply_dataset_evaluation(config, metadata)  # check the split actually evaluated
     for split in (config.data.train_split, config.data.test_split):
         if split not in metadata.splits:
             raise ValueError(
@@ -49,6 +50,49 @@ def resolve_dataset(config: Config) -> tuple[str, object]:
             )
     validate_dataset(root)
     return root, metadata
+
+
+def apply_dataset_evaluation(config: Config, metadata: DatasetMetadata) -> Config:
+    """The config with the dataset's evaluation protocol (metadata.json's `evaluation`) in the
+    settings left at their defaults: `eval.recall_ks`, and for a query/gallery dataset such as
+    In-Shop `data.test_split` (its query split). A value the user set wins, except one equal
+    to the default, which cannot be told apart from it."""
+    protocol = metadata.evaluation
+    if protocol is None:
+        return config
+    defaults = Config()
+    evaluation, data = config.eval, config.data
+    if evaluation.recall_ks == defaults.eval.recall_ks:
+        evaluation = replace(evaluation, recall_ks=list(protocol.recall_ks))
+    if protocol.query_split and data.test_split == defaults.data.test_split:
+        data = replace(data, test_split=protocol.query_split)
+    return replace(config, eval=evaluation, data=data)
+
+
+def gallery_split(config: Config, metadata: DatasetMetadata) -> str:
+    """The split the evaluated queries are ranked against, or "" when the test split's images
+    are ranked against each other (CUB, Cars196, SOP)."""
+    protocol = metadata.evaluation
+    if protocol is not None and protocol.query_split and config.data.test_split == protocol.query_split:
+        return protocol.gallery_split
+    return ""
+
+
+def _eval_split_dataset(config: Config, root: str, split: str):
+    """A split read and decoded for evaluation, the way `build_training_data` builds 'test'."""
+    import ray.data
+
+    from pipeline.data.decoding import decode_eval_batch
+    from pipeline.data.ray_datasets import EVAL_DECODE_CPUS, READ_CPUS
+
+    return ray.data.read_parquet(shard_uris(root, split), num_cpus=READ_CPUS).select_columns(
+        ["id", "label", "image"]
+    ).map_batches(
+        decode_eval_batch,
+        fn_kwargs={"image_size": config.data.image_size, "resize": config.data.eval_resize},
+        batch_size=128,
+        num_cpus=EVAL_DECODE_CPUS,
+    )
 
 
 def _storage_path(config: Config) -> str:
@@ -84,13 +128,8 @@ def _init_ray(verbose: bool) -> None:
     )
 
 
-def run_training(config: Config, *, verbose: bool = False, printer=print,
-                 run_tags: dict[str, str] | None = None, callbacks: tuple = ()) -> RunSummary:
-    """Train, evaluate and record one run as the config says; returns where the results are.
-
-    `run_tags` are added to the MLflow run's tags (a sweep trial's parent run); `callbacks` are
-    Ray Train callbacks (a sweep trial's `TuneReportCallback`, which hands each epoch to Tune).
-    """
+def run_training(config: Config, *, verbose: bool = False, printer=print) -> RunSummary:
+    """Train, evaluate and record one run as the config says; returns where the results are."""
     from pipeline import storage, tracking
 
     # The S3 endpoint and retries, for this process and (worker_env) the Ray workers; a bad
@@ -102,6 +141,8 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
     root, metadata = resolve_dataset(config)
+    config = apply_dataset_evaluation(config, metadata)
+    gallery = gallery_split(config, metadata)
     name = run_name_for(config)
     uri = tracking.tracking_uri(config)
     config_yaml = config_to_yaml(config)
@@ -114,7 +155,6 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             "dataset.name": metadata.name,
             "dataset.fingerprint": metadata.fingerprint,
             "dataset.root": root,
-            **(run_tags or {}),
         },
     )
     printer(f"run {name}: dataset {metadata.name} ({root}), MLflow run {run_id}", flush=True)
@@ -154,6 +194,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         refresh_every_steps=config.refresh.every_steps or data.steps_per_epoch,
         has_seen_holdout=len(data.holdout_ids) > 0,
         stream_start_step=data.start_step,
+        gallery_split=gallery,
     )
     printer(
         f"{config.train.num_workers} workers, global batch {config.global_batch_size}, "
@@ -177,9 +218,11 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             worker_runtime_env={"env_vars": worker_env},
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-            callbacks=list(callbacks),
         ),
-        datasets=_trainer_datasets(data),
+        datasets={
+            **_trainer_datasets(data),
+            **({"gallery": _eval_split_dataset(config, root, gallery)} if gallery else {}),
+        },
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if not isinstance(data.train, list) else []),
     )
 

@@ -28,12 +28,19 @@ def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocas
     return np.concatenate(embeddings), np.concatenate(labels), np.concatenate(ids)
 
 
-def evaluate_retrieval(model, batches, device, eval_config, autocast_dtype=None) -> dict[str, float]:
-    """Recall@K, MAP@R, R-Precision and NMI of the model on the images `batches` yields."""
+def evaluate_retrieval(
+    model, batches, device, eval_config, autocast_dtype=None, gallery_batches=None
+) -> dict[str, float]:
+    """Recall@K, MAP@R, R-Precision and NMI of the model on the images `batches` yields (queries
+    ranked against `gallery_batches`' images when given, else against each other)."""
     embeddings, labels, _ = embed_batches(model, batches, device, autocast_dtype)
+    gallery = ()
+    if gallery_batches is not None:
+        gallery = embed_batches(model, gallery_batches, device, autocast_dtype)[:2]
     metrics = retrieval_metrics(
         embeddings,
         labels,
+        *gallery,
         ks=tuple(eval_config.recall_ks),
         compute_nmi=eval_config.nmi,
         use_gpu=device.type == "cuda",

@@ -45,6 +45,8 @@ class RunPlan:
     """Whether part of the training classes is held out for the seen-class accuracy."""
     stream_start_step: int = 0
     """The step whose sub-batches the training stream starts with (the driver's resume step)."""
+    gallery_split: str = ""
+    """When set, test images are queries ranked against this split (dataset "gallery")."""
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -113,6 +115,8 @@ def train_loop_per_worker(payload: dict) -> None:
         _emit(plan, rank, {"kind": "text", "text": f"resumed from step {start_step}"})
 
     test_images = _TestImages(config.eval)
+    if plan.gallery_split:
+        test_images.gallery = _TestImages(config.eval, "gallery")
     window = _Window()
     run_start = time.perf_counter()
     for step in range(start_step, plan.total_steps):
@@ -226,16 +230,19 @@ class _TestImages:
     """The decoded test split: streamed from Ray Data the first time, then kept in memory
     when it fits in `eval.cache_max_mb` (its eval transform is deterministic)."""
 
-    def __init__(self, eval_config):
+    def __init__(self, eval_config, dataset: str = "test"):
         self.eval_config = eval_config
+        self.dataset = dataset
         self.cache = ReplayCache(eval_config.cache_max_mb * 2**20)
+        self.gallery: _TestImages | None = None
+        """The gallery's images when the test images are queries against it (In-Shop)."""
 
     def batches(self):
         """Decoded test batches."""
         import ray.train
 
         yield from self.cache.batches(
-            lambda: ray.train.get_dataset_shard("test").iter_batches(
+            lambda: ray.train.get_dataset_shard(self.dataset).iter_batches(
                 batch_size=self.eval_config.batch_size, batch_format="numpy"
             )
         )
@@ -247,7 +254,10 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_i
         # Magnet inference needs the cluster index of *these* weights: ask for it first, so
         # the actor builds it while the retrieval metrics are computed here.
         refresh.publish(done, inner, confirm=True)
-    metrics = evaluate_retrieval(inner.embedder, test_images.batches(), device, config.eval, autocast)
+    gallery = None if test_images.gallery is None else test_images.gallery.batches()
+    metrics = evaluate_retrieval(
+        inner.embedder, test_images.batches(), device, config.eval, autocast, gallery
+    )
     logged = {f"test/{k}": v for k, v in metrics.items()}
     if refresh is not None and plan.has_seen_holdout:
         accuracy = refresh.seen_accuracy(done)

@@ -128,8 +128,13 @@ def _init_ray(verbose: bool) -> None:
     )
 
 
-def run_training(config: Config, *, verbose: bool = False, printer=print) -> RunSummary:
-    """Train, evaluate and record one run as the config says; returns where the results are."""
+def run_training(config: Config, *, verbose: bool = False, printer=print,
+                 run_tags: dict[str, str] | None = None, callbacks: tuple = ()) -> RunSummary:
+    """Train, evaluate and record one run as the config says; returns where the results are.
+
+    `run_tags` are added to the MLflow run's tags (a sweep trial's parent run); `callbacks` are
+    Ray Train callbacks (a sweep trial's `TuneReportCallback`, which hands each epoch to Tune).
+    """
     from pipeline import storage, tracking
 
     # The S3 endpoint and retries, for this process and (worker_env) the Ray workers; a bad
@@ -155,6 +160,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
             "dataset.name": metadata.name,
             "dataset.fingerprint": metadata.fingerprint,
             "dataset.root": root,
+            **(run_tags or {}),
         },
     )
     printer(f"run {name}: dataset {metadata.name} ({root}), MLflow run {run_id}", flush=True)
@@ -218,6 +224,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print) -> Run
             worker_runtime_env={"env_vars": worker_env},
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={
             **_trainer_datasets(data),

@@ -44,6 +44,24 @@ def _objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
     return found
 
 
+def _convert_folder_tree(tree, destination: str):
+    """A tiny class-folder tree converted by `jobs.prepare_data`'s converter (its Ray tasks
+    encode, the driver writes to `destination`); the written dataset's metadata, checked."""
+    from PIL import Image
+
+    from pipeline.data.convert import ConversionOptions, EncodeOptions, convert_dataset
+    from pipeline.data.format import validate_dataset
+
+    for label in range(4):
+        (tree / f"class_{label}").mkdir(parents=True)
+        for index in range(2):
+            colour = (60 * label, 120 * index, 200)
+            Image.new("RGB", (20, 16), colour).save(tree / f"class_{label}" / f"{index}.png")
+    options = ConversionOptions(encode=EncodeOptions(short_side=0), cpus_per_task=0.25)
+    convert_dataset("folders", str(tree), destination, options, printer=lambda *a, **k: None)
+    return validate_dataset(destination, check_images=True, check_fingerprint=True)
+
+
 def test_a_run_reads_and_writes_everything_on_s3(
     ray_local, s3_server, s3_bucket, restored_environ, tmp_path, monkeypatch
 ):
@@ -58,6 +76,7 @@ def test_a_run_reads_and_writes_everything_on_s3(
     with monkeypatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", s3_server)
         generate_synthetic(f"{base}/data", SPEC)
+        converted = _convert_folder_tree(tmp_path / "folders", f"{base}/folders")
         torch.manual_seed(7)
         weights = io.BytesIO()
         torch.save(build_model(ModelConfig(backbone="tiny_cnn")).backbone.state_dict(), weights)
@@ -84,6 +103,12 @@ def test_a_run_reads_and_writes_everything_on_s3(
     assert {f"data/{shard}" for split in meta["splits"].values() for shard in split["shards"]} == (
         set(data) - {"data/metadata.json"}
     )
+
+    # The converted folder tree: its shards, metadata and conversion summary.
+    folders = _objects(client, s3_bucket, "folders/")
+    assert converted.num_images() == 8 and converted.class_names == tuple(f"class_{i}" for i in range(4))
+    shards = {f"folders/{s}" for split in converted.splits for s in converted.split(split).shards}
+    assert set(folders) == shards | {"folders/metadata.json", "folders/conversion_summary.json"}
 
     # Ray Train's checkpoints went to S3; the resume lookup finds the final one there.
     run_prefix = f"runs/{summary.run_name}/"

@@ -28,6 +28,7 @@ from pipeline.data.convert.inshop import read_inshop
 from pipeline.data.convert.sop import read_sop
 from pipeline.data.convert.source import ConversionPlan, SkippedImage, SourceImage, SourceTree
 from pipeline.data.format import DEFAULT_SHARD_SIZE, root_filesystem, write_dataset
+from pipeline.storage import worker_env_vars
 
 SUMMARY_FILE = "conversion_summary.json"
 """Written at the dataset root after metadata.json: counts, skipped images, options."""
@@ -174,7 +175,10 @@ def convert_dataset(
     try:
         slots = ray.cluster_resources().get("CPU", 1.0) / options.cpus_per_task
         in_flight = max(2, 2 * int(slots))
-        remote = ray.remote(encode_chunk).options(num_cpus=options.cpus_per_task)
+        # Tasks read the source themselves: on a cluster they need this process's S3 endpoint.
+        remote = ray.remote(encode_chunk).options(
+            num_cpus=options.cpus_per_task, runtime_env={"env_vars": worker_env_vars()}
+        )
         skipped: list[SkippedImage] = list(plan.skipped)
         if options.overwrite:  # a stale summary must not sit beside an unfinished rewrite
             _delete_if_present(destination, SUMMARY_FILE)

@@ -104,7 +104,7 @@ def test_bad_sweep_files_name_the_field(tmp_path, text, message):
          "with loss.triplet.margin=-1.0: loss.triplet.margin: must be >= 0"),
         ("losses: {triplet: {}}\nmetric: test/recall@3", [], "'test/recall@3' is not reported"),
         ("losses: {triplet: {}}", ["eval.every_epochs=2"], "needs the metric every epoch"),
-        ("losses: {triplet: {}}\nasha: {grace_period: 9}", [], "asha.grace_period: 9 epochs is more"),
+        ("losses: {triplet: {}}\nasha: {grace_period: 2}", [], "asha.grace_period: 2 epochs leaves no epoch"),
         ("losses: {triplet: {loss.triplet.margin: {choice: [0.1, 0.2]}}}", ["loss.triplet.margin=0.3"],
          "--set loss.triplet.margin: the sweep"),
     ],
@@ -230,3 +230,16 @@ def test_summary_table_and_plot(tmp_path):
     with Image.open(png) as image:
         # Two losses (rows) x two swept settings each (columns) at 90 dpi.
         assert image.size == (8 * 90, 6 * 90)
+
+
+def test_asha_rungs_stop_before_the_last_epoch(tmp_path):
+    from pipeline.sweep.search import build_scheduler
+
+    spec = _small(tmp_path)
+    # Epochs 2: one rung, at epoch 1; a trial at its last epoch is never stopped (it must log
+    # its model), so there is no rung at epoch 2.
+    assert "Iter 1.000" in build_scheduler(spec, 2).debug_string()
+    assert "Iter 2.000" not in build_scheduler(spec, 2).debug_string()
+    spec.asha = type(spec.asha)(grace_period=2, reduction_factor=2)
+    rungs = build_scheduler(spec, 8).debug_string()
+    assert "Iter 2.000" in rungs and "Iter 4.000" in rungs and "Iter 8.000" not in rungs

@@ -143,16 +143,22 @@ def build_search(spec: SweepSpec, concurrency: int):
     return None, ConcurrencyLimiter(searcher, max_concurrent=concurrency)
 
 
-def build_scheduler(spec: SweepSpec, max_epochs: int):
-    """ASHA on the sweep metric, one rung per `grace_period` x `reduction_factor`^k epochs
-    (Tune's default FIFO scheduler when the file turns ASHA off)."""
+def build_scheduler(spec: SweepSpec, final_epoch: int):
+    """ASHA on the sweep metric, with rungs at `grace_period` x `reduction_factor`^k epochs
+    before `final_epoch` (Tune's default FIFO scheduler when the file turns ASHA off).
+
+    No rung sits at a trial's last epoch and a trial that passed every rung is never stopped
+    (`stop_last_trials=False`): a trial Tune stops is killed at once, and one that trained
+    every epoch must live on to log its model and close its MLflow run.
+    """
     if spec.asha is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
         time_attr="epoch",
-        max_t=max_epochs,
+        max_t=final_epoch - 1,
         grace_period=spec.asha.grace_period,
         reduction_factor=spec.asha.reduction_factor,
+        stop_last_trials=False,
     )

@@ -353,10 +353,10 @@ def _check_trial_config(spec: SweepSpec, config: Config, where: str) -> None:
             f"{spec.path}: metric: {spec.metric!r} is not reported by {where}; "
             f"choose one of {', '.join(reported_metrics(config))}"
         )
-    if spec.asha is not None and spec.asha.grace_period > config.train.epochs:
+    if spec.asha is not None and spec.asha.grace_period >= config.train.epochs:
         raise SweepError(
-            f"{spec.path}: asha.grace_period: {spec.asha.grace_period} epochs is more than "
-            f"train.epochs {config.train.epochs} ({where}): nothing would be stopped early"
+            f"{spec.path}: asha.grace_period: {spec.asha.grace_period} epochs leaves no epoch "
+            f"before the last of train.epochs {config.train.epochs} ({where}) to stop a trial at"
         )
 
 

@@ -1,0 +1,223 @@
+"""A small sweep end to end: 3 trials over 2 losses with ASHA, each a 2-worker Ray Train run
+on the built-in dataset, recorded in a real MLflow server; interrupted after its first trial
+ended and resumed. One sweep serves every assertion here and the MLflow UI screenshot
+(tests/test_mlflow_ui.py), so the suite pays for it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENT = "sweep-e2e"
+SWEEP = """\
+name: e2e
+preset: local
+fixed:
+  data.synthetic.num_classes: 24
+  data.synthetic.images_per_class: 12
+  data.synthetic.image_size: 32
+  data.image_size: 24
+  data.eval_resize: 28
+  sampler.classes_per_batch: 4
+  sampler.samples_per_class: 3
+  train.epochs: 2
+  train.steps_per_epoch: 2
+  train.log_every_steps: 2
+  train.max_failures: 0
+  eval.batch_size: 64
+  eval.nmi: false
+  tracking.experiment: sweep-e2e
+metric: test/recall@1
+mode: max
+search: grid
+asha: {grace_period: 1, reduction_factor: 2}
+space:
+  optim.lr: 2e-3
+losses:
+  triplet:
+    loss.triplet.margin: {choice: [0.1, 0.2]}
+  contrastive: {}
+"""
+
+_shared: dict = {}
+
+
+def _children(client, parent_run_id: str) -> dict:
+    """trial id -> (run, recall@1 history) of the sweep's child runs."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    out = {}
+    for run in runs:
+        history = sorted(client.get_metric_history(run.info.run_id, "test/recall_at_1"),
+                         key=lambda m: (m.step, m.timestamp))
+        out.setdefault(run.data.tags["sweep.trial_id"], []).append((run, history))
+    return out
+
+
+def run_shared_sweep(uri: str, root: Path) -> SimpleNamespace:
+    """Run the sweep once per test session: a `jobs.sweep` process on the session's Ray
+    cluster, stopped with SIGINT (Ctrl+C) once its first trial has ended, then resumed here."""
+    if "sweep" in _shared:
+        return _shared["sweep"]
+    import ray
+    from mlflow import MlflowClient
+
+    from pipeline.sweep.runner import run_sweep
+    from pipeline.sweep.space import load_sweep
+
+    space = root / "space.yaml"
+    space.write_text(SWEEP)
+    overrides = [f"data.cache_dir={root / 'data'}", f"train.storage_path={root / 'runs'}",
+                 f"tracking.tracking_uri={uri}"]
+    log_path = root / "first_run.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "jobs.sweep", str(space), *(a for o in overrides for a in ("--set", o))],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+        )
+        deadline = time.monotonic() + 900
+        while "ended after epoch" not in log_path.read_text():
+            if first.poll() is not None or time.monotonic() > deadline:
+                first.kill()
+                raise AssertionError(f"no trial ended: {log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        first.send_signal(signal.SIGINT)
+        first_rc = first.wait(timeout=300)
+    first_log = log_path.read_text()
+    ended_first = [line.split()[1].rstrip(":") for line in first_log.splitlines() if "ended after epoch" in line]
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parent = client.search_runs([experiment.experiment_id], filter_string="tags.`sweep.role` = 'parent'")
+    before = _children(client, parent[0].info.run_id)
+    checkpoints_before = {p.name: sorted(c.name for c in p.glob("checkpoint_*"))
+                          for p in (root / "runs" / "e2e" / "train_runs").iterdir()}
+
+    lines: list[str] = []
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):  # the progress lines of the resumed trials
+        summary = run_sweep(load_sweep(space), overrides, resume=True, printer=lambda text, **_: lines.append(text))
+    _shared["sweep"] = SimpleNamespace(
+        uri=uri, root=root, spec=load_sweep(space), summary=summary, first_rc=first_rc,
+        first_log=first_log, ended_first=ended_first, first_parent_id=parent[0].info.run_id,
+        before=before, checkpoints_before=checkpoints_before, resumed_output=output.getvalue() + "\n".join(lines),
+    )
+    return _shared["sweep"]
+
+
+@pytest.fixture(scope="session")
+def swept(ray_local, mlflow_server, tmp_path_factory):
+    """The session's one sweep (see `run_shared_sweep`)."""
+    return run_shared_sweep(mlflow_server, tmp_path_factory.mktemp("sweep"))
+
+
+def test_sweep_records_parent_children_and_best_model(swept, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(swept.uri)
+    summary = swept.summary
+    assert not summary.interrupted
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.run_name == "e2e" and parent.info.status == "FINISHED"
+    params = parent.data.params
+    assert params["sweep.search"] == "grid" and params["sweep.metric"] == "test/recall@1"
+    assert params["losses.triplet.loss.triplet.margin"] == "choice(0.1, 0.2)"
+    assert params["space.optim.lr"] == "0.002" and params["base.train.epochs"] == "2"
+    space_file = client.download_artifacts(summary.parent_run_id, "sweep/space.yaml", str(tmp_path))
+    assert Path(space_file).read_text() == SWEEP
+    assert {a.path for a in client.list_artifacts(summary.parent_run_id, "summary")} == {
+        "summary/trials.csv", "summary/trials.md", "summary/metric_vs_params.png"}
+
+    # One nested child run per trial: the trial's own training run, with its full config.
+    children = _children(client, summary.parent_run_id)
+    assert len(children) == 3 and all(len(runs) == 1 for runs in children.values())
+    records = {r.trial_id: r for r in summary.trials}
+    assert set(records) == set(children)
+    losses = sorted((r.loss, r.settings.get("loss.triplet.margin")) for r in records.values())
+    assert losses == [("contrastive", None), ("triplet", 0.1), ("triplet", 0.2)]
+    for trial_id, [(run, history)] in children.items():
+        record = records[trial_id]
+        assert run.info.run_name == f"{record.loss}-{trial_id}" == record.run_name
+        assert run.data.params["loss.name"] == record.loss
+        assert run.data.params["train.num_workers"] == "2" and run.data.params["optim.lr"] == "0.002"
+        if record.loss == "triplet":
+            assert float(run.data.params["loss.triplet.margin"]) == record.settings["loss.triplet.margin"]
+        assert run.data.tags["sweep.status"] == record.status
+        # Every epoch reached MLflow and, relayed by the trial's driver function, Tune/ASHA.
+        # (A trial resumed from a checkpoint logs again the steps after it: the last value wins.)
+        by_step = {m.step: m.value for m in history}
+        assert len(record.history) == record.epochs_done >= 1
+        assert sorted(by_step)[: record.epochs_done] == [2, 4][: record.epochs_done]
+        assert by_step[2 * record.epochs_done] == pytest.approx(record.metric)
+        if record.status == "completed":
+            assert record.epochs_done == 2 and run.info.status == "FINISHED"
+        else:  # ASHA stopped it at its first rung, below the best trial there
+            assert record.status == "stopped early" and record.epochs_done == 1
+            assert run.info.status == "KILLED"
+            rung = [r.history[0] for r in records.values() if r.history]
+            assert record.history[0] < max(rung)
+    assert sum(r.status == "completed" for r in records.values()) >= 1
+
+    # The best completed trial: on the parent, and its model registered from its model/ artifact.
+    best = max((r for r in records.values() if r.status == "completed"), key=lambda r: r.metric)
+    assert summary.best.trial_id == best.trial_id
+    assert parent.data.metrics["best/test/recall_at_1"] == pytest.approx(best.metric)
+    assert parent.data.tags["sweep.best_run_id"] == best.run_id
+    version = client.get_model_version("e2e-best", summary.registered_version)
+    assert version.run_id == best.run_id and version.source.endswith("/model")
+    assert "model/model.pt" in {a.path for a in client.list_artifacts(best.run_id, "model")}
+    table = client.download_artifacts(summary.parent_run_id, "summary/trials.csv", str(tmp_path))
+    rows = Path(table).read_text().splitlines()
+    assert rows[0].startswith("run,loss,status,epochs,test/recall@1,")
+    top = max(records.values(), key=lambda r: r.metric)  # best first, stopped trials included
+    assert len(rows) == 4 and rows[1].startswith(f"{top.run_name},{top.loss},{top.status},")
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
+    from mlflow import MlflowClient
+
+    # The first process was stopped with Ctrl+C after its first trial ended...
+    assert swept.first_rc == 130, swept.first_log[-3000:]
+    assert "--resume" in swept.first_log
+    assert len(swept.ended_first) >= 1
+    # ...and the resumed sweep reopened the same parent run and finished the other trials.
+    assert swept.summary.parent_run_id == swept.first_parent_id
+    after = _children(MlflowClient(swept.uri), swept.summary.parent_run_id)
+    assert len(after) == 3
+    ended_ids = {name.split("-", 1)[1] for name in swept.ended_first}
+    for trial_id, [(run, history)] in after.items():
+        if trial_id not in ended_ids:
+            continue
+        # A trial that had ended is not run again: same MLflow run, untouched, no new checkpoint.
+        [(run_before, history_before)] = swept.before[trial_id]
+        assert run.info.run_id == run_before.info.run_id
+        assert run.info.end_time == run_before.info.end_time
+        assert [(m.step, m.value, m.timestamp) for m in history] == [
+            (m.step, m.value, m.timestamp) for m in history_before]
+        name = run.info.run_name
+        assert sorted(c.name for c in (swept.root / "runs" / "e2e" / "train_runs" / name).glob("checkpoint_*")) == \
+            swept.checkpoints_before[name]
+        assert f"trial {name}: epoch" not in swept.resumed_output
+    # Its result was reused: the resumed sweep's summary holds it, with the same metric.
+    records = {r.trial_id: r for r in swept.summary.trials}
+    for trial_id in ended_ids:
+        [(run_before, history_before)] = swept.before[trial_id]
+        assert records[trial_id].metric == pytest.approx(history_before[-1].value)
+    assert any(f"trial {r.run_name}: epoch" in swept.resumed_output for r in records.values()
+               if r.trial_id not in ended_ids)

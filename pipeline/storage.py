@@ -70,11 +70,12 @@ def check_endpoint_url(url: str, where: str) -> None:
 
 
 def check_uri(uri: str, where: str) -> None:
-    """Raise ValueError naming `where` if a storage URI carries credentials (s3://KEY:SECRET@...)."""
+    """Raise ValueError naming `where` if a URI carries credentials (s3://KEY:SECRET@...)."""
     if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
         raise ValueError(
-            f"{where}: the URI carries credentials (...@); give them through the AWS environment "
-            "or a profile instead, so they never reach logs or MLflow"
+            f"{where}: the URI carries credentials (...@); pass them through the environment "
+            "instead (AWS: credentials or AWS_PROFILE; MLflow: MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD), so they never reach logs or MLflow"
         )
 
 

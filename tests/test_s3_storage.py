@@ -1,6 +1,6 @@
 """S3 without Ray, against a real S3 server (moto over HTTP): the endpoint and retry settings
-reach pyarrow, boto3 and MLflow; datasets, pretrained weights, resume lookup and the local
-MLflow store work on s3://; transient errors are retried."""
+reach pyarrow, boto3 and MLflow; datasets, pretrained weights and the resume lookup work on
+s3://; transient errors are retried (the run's MLflow store on S3: test_s3_train_e2e.py)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ def test_the_config_endpoint_wins_and_bad_storage_settings_are_refused(
         "data.root=s3://AKIAKEY:topsecret@bucket/data": "data.root",
         "train.storage_path=s3://AKIAKEY:topsecret@bucket/runs": "train.storage_path",
         "model.pretrained=s3://AKIAKEY:topsecret@bucket/w.pt": "model.pretrained",
+        "tracking.tracking_uri=http://admin:topsecret@mlflow:5000": "tracking.tracking_uri",
     }
     for override, message in cases.items():
         with pytest.raises(ValueError, match=message) as err:
@@ -147,25 +148,6 @@ def test_resume_finds_the_latest_checkpoint_on_s3(s3_env, s3_bucket):
     with filesystem.open_input_stream(f"{directory}/{METRICS_FILE}") as stream:
         assert json.loads(stream.read()) == {"step": 8}
     assert latest_checkpoint(f"s3://{s3_bucket}/runs", "other") is None
-
-
-def test_the_local_mlflow_store_of_s3_storage_keeps_its_database_here_and_artifacts_in_s3(
-    s3_env, s3_bucket, tmp_path, monkeypatch
-):
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    monkeypatch.chdir(tmp_path)
-    config = load_config("local", [f"train.storage_path=s3://{s3_bucket}/team/runs"])
-    assert tracking.local_store_dir(config) == tmp_path / "runs" / "s3" / s3_bucket / "team" / "runs"
-    run_id = tracking.start_run(config, "probe", "config: yaml\n", tags={"git_commit": "abc"})
-    run = MlflowClient(tracking.tracking_uri(config)).get_run(run_id)
-    assert (tracking.local_store_dir(config) / "mlflow.db").is_file()
-    assert run.info.artifact_uri.startswith(f"s3://{s3_bucket}/team/runs/mlartifacts/")
-    key = run.info.artifact_uri.removeprefix(f"s3://{s3_bucket}/") + "/config.yaml"
-    body = storage.s3_client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
-    assert body == b"config: yaml\n"
 
 
 # ----------------------------------------------------------------------------- retries

@@ -55,6 +55,15 @@ def _experiment_storage(storage: str):
     return path, filesystem
 
 
+def _unfinished_trials(experiment: str, filesystem) -> int:
+    """Trials of the experiment that had not ended when Tune last saved it. Tune saves it
+    before it stops the trials of an interrupted run, whose results then look ended."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
+    return sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
+
+
 def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False,
               verbose: bool = False, printer=print) -> SweepSummary:
     """Run the sweep `spec` (or, with `resume`, go on with the one stored under its name)."""
@@ -68,7 +77,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False
 
     check_search_available(spec)
     overrides = base_overrides(spec, cli_overrides)
-    for key in spec.swept_keys() + [k for dims in spec.losses.values() for k in dims]:
+    for key in [*spec.space, *(k for dims in spec.losses.values() for k in dims)]:
         if key in _PLACES or key.startswith("tracking."):
             raise SweepError(f"{spec.path}: {key}: where records go cannot vary between trials; "
                              "set it with --set or in fixed")
@@ -81,9 +90,8 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False
     experiment_path = f"{storage}/{spec.name}"
     tune_storage, tune_filesystem = _experiment_storage(storage)
     uri = tracking.tracking_uri(base)
-    exists = tune.Tuner.can_restore(
-        experiment_path if tune_filesystem is None else f"{tune_storage}/{spec.name}", tune_filesystem
-    )
+    tune_experiment = f"{tune_storage}/{spec.name}"
+    exists = tune.Tuner.can_restore(tune_experiment, tune_filesystem)
     if resume and not exists:
         raise SweepError(f"--resume: there is no sweep to resume at {experiment_path}")
     if exists and not resume:
@@ -122,7 +130,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_DRIVER_CPUS})
     if resume:
         tuner = tune.Tuner.restore(
-            f"{tune_storage}/{spec.name}", trainable=trainable, resume_unfinished=True,
+            tune_experiment, trainable=trainable, resume_unfinished=True,
             resume_errored=False, storage_filesystem=tune_filesystem,
         )
     else:
@@ -150,10 +158,9 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False
         )
     results = tuner.fit()
     summary = SweepSummary(spec.name, experiment_path, uri, parent_run_id, interrupted=False)
-    if any(result.error is None and not (result.metrics or {}).get("done") for result in results):
+    if _unfinished_trials(tune_experiment, tune_filesystem):
         # Stopped (Ctrl+C) before every trial ended: Tune saved the experiment, and a resume
-        # runs only the trials that had not ended (a trial's last result is `done` when it
-        # ran every epoch or ASHA stopped it).
+        # runs only the trials that had not ended.
         client.set_terminated(parent_run_id, status="KILLED")
         summary.interrupted = True
         return summary

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
@@ -167,12 +168,18 @@ def test_sweep_records_parent_children_and_best_model(swept, tmp_path):
         assert by_step[2 * record.epochs_done] == pytest.approx(record.metric)
         if record.status == "completed":
             assert record.epochs_done == 2 and run.info.status == "FINISHED"
-        else:  # ASHA stopped it at its first rung, below the best trial there
+        else:  # ASHA stopped it at its rung (epoch 1)
             assert record.status == "stopped early" and record.epochs_done == 1
             assert run.info.status == "KILLED"
-            rung = [r.history[0] for r in records.values() if r.history]
-            assert record.history[0] < max(rung)
-    assert sum(r.status == "completed" for r in records.values()) >= 1
+    # ASHA (reduction factor 2, one trial at a time, in trial order) stops a trial whose epoch-1
+    # metric is below the median of the earlier trials' at that rung, across the resume too:
+    # the rungs are rebuilt from the restored trials' saved results.
+    earlier: list[float] = []
+    for record in sorted(records.values(), key=lambda r: r.trial_id):
+        first = record.history[0]
+        expected = "stopped early" if earlier and first < float(np.percentile(earlier, 50)) else "completed"
+        assert record.status == expected, (record, earlier)
+        earlier.append(first)
 
     # The best completed trial: on the parent, and its model registered from its model/ artifact.
     best = max((r for r in records.values() if r.status == "completed"), key=lambda r: r.metric)

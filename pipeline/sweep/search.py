@@ -153,9 +153,9 @@ def build_scheduler(spec: SweepSpec, final_epoch: int):
     """
     if spec.asha is None:
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from pipeline.sweep.asha import ResumableASHA
 
-    return ASHAScheduler(
+    return ResumableASHA(
         time_attr="epoch",
         max_t=final_epoch - 1,
         grace_period=spec.asha.grace_period,

@@ -21,10 +21,16 @@ from pipeline.distributed import mean_across_ranks
 from pipeline.learner import MetricLearner
 from pipeline.losses import build_loss
 from pipeline.models import build_model
+from pipeline.reporting.test_embeddings import save_test_embeddings
+from pipeline.tracking import save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
-from pipeline.training.evaluate import evaluate_retrieval
+from pipeline.training.evaluate import embed_and_evaluate
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
+
+FINAL_FLUSH_S = 10.0
+"""How long rank 0 waits for the tracking server to take the run's last metrics; what it does
+not take travels in the final checkpoint and the driver resends it."""
 
 
 @dataclass
@@ -158,11 +164,18 @@ def train_loop_per_worker(payload: dict) -> None:
             epoch = done // plan.steps_per_epoch
             last = done == plan.total_steps
             metrics = {"step": done, "epoch": epoch}
+            final = None
             if rank == 0 and (epoch % config.eval.every_epochs == 0 or last):
-                metrics.update(
-                    _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh)
+                evaluated, embedded = _evaluate(
+                    inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh
                 )
-            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh)
+                metrics.update(evaluated)
+                if last:
+                    # The last checkpoint carries what the driver needs to finish the MLflow
+                    # record: the test embeddings (plots) and the metrics the server did not
+                    # get. The other ranks wait at the report: flush for a bounded time only.
+                    final = (embedded, logger.close(timeout_s=FINAL_FLUSH_S))
+            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, final)
             window = _Window()  # evaluation time is not training throughput
 
 
@@ -248,14 +261,14 @@ class _TestImages:
         )
 
 
-def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh) -> dict[str, float]:
+def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh) -> tuple[dict, tuple]:
     start = time.perf_counter()
     if refresh is not None and plan.has_seen_holdout:
         # Magnet inference needs the cluster index of *these* weights: ask for it first, so
         # the actor builds it while the retrieval metrics are computed here.
         refresh.publish(done, inner, confirm=True)
     gallery = None if test_images.gallery is None else test_images.gallery.batches()
-    metrics = evaluate_retrieval(
+    metrics, embedded = embed_and_evaluate(
         inner.embedder, test_images.batches(), device, config.eval, autocast, gallery
     )
     logged = {f"test/{k}": v for k, v in metrics.items()}
@@ -269,10 +282,10 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_i
     logger.log(logged, done)
     shown = {k: v for k, v in metrics.items() if not k.startswith("num_")}
     _emit(plan, 0, {"kind": "eval", "epoch": epoch, "metrics": shown, "seconds": seconds})
-    return logged
+    return logged, embedded
 
 
-def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh) -> None:
+def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, final=None) -> None:
     import ray.train
 
     if rank != 0:
@@ -285,6 +298,10 @@ def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml
         )
         if refresh is not None:
             refresh.save(directory, done)
+        if final is not None:
+            (embeddings, labels, ids), unlogged = final
+            save_test_embeddings(directory, embeddings, labels, ids)
+            save_unlogged(directory, unlogged)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

@@ -9,9 +9,14 @@ run name (a resumed run) continues the same MLflow run.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN_NAME_TAG = "pipeline.run_name"
@@ -111,24 +116,187 @@ def start_run(config, run_name: str, config_yaml: str, tags: dict[str, str]) -> 
     return run_id
 
 
-class MetricsLogger:
-    """Rank 0's writer: batches of metrics at a step, into the driver's run."""
+UNLOGGED_FILE = "unlogged_metrics.json"
+"""Written into the final checkpoint: the metrics rank 0 could not send (the driver resends)."""
 
-    def __init__(self, uri: str, run_id: str):
+# MLflow retries a failed HTTP call 7 times with backoff (minutes per call) and waits 120 s
+# for a reply. The pipeline retries on its own, in the background, so processes that log turn
+# those down unless the user has set them.
+_MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+_MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+
+
+def describe_error(err: BaseException) -> str:
+    """A one-line account of a tracking failure: the OS error behind MLflow's wrapped HTTP
+    errors when there is one (`[Errno 111] Connection refused`), else the first line."""
+    text = str(err)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    if cause:
+        return f"{type(err).__name__} ({cause.group(0).strip()})"
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _limit_mlflow_http_retries() -> None:
+    for key, value in _MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass
+class UnloggedMetrics:
+    """Metrics that never reached the tracking server: `held` can still be sent (MLflow
+    `Metric`s, timestamps kept, so a resend never duplicates), `dropped` were discarded when
+    the buffer was full (key -> [count, first step, last step])."""
+
+    held: list = field(default_factory=list)
+    dropped: dict[str, list[int]] = field(default_factory=dict)
+    error: str = ""
+    """The last error the tracking server gave."""
+
+    def __bool__(self) -> bool:
+        return bool(self.held or self.dropped)
+
+    def describe(self) -> list[str]:
+        """One line per metric name: how many values, at which steps, and whether resendable."""
+        steps: dict[str, list[int]] = {}
+        for metric in self.held:
+            steps.setdefault(metric.key, []).append(metric.step)
+        lines = [f"metric {key}: {len(s)} values at steps {_step_span(s)} (held)" for key, s in sorted(steps.items())]
+        lines += [
+            f"metric {key}: {count} values at steps {first}..{last} (dropped: the buffer was full)"
+            for key, (count, first, last) in sorted(self.dropped.items())
+        ]
+        return lines
+
+    def to_json(self) -> str:
+        """JSON text (saved in the final checkpoint as `UNLOGGED_FILE`)."""
+        held = [[m.key, m.value, m.timestamp, m.step] for m in self.held]
+        return json.dumps({"held": held, "dropped": self.dropped, "error": self.error})
+
+    @classmethod
+    def from_json(cls, text: str) -> UnloggedMetrics:
+        """Inverse of `to_json`."""
+        from mlflow.entities import Metric
+
+        doc = json.loads(text)
+        held = [Metric(key, value, timestamp, step) for key, value, timestamp, step in doc["held"]]
+        return cls(held, doc["dropped"], doc["error"])
+
+
+def _step_span(steps: list[int]) -> str:
+    steps = sorted(set(steps))
+    return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}..{steps[-1]}"
+
+
+def save_unlogged(directory: str, unlogged: UnloggedMetrics) -> None:
+    """Write `unlogged` into a checkpoint directory (nothing when everything was sent)."""
+    if unlogged:
+        (Path(directory) / UNLOGGED_FILE).write_text(unlogged.to_json())
+
+
+def load_unlogged(directory: str) -> UnloggedMetrics:
+    """What `save_unlogged` wrote into a checkpoint directory (empty if nothing)."""
+    path = Path(directory) / UNLOGGED_FILE
+    return UnloggedMetrics.from_json(path.read_text()) if path.exists() else UnloggedMetrics()
+
+
+class MetricsLogger:
+    """Rank 0's writer: batches of metrics at a step, into the driver's run.
+
+    `log` never blocks on the tracking server and never fails: a background thread sends the
+    queued metrics. While the server cannot be reached it keeps them (at most `max_buffered`;
+    later ones are dropped and counted) and retries with exponential backoff, from
+    `first_backoff_s` doubling up to `max_backoff_s`. `close` sends what it can before a
+    deadline and returns what was not sent.
+    """
+
+    def __init__(self, uri: str, run_id: str, *, max_buffered: int = 200_000,
+                 first_backoff_s: float = 1.0, max_backoff_s: float = 60.0):
         from mlflow import MlflowClient
 
+        _limit_mlflow_http_retries()
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self.max_buffered = max_buffered
+        self.first_backoff_s = first_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.failures = 0
+        """Failed sends in a row (0 while the server answers)."""
+        self.last_error = ""
+        self._pending: deque = deque()
+        self._dropped: dict[str, list[int]] = {}
+        self._cond = threading.Condition()
+        self._closing = False
+        self._stop = False
+        self._retry_now = False
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Log `metrics` at `step` (names made MLflow-safe by `metric_name`)."""
+        """Queue `metrics` at `step` (names made MLflow-safe by `metric_name`)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()],
-        )
+        self.resend([Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()])
+
+    def resend(self, metrics: list) -> None:
+        """Queue MLflow `Metric`s as they are (e.g. `UnloggedMetrics.held` of another logger)."""
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("MetricsLogger is closed")
+            room = max(0, self.max_buffered - len(self._pending))
+            self._pending.extend(metrics[:room])
+            for metric in metrics[room:]:
+                count, first, last = self._dropped.get(metric.key, [0, metric.step, metric.step])
+                self._dropped[metric.key] = [count + 1, min(first, metric.step), max(last, metric.step)]
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        """Metrics queued and not yet acknowledged by the server."""
+        with self._cond:
+            return len(self._pending)
+
+    def close(self, timeout_s: float = 30.0) -> UnloggedMetrics:
+        """Send what is queued (retrying at once, then with backoff) for at most `timeout_s`;
+        returns what was not sent. The logger takes no more metrics afterwards."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._closing = self._retry_now = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._pending, timeout=max(0.0, deadline - time.monotonic()))
+            self._stop = True
+            self._cond.notify_all()
+        # A send still in flight may land after this; a resend of the same Metric is harmless.
+        self._thread.join(timeout=1.0)
+        with self._cond:
+            return UnloggedMetrics(list(self._pending), dict(self._dropped), self.last_error)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stop)
+                if self._stop:
+                    return
+                batch = [self._pending[i] for i in range(min(len(self._pending), _MAX_METRICS_PER_BATCH))]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # noqa: BLE001 - any failure: keep the metrics, retry later
+                with self._cond:
+                    self.failures += 1
+                    self.last_error = describe_error(err)
+                    delay = min(self.first_backoff_s * 2 ** (self.failures - 1), self.max_backoff_s)
+                    self._cond.wait_for(lambda: self._stop or self._retry_now, timeout=delay)
+                    self._retry_now = False
+                continue
+            with self._cond:
+                for _ in batch:
+                    self._pending.popleft()
+                self.failures = 0
+                self._cond.notify_all()
 
 
 def metric_name(key: str) -> str:
@@ -136,11 +304,44 @@ def metric_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, failed: bool) -> None:
-    """Attach the final checkpoint as artifacts and close the run."""
+def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, failed: bool, *,
+               artifacts: dict[str, str] | None = None, retry_s: float = 60.0) -> list[str]:
+    """Attach the final checkpoint (`model/`) and the folders in `artifacts` (MLflow path ->
+    local folder), then close the run. Each step is retried with backoff while `retry_s`
+    lasts; returns one line per thing that could not be recorded (empty when all was)."""
     from mlflow import MlflowClient
 
+    _limit_mlflow_http_retries()
     client = MlflowClient(uri)
-    if checkpoint_dir:
-        client.log_artifacts(run_id, checkpoint_dir, "model")
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    folders = {"model": checkpoint_dir} if checkpoint_dir else {}
+    folders.update(artifacts or {})
+    status = "FAILED" if failed else "FINISHED"
+    steps = [
+        (f"artifacts {path}/ (from {local})", lambda p=path, d=local: client.log_artifacts(run_id, d, p))
+        for path, local in folders.items()
+    ]
+    steps.append((f"run status {status} (the run still shows RUNNING)",
+                  lambda: client.set_terminated(run_id, status=status)))
+    deadline = time.monotonic() + retry_s
+    not_recorded = []
+    for what, step in steps:
+        error = _retried(step, deadline)
+        if error:
+            not_recorded.append(f"{what}: {error}")
+    return not_recorded
+
+
+def _retried(step, deadline: float) -> str:
+    """Run `step` until it succeeds or `deadline` passes (at least once); '' or its last error."""
+    delay = 1.0
+    while True:
+        try:
+            step()
+            return ""
+        except Exception as err:  # noqa: BLE001 - any failure is retried, then reported
+            error = describe_error(err)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return error
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 30.0)

@@ -62,6 +62,25 @@ def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
     model_files = {a.path for a in client.list_artifacts(summary.run_id, "model")}
     assert {"model/model.pt", "model/state.pt", "model/config.yaml"} <= model_files
 
+    # Plots of the final evaluation (PNG under plots/), made by the driver from the test
+    # embeddings rank 0 saved in the last checkpoint; the tracking store got everything.
+    from PIL import Image
+
+    from pipeline.evaluation.metrics import retrieval_metrics
+    from pipeline.reporting.run_report import PLOT_FILES
+    from pipeline.reporting.test_embeddings import load_test_embeddings
+
+    assert summary.not_logged == ()
+    plot_files = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
+    assert plot_files == {f"plots/{name}" for name in PLOT_FILES}
+    for name in PLOT_FILES:
+        png = Image.open(client.download_artifacts(summary.run_id, f"plots/{name}", str(tmp_path)))
+        assert png.format == "PNG" and min(png.size) > 100, name
+    final = load_test_embeddings(summary.checkpoint_path)
+    assert len(final.ids) == 12 * 12 and sorted(final.ids) == list(range(144))
+    again = retrieval_metrics(final.embeddings, final.labels, ks=(1,), compute_nmi=False)
+    assert again["recall@1"] == pytest.approx(summary.metrics["test/recall@1"])
+
     # The final checkpoint rebuilds the model (weights_only) and embeds images.
     model, saved_config = load_embedding_model(summary.checkpoint_path)
     assert saved_config == config

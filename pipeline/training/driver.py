@@ -26,6 +26,8 @@ class RunSummary:
     tracking_uri: str
     metrics: dict
     checkpoint_path: str | None
+    not_logged: tuple[str, ...] = ()
+    """What the tracking server did not get (metrics, artifacts, run status); empty = all."""
 
 
 def run_name_for(config: Config) -> str:
@@ -234,11 +236,13 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     )
 
     from pipeline.progress import ProgressPrinter
+    from pipeline.reporting.run_report import record_finished_run
     from pipeline.training.checkpoint import load_metrics
 
     failed = True
     checkpoint_path = None
     metrics: dict = {}
+    not_logged: list[str] = []
     refresh_actor = None
     try:
         if actor_name:
@@ -265,17 +269,16 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
                 checkpoint_path = "s3://" + checkpoint_path
             with result.checkpoint.as_directory() as directory:
                 metrics = load_metrics(directory)
-                model_dir = directory if config.tracking.log_model else None
-                tracking.finish_run(uri, run_id, model_dir, failed=False)
+                not_logged = record_finished_run(config, root, uri, run_id, directory, printer)
         else:
-            tracking.finish_run(uri, run_id, None, failed=False)
+            not_logged = tracking.finish_run(uri, run_id, None, failed=False)
         failed = False
     finally:
         if refresh_actor is not None:
             ray.kill(refresh_actor, no_restart=True)
         if failed:
             tracking.finish_run(uri, run_id, None, failed=True)
-    return RunSummary(name, run_id, uri, metrics, checkpoint_path)
+    return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
 
 
 def _trainer_datasets(data) -> dict:

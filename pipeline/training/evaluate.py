@@ -33,7 +33,15 @@ def evaluate_retrieval(
 ) -> dict[str, float]:
     """Recall@K, MAP@R, R-Precision and NMI of the model on the images `batches` yields (queries
     ranked against `gallery_batches`' images when given, else against each other)."""
-    embeddings, labels, _ = embed_batches(model, batches, device, autocast_dtype)
+    return embed_and_evaluate(
+        model, batches, device, eval_config, autocast_dtype, gallery_batches
+    )[0]
+
+
+def embed_and_evaluate(model, batches, device, eval_config, autocast_dtype=None, gallery_batches=None):
+    """`evaluate_retrieval`'s metrics and the (embeddings, labels, ids) they come from; with
+    `gallery_batches` (In-Shop) each image `batches` yields is a query ranked against those."""
+    embeddings, labels, ids = embed_batches(model, batches, device, autocast_dtype)
     gallery = ()
     if gallery_batches is not None:
         gallery = embed_batches(model, gallery_batches, device, autocast_dtype)[:2]
@@ -45,4 +53,4 @@ def evaluate_retrieval(
         compute_nmi=eval_config.nmi,
         use_gpu=device.type == "cuda",
     )
-    return {k: float(v) for k, v in metrics.items()}
+    return {k: float(v) for k, v in metrics.items()}, (embeddings, labels, ids)

@@ -1,0 +1,182 @@
+"""A tracking server that goes away: nothing blocks, nothing raises, everything is retried
+(with backoff, for a bounded time), and what never arrived is named at the end.
+
+The server here is a real `mlflow server` process that the test stops and starts again on
+the same port and store (the shared `mlflow_server` fixture must stay up for other tests).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import (
+    MetricsLogger,
+    UnloggedMetrics,
+    finish_run,
+    load_unlogged,
+    save_unlogged,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServerProcess:
+    """`mlflow server` on a fixed loopback port and store, which can be stopped and restarted."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers /health."""
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child holds it open
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        )
+        log.close()
+        deadline = time.monotonic() + 300  # a loaded 2-core machine can take minutes
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the server (its port then refuses connections)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    process = MlflowServerProcess(tmp_path)
+    process.start()
+    yield process
+    process.stop()
+
+
+def _wait_for(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_unlogged_metrics_survive_a_checkpoint_and_say_what_they_are(tmp_path):
+    from mlflow.entities import Metric
+
+    held = [Metric("train/loss", 0.5, 1000 + s, s) for s in (2, 4, 6, 8, 10)] + [Metric("test/nmi", 0.1, 7, 4)]
+    unlogged = UnloggedMetrics(held, {"train/lr": [3, 12, 16]}, "ConnectionError: refused")
+    save_unlogged(str(tmp_path), unlogged)
+    back = load_unlogged(str(tmp_path))
+    assert [(m.key, m.value, m.timestamp, m.step) for m in back.held] == [
+        (m.key, m.value, m.timestamp, m.step) for m in held
+    ]
+    assert back.dropped == unlogged.dropped and back.error == unlogged.error
+    assert back.describe() == [
+        "metric test/nmi: 1 values at steps 4 (held)",
+        "metric train/loss: 5 values at steps 2..10 (held)",
+        "metric train/lr: 3 values at steps 12..16 (dropped: the buffer was full)",
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_unlogged(str(empty), UnloggedMetrics())
+    assert not any(empty.iterdir()) and not load_unlogged(str(empty))
+
+
+def test_an_unreachable_server_never_blocks_or_raises_and_the_buffer_is_bounded():
+    # Nothing listens on this port: every send is refused.
+    logger = MetricsLogger(f"http://127.0.0.1:{_free_port()}", "0" * 32, max_buffered=6,
+                           first_backoff_s=0.05, max_backoff_s=0.2)
+    for step in range(1, 5):
+        logger.log({"train/loss": 1.0 / step, "train/lr@x": 0.1}, step)
+    _wait_for(lambda: logger.failures >= 1)
+    unlogged = logger.close(timeout_s=0.5)
+    assert "ConnectionError" in unlogged.error or "Connection" in unlogged.error, unlogged.error
+    assert [(m.key, m.step) for m in unlogged.held] == [
+        ("train/loss", 1), ("train/lr_at_x", 1), ("train/loss", 2), ("train/lr_at_x", 2),
+        ("train/loss", 3), ("train/lr_at_x", 3),
+    ]
+    assert unlogged.dropped == {"train/loss": [1, 4, 4], "train/lr_at_x": [1, 4, 4]}
+    with pytest.raises(RuntimeError, match="closed"):
+        logger.log({"train/loss": 0.0}, 5)
+
+
+def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(server, tmp_path, metric_history):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    logger = MetricsLogger(server.uri, run_id, first_backoff_s=0.2, max_backoff_s=1.0)
+    logger.log({"train/loss": 1.0}, 1)
+    _wait_for(lambda: logger.pending == 0)
+
+    server.stop()
+    for step in range(2, 6):  # training goes on: log() returns at once, nothing raises
+        logger.log({"train/loss": 1.0 / step, "test/recall@1": step / 10}, step)
+    _wait_for(lambda: logger.failures >= 2)  # it did try, and failed, more than once
+    assert logger.pending == 8
+
+    # Still down when a run ends: rank 0 hands over what it holds, and the driver retries for
+    # a bounded time, then says what is missing (metrics, artifacts, the run's status).
+    last = MetricsLogger(server.uri, run_id, first_backoff_s=0.2, max_backoff_s=1.0)
+    last.log({"train/loss": 0.1}, 6)
+    last.log({"train/loss": 0.05}, 7)
+    held = last.close(timeout_s=1)
+    assert held.describe() == ["metric train/loss: 2 values at steps 6, 7 (held)"]
+    model_dir, plot_dir = tmp_path / "checkpoint", tmp_path / "plots"
+    model_dir.mkdir()
+    plot_dir.mkdir()
+    (model_dir / "model.pt").write_bytes(b"weights")
+    (plot_dir / "recall_at_k.png").write_bytes(b"png")
+    missing = finish_run(server.uri, run_id, str(model_dir), failed=False,
+                         artifacts={"plots": str(plot_dir)}, retry_s=1)
+    assert [line.split(":")[0] for line in missing] == [
+        f"artifacts model/ (from {model_dir})", f"artifacts plots/ (from {plot_dir})",
+        "run status FINISHED (the run still shows RUNNING)",
+    ], missing
+
+    server.start()  # same port, same store
+    unlogged = logger.close(timeout_s=60)
+    assert not unlogged, unlogged.describe()
+    resender = MetricsLogger(server.uri, run_id)
+    resender.resend(held.held)
+    assert not resender.close(timeout_s=60)
+    assert finish_run(server.uri, run_id, str(model_dir), failed=False, artifacts={"plots": str(plot_dir)}) == []
+
+    assert [m.step for m in metric_history(client, run_id, "train/loss")] == [1, 2, 3, 4, 5, 6, 7]
+    assert [m.value for m in metric_history(client, run_id, "test/recall_at_1")] == [0.2, 0.3, 0.4, 0.5]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")} | {
+        a.path for a in client.list_artifacts(run_id, "plots")
+    }
+    assert artifacts == {"model/model.pt", "plots/recall_at_k.png"}

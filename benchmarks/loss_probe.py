@@ -7,6 +7,8 @@ images (near 1 = collapsed) and Recall@1 on the unseen test classes.
 
     python benchmarks/loss_probe.py 61 loss.name=pddm loss.pddm.quadruplets=per_positive_pair
     python benchmarks/loss_probe.py 61 loss.name=pddm --detach-scores   # E_m trains the unit only
+    python benchmarks/loss_probe.py 101 --save /tmp/triplet.pt           # then warm-start from it:
+    python benchmarks/loss_probe.py 61 loss.name=pddm --init /tmp/triplet.pt
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE settings on top of the local preset")
     parser.add_argument("--detach-scores", action="store_true",
                         help="PDDM: score detached features, so E_m trains the unit and not the embedding")
+    parser.add_argument("--init", help="start from this embedding state_dict (a --save file or a checkpoint's model.pt)")
+    parser.add_argument("--save", help="save the embedding state_dict here at the end")
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = load_config("local", args.overrides)
@@ -57,6 +61,8 @@ def main() -> None:
 
     torch.manual_seed(config.train.seed)
     embedder = build_model(config.model)
+    if args.init:
+        embedder.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     loss = build_loss(config.loss, int(dense.max()) + 1, config.model.embedding_dim)
     learner = MetricLearner(embedder, loss)
     optimizer = build_optimizer(embedder, loss, config.optim, config.loss.lr)
@@ -87,6 +93,8 @@ def main() -> None:
             stats = " ".join(f"{k} {v:.4f}" for k, v in out.stats.items())
             print(f"step {step:4d}  loss {float(out.loss.detach()):.4f}  cosine {cosine:.4f}  R@1 {recall:.3f}  "
                   f"{stats}  {time.perf_counter() - start:.0f}s", flush=True)
+    if args.save:
+        torch.save(embedder.state_dict(), args.save)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.pddm import PDDMLoss, PDDMUnit, mine_quadruplets
+from pipeline.losses.pddm import PDDMLoss, PDDMUnit, mine_quadruplets, semi_hard_negatives
 
 F64 = torch.float64
 
@@ -87,19 +87,27 @@ def test_identical_features_are_finite():
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 3])
 
 
-def _brute_force_quadruplets(scores, labels):
-    """Every (i, j, k, l) by loops over the score matrix, hardest first (ties: first found)."""
+def _brute_force_quadruplets(scores, labels, negatives="hardest"):
+    """Every (i, j, k, l) by loops over the score matrix, hardest first (ties: first found).
+
+    semi_hard: a's negative for the pair scoring `below` is its highest-scoring negative that
+    scores less than `below`, else its hardest."""
     s, y, n = scores.tolist(), labels.tolist(), len(labels)
 
-    def hardest_negative(a):
+    def negative_of(a, below=float("inf")):
         best = None
         for b in range(n):
-            if y[b] != y[a] and (best is None or s[a][b] > s[a][best]):
+            if y[b] != y[a] and s[a][b] < below and (best is None or s[a][b] > s[a][best]):
                 best = b
-        return best
+        return negative_of(a) if best is None else best
+
+    def quadruplet(i, j):
+        if negatives == "hardest":
+            return (i, j, negative_of(i), negative_of(j))
+        return (i, j, negative_of(i, s[i][j]), negative_of(j, s[i][j]))
 
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if y[i] == y[j]]
-    quads = [(i, j, hardest_negative(i), hardest_negative(j)) for i, j in pairs]
+    quads = [quadruplet(i, j) for i, j in pairs]
     hardest = min(quads, key=lambda q: s[q[0]][q[1]])
     return hardest, quads
 
@@ -138,11 +146,39 @@ def test_mining_picks_the_brute_force_quadruplets(seed):
     assert mined == quads
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_semi_hard_negatives_score_below_their_pair(seed):
+    unit = _unit(seed=seed)
+    scores = unit.pairwise_scores(_features(7, 4, seed=10 + seed))
+    _, quads = _brute_force_quadruplets(scores, LABELS, "semi_hard")
+    _, hardest = mine_quadruplets(scores, LABELS, "per_positive_pair")
+    chosen = semi_hard_negatives(scores, LABELS, hardest)
+    assert [(i, j, chosen[i, j].item(), chosen[j, i].item()) for i, j, _, _ in quads] == quads
+    assert all(scores[i, k] < scores[i, j] for i, j, k, _ in quads if k != hardest[i])
+
+
+def test_semi_hard_falls_back_to_the_hardest_negative():
+    """S_ab = a + b: 3's negatives all outscore the pair (0, 3), so 3 gets its hardest."""
+    idx = torch.arange(7, dtype=F64)
+    scores = idx[:, None] + idx[None, :]
+    _, hardest = mine_quadruplets(scores, LABELS, "per_positive_pair")
+    chosen = semi_hard_negatives(scores, LABELS, hardest)
+    assert hardest.tolist() == [6, 6, 6, 6, 6, 6, 5]
+    # Pair (0, 3), S = 3: 0's negatives score 1, 2, 4, 5, 6 -> 2 (index 2); 3's score 4, 5, 7, 8,
+    # 9 -> none below 3 -> its hardest, 6. Pair (1, 4), S = 5: 1's negatives score 1, 3, 4, 6, 7
+    # -> 4 (index 3); 4's score 4, 6, 7, 9, 10 -> 4 (index 0).
+    assert (chosen[0, 3].item(), chosen[3, 0].item()) == (2, 6)
+    assert (chosen[1, 4].item(), chosen[4, 1].item()) == (3, 0)
+
+
+@pytest.mark.parametrize("negatives", ["hardest", "semi_hard"])
 @pytest.mark.parametrize("mode", ["hardest", "per_positive_pair"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_loss_matches_hand_computation(mode, seed):
+def test_loss_matches_hand_computation(mode, negatives, seed):
     alpha, beta, lam = 0.5, 1.0, 0.5
-    loss = PDDMLoss(4, 5, alpha=alpha, beta=beta, lam=lam, quadruplets=mode).double()
+    loss = PDDMLoss(
+        4, 5, alpha=alpha, beta=beta, lam=lam, quadruplets=mode, negatives=negatives
+    ).double()
     torch.manual_seed(seed)
     for p in loss.unit.parameters():
         torch.nn.init.normal_(p)
@@ -157,7 +193,7 @@ def test_loss_matches_hand_computation(mode, seed):
         ],
         dtype=F64,
     )
-    hardest, quads = _brute_force_quadruplets(scores, LABELS)
+    hardest, quads = _brute_force_quadruplets(scores, LABELS, negatives)
     e_m, e_e, total = _hand_loss(
         [hardest] if mode == "hardest" else quads, scores, features, alpha, beta, lam
     )
@@ -172,9 +208,13 @@ def test_loss_matches_hand_computation(mode, seed):
         assert out.stats["negative_score"] == pytest.approx(expected_negative, abs=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["hardest", "per_positive_pair"])
-def test_gradcheck_embeddings_and_unit(mode):
-    loss = PDDMLoss(4, 5, alpha=2.0, beta=3.0, quadruplets=mode).double()  # margins: hinges active
+@pytest.mark.parametrize(
+    ("mode", "negatives"),
+    [("hardest", "hardest"), ("per_positive_pair", "hardest"), ("per_positive_pair", "semi_hard")],
+)
+def test_gradcheck_embeddings_and_unit(mode, negatives):
+    # Margins large enough that every hinge is active.
+    loss = PDDMLoss(4, 5, alpha=2.0, beta=3.0, quadruplets=mode, negatives=negatives).double()
     embeddings = _features(7, 4, seed=30).requires_grad_(True)
     params = {name: p.detach().clone().requires_grad_(True) for name, p in loss.named_parameters()}
     names = list(params)
@@ -211,3 +251,5 @@ def test_float32_matches_float64():
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="quadruplets"):
         PDDMLoss(4, quadruplets="all")
+    with pytest.raises(ValueError, match="negatives"):
+        PDDMLoss(4, negatives="easy")

@@ -152,6 +152,10 @@ class PDDMSettings:
     quadruplets: Literal["hardest", "per_positive_pair"] = setting(
         "hardest", "One quadruplet per batch (the paper) or one per positive pair."
     )
+    negatives: Literal["hardest", "semi_hard"] = setting(
+        "hardest",
+        "Negatives of a pair: highest score (the paper) or highest score below the pair's (semi_hard).",
+    )
 
 
 @dataclass

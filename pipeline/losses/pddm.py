@@ -20,6 +20,11 @@ QuadrupletMode = Literal["hardest", "per_positive_pair"]
 QUADRUPLET_MODES = ("hardest", "per_positive_pair")
 """`hardest`: the paper's one quadruplet per batch; `per_positive_pair`: one per positive pair."""
 
+NegativeMode = Literal["hardest", "semi_hard"]
+NEGATIVE_MODES = ("hardest", "semi_hard")
+"""`hardest`: the paper's negative of highest score; `semi_hard`: the highest score still below
+the positive pair's (FaceNet's rule, in score space), the hardest when there is none."""
+
 
 class PDDMUnit(nn.Module):
     """Similarity score S(fi, fj) of two normalised features (higher = more similar).
@@ -85,6 +90,24 @@ def mine_quadruplets(
     return pairs, hardest_negative
 
 
+@torch.no_grad()
+def semi_hard_negatives(
+    scores: torch.Tensor, labels: torch.Tensor, hardest_negative: torch.Tensor
+) -> torch.Tensor:
+    """k [N, N]: for the pair (i, j), the negative of i of highest score S_ik < S_ij, or i's
+    hardest negative if every negative scores at least S_ij. j's negative is entry [j, i].
+
+    Why an option: mining by the unit's own highest scores has a degenerate optimum when classes
+    overlap (a constant unit makes E_m = 2 alpha, less than any unit whose hardest negatives
+    outscore its hardest positives), and the run collapses (benchmarks/README.md). Negatives
+    below the positive score keep a gradient that widens the gap instead. Costs [N, N, N].
+    """
+    _, negatives = pair_masks(labels)
+    below = negatives[:, None, :] & (scores[:, None, :] < scores[:, :, None])  # [i, j, k]
+    candidate = scores[:, None, :].masked_fill(~below, float("-inf")).argmax(dim=2)
+    return torch.where(below.any(dim=2), candidate, hardest_negative[:, None])
+
+
 class PDDMLoss(MetricLoss):
     """Double-header hinge on PDDM-mined hard quadruplets; owns the PDDM unit it trains.
 
@@ -108,17 +131,22 @@ class PDDMLoss(MetricLoss):
         beta: float = 1.0,
         lam: float = 0.5,
         quadruplets: QuadrupletMode = "hardest",
+        negatives: NegativeMode = "hardest",
     ):
         """alpha: margin on scores; beta: margin on distances; lam: weight of the embedding
-        loss E_e; quadruplets: "hardest" (the paper) or "per_positive_pair"."""
+        loss E_e; quadruplets: "hardest" (the paper) or "per_positive_pair"; negatives:
+        "hardest" (the paper) or "semi_hard"."""
         super().__init__()
         if quadruplets not in QUADRUPLET_MODES:
             raise ValueError(f"quadruplets must be one of {QUADRUPLET_MODES}, got {quadruplets!r}")
+        if negatives not in NEGATIVE_MODES:
+            raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
         self.unit = PDDMUnit(embedding_dim, hidden_dim)
         self.alpha = alpha
         self.beta = beta
         self.lam = lam
         self.quadruplets = quadruplets
+        self.negatives = negatives
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, **extras) -> LossOutput:
         """embeddings [N, D] (normalised here), labels [N] long."""
@@ -128,24 +156,32 @@ class PDDMLoss(MetricLoss):
         pairs, hardest_negative = mine_quadruplets(scores, labels, self.quadruplets)
 
         # Everything below is an [N, N] matrix whose entry (i, j) belongs to the quadruplet of
-        # pair (i, j); the mask then selects the mined pairs. Values are picked by masks and
-        # reductions rather than gathers, whose backward accumulates with atomics on CUDA.
-        is_hardest_negative = F.one_hot(hardest_negative, labels.shape[0]).bool()
-        negative_score = torch.where(is_hardest_negative, scores, 0.0).sum(dim=1)  # S_ik per i
-        negative_distance = torch.where(is_hardest_negative, distances, 0.0).sum(dim=1)
+        # pair (i, j): i's negative k is picked by row [i, j] of `chosen`, j's negative l by row
+        # [j, i] (scores are symmetric), so j's side is the transpose of i's. The mask then
+        # selects the mined pairs. Values are picked by masks and reductions rather than
+        # gathers, whose backward accumulates with atomics on CUDA.
+        n = labels.shape[0]
+        if self.negatives == "semi_hard":
+            chosen = F.one_hot(semi_hard_negatives(scores, labels, hardest_negative), n).bool()
+            negative_score = torch.where(chosen, scores[:, None, :], 0.0).sum(dim=2)  # S_ik
+            negative_distance = torch.where(chosen, distances[:, None, :], 0.0).sum(dim=2)
+        else:  # i's hardest negative does not depend on j
+            chosen = F.one_hot(hardest_negative, n).bool()
+            negative_score = torch.where(chosen, scores, 0.0).sum(dim=1)[:, None].expand(n, n)
+            negative_distance = torch.where(chosen, distances, 0.0).sum(dim=1)[:, None].expand(n, n)
 
-        # Hinge of pair (i, j) against i's hardest negative k, and against j's hardest l.
+        # Hinge of pair (i, j) against i's negative k, and against j's negative l.
         alpha, beta = self.alpha, self.beta
-        metric_loss = torch.relu(alpha + negative_score[:, None] - scores)
-        metric_loss = metric_loss + torch.relu(alpha + negative_score[None, :] - scores)
-        embedding_loss = torch.relu(beta + distances - negative_distance[:, None])
-        embedding_loss = embedding_loss + torch.relu(beta + distances - negative_distance[None, :])
+        metric_loss = torch.relu(alpha + negative_score - scores)
+        metric_loss = metric_loss + torch.relu(alpha + negative_score.T - scores)
+        embedding_loss = torch.relu(beta + distances - negative_distance)
+        embedding_loss = embedding_loss + torch.relu(beta + distances - negative_distance.T)
         # masked_mean is 0 but still attached to the graph when no quadruplet was mined.
         e_m = masked_mean(metric_loss, pairs)
         e_e = masked_mean(embedding_loss, pairs)
 
         with torch.no_grad():
-            mined_negative_scores = (negative_score[:, None] + negative_score[None, :]) / 2.0
+            mined_negative_scores = (negative_score + negative_score.T) / 2.0
             stats = {
                 "E_m": float(e_m),
                 "E_e": float(e_e),

@@ -58,9 +58,11 @@ def evaluate_checkpoint(
     printer=print,
 ) -> EvaluationSummary:
     """Recall@K, MAP@R, R-Precision and NMI of the checkpoint `reference` (a directory or a run
-    name) on `data.test_split` (queries against each other, or against `gallery_split`)."""
+    name) on `data.test_split`: queries against each other, or against `gallery_split` (by
+    default the dataset's, when its metadata.json names a query/gallery protocol)."""
     from pipeline import tracking
-    from pipeline.training.driver import run_name_for
+    from pipeline.training.driver import apply_dataset_evaluation, run_name_for
+    from pipeline.training.driver import gallery_split as dataset_gallery_split
 
     overrides = list(overrides or [])
     with tempfile.TemporaryDirectory() as scratch:
@@ -76,6 +78,10 @@ def evaluate_checkpoint(
     else:
         root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
     metadata = read_metadata(root)
+    # The dataset's own protocol (In-Shop: query vs gallery, its Recall@K cut-offs) where the
+    # settings are left at their defaults, as in training.
+    config = apply_dataset_evaluation(config, metadata)
+    gallery_split = gallery_split or dataset_gallery_split(config, metadata) or None
     split = config.data.test_split
     for name, where in ((split, "data.test_split"), (gallery_split, "gallery split")):
         if name is not None and name not in metadata.splits:

@@ -101,9 +101,8 @@ def export_embeddings(
     if len(ids) != expected:
         raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {expected}")
 
-    index = build_index(
-        embeddings, ids, index_description
-    )  # may fail (too few to train): before writing
+    # Built before anything is written: training an IVF index can fail (too few images).
+    index = build_index(embeddings, ids, index_description)
     filesystem, path = filesystem_of(export_dir)
     filesystem.create_dir(path)
     write_embeddings(export_dir, ids, labels, embeddings)

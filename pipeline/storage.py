@@ -79,10 +79,9 @@ def check_uri(uri: str, where: str) -> None:
         )
 
 
-def export_settings(config) -> dict[str, str]:
-    """Check the run's storage URIs and `storage` section, then write the S3 settings into this
-    process's environment (where pyarrow, boto3 and MLflow read them); returns the variables
-    Ray workers need (`worker_env_vars`). Raises ValueError naming the field."""
+def check_settings(config) -> None:
+    """Check the run's storage URIs and `storage` section without touching the environment;
+    raises ValueError naming the field (config validation turns it into a ConfigError)."""
     for where, uri in (
         ("data.root", config.data.root),
         ("data.cache_dir", config.data.cache_dir),
@@ -96,6 +95,15 @@ def export_settings(config) -> dict[str, str]:
         raise ValueError(f"storage.s3_max_attempts: must be >= 1, got {settings.s3_max_attempts}")
     if settings.s3_endpoint_url:
         check_endpoint_url(settings.s3_endpoint_url, "storage.s3_endpoint_url")
+
+
+def export_settings(config) -> dict[str, str]:
+    """Check the run's storage settings (`check_settings`), then write the S3 settings into this
+    process's environment (where pyarrow, boto3 and MLflow read them); returns the variables
+    Ray workers need (`worker_env_vars`). Raises ValueError naming the field."""
+    check_settings(config)
+    settings = config.storage
+    if settings.s3_endpoint_url:
         # The S3-only variable: it wins over AWS_ENDPOINT_URL in pyarrow and botocore alike, and
         # leaves the endpoints of other AWS services (STS for roles) alone.
         os.environ[S3_ENDPOINT_ENV] = settings.s3_endpoint_url

@@ -232,6 +232,12 @@ def validate(config: Config) -> None:
     ks = config.eval.recall_ks
     if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
         raise ConfigError(f"eval.recall_ks: expected a non-empty list of positive ints, got {ks!r}")
+    from pipeline.storage import check_settings  # imports pyarrow: only when validating
+
+    try:
+        check_settings(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

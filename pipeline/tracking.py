@@ -164,7 +164,10 @@ class UnloggedMetrics:
         steps: dict[str, list[int]] = {}
         for metric in self.held:
             steps.setdefault(metric.key, []).append(metric.step)
-        lines = [f"metric {key}: {len(s)} values at steps {_step_span(s)} (held)" for key, s in sorted(steps.items())]
+        lines = [
+            f"metric {key}: {len(s)} values at steps {_step_span(s)} (held)"
+            for key, s in sorted(steps.items())
+        ]
         lines += [
             f"metric {key}: {count} values at steps {first}..{last} (dropped: the buffer was full)"
             for key, (count, first, last) in sorted(self.dropped.items())
@@ -251,7 +254,8 @@ class MetricsLogger:
             self._pending.extend(metrics[:room])
             for metric in metrics[room:]:
                 count, first, last = self._dropped.get(metric.key, [0, metric.step, metric.step])
-                self._dropped[metric.key] = [count + 1, min(first, metric.step), max(last, metric.step)]
+                first, last = min(first, metric.step), max(last, metric.step)
+                self._dropped[metric.key] = [count + 1, first, last]
             self._cond.notify_all()
 
     @property
@@ -267,7 +271,8 @@ class MetricsLogger:
         with self._cond:
             self._closing = self._retry_now = True
             self._cond.notify_all()
-            self._cond.wait_for(lambda: not self._pending, timeout=max(0.0, deadline - time.monotonic()))
+            left = max(0.0, deadline - time.monotonic())
+            self._cond.wait_for(lambda: not self._pending, timeout=left)
             self._stop = True
             self._cond.notify_all()
         # A send still in flight may land after this; a resend of the same Metric is harmless.
@@ -281,7 +286,8 @@ class MetricsLogger:
                 self._cond.wait_for(lambda: self._pending or self._stop)
                 if self._stop:
                     return
-                batch = [self._pending[i] for i in range(min(len(self._pending), _MAX_METRICS_PER_BATCH))]
+                size = min(len(self._pending), _MAX_METRICS_PER_BATCH)
+                batch = [self._pending[i] for i in range(size)]
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as err:  # noqa: BLE001 - any failure: keep the metrics, retry later
@@ -317,7 +323,8 @@ def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, failed: bool, 
     folders.update(artifacts or {})
     status = "FAILED" if failed else "FINISHED"
     steps = [
-        (f"artifacts {path}/ (from {local})", lambda p=path, d=local: client.log_artifacts(run_id, d, p))
+        (f"artifacts {path}/ (from {local})",
+         lambda p=path, d=local: client.log_artifacts(run_id, d, p))
         for path, local in folders.items()
     ]
     steps.append((f"run status {status} (the run still shows RUNNING)",

@@ -21,7 +21,9 @@ from pipeline.reporting.test_embeddings import (
 def _clustered(num_classes: int, per_class: int, noise: float, dim: int = 16, seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(num_classes), per_class)
-    embeddings = rng.normal(size=(num_classes, dim))[labels] + noise * rng.normal(size=(len(labels), dim))
+    embeddings = rng.normal(size=(num_classes, dim))[labels] + noise * rng.normal(
+        size=(len(labels), dim)
+    )
     return embeddings.astype(np.float32), labels
 
 
@@ -93,14 +95,23 @@ def test_figures_render_as_png():
     recall = plots.recall_at_k_figure(np.array([1, 2, 4]), np.array([0.5, 0.7, 0.9]))
     assert recall.axes[0].get_ylabel() == "Recall@K"
     curves = plots.training_curves_figure(
-        (np.arange(1, 9), np.linspace(1, 0.2, 8)), {"recall@1": (np.array([4, 8]), np.array([0.3, 0.5]))}
+        (np.arange(1, 9), np.linspace(1, 0.2, 8)),
+        {"recall@1": (np.array([4, 8]), np.array([0.3, 0.5]))},
     )
     assert [a.get_title() for a in curves.axes] == ["training loss", "test split"]
     points = np.random.default_rng(0).normal(size=(30, 2))
-    projection = plots.projection_figure(points, np.repeat(np.arange(3), 10), {0: "cat", 1: "dog", 2: "emu"})
-    assert [t.get_text() for t in projection.axes[0].get_legend().get_texts()] == ["cat", "dog", "emu"]
+    projection = plots.projection_figure(
+        points, np.repeat(np.arange(3), 10), {0: "cat", 1: "dog", 2: "emu"}
+    )
+    assert [t.get_text() for t in projection.axes[0].get_legend().get_texts()] == [
+        "cat",
+        "dog",
+        "emu",
+    ]
     tile = np.zeros((8, 8, 3), np.uint8)
-    grid = plots.retrieval_grid_figure([tile, tile], [[tile] * 3, [tile] * 3], np.array([[1, 0, 1], [0, 0, 1]], bool))
+    grid = plots.retrieval_grid_figure(
+        [tile, tile], [[tile] * 3, [tile] * 3], np.array([[1, 0, 1], [0, 0, 1]], bool)
+    )
     assert len(grid.axes) == 2 * 4
     for figure in (recall, curves, projection, grid):
         image = _png(figure)
@@ -121,7 +132,9 @@ def test_a_run_gets_four_plots_from_its_saved_test_embeddings(tiny_dataset, tmp_
     table = read_split(tiny_dataset, "test", ["id", "label", "image"])
     ids, labels = table.column("id").to_numpy(), table.column("label").to_numpy()
     rng = np.random.default_rng(0)
-    embeddings = np.eye(16, dtype=np.float32)[labels] + 0.05 * rng.normal(size=(len(ids), 16)).astype(np.float32)
+    embeddings = np.eye(16, dtype=np.float32)[labels] + 0.05 * rng.normal(
+        size=(len(ids), 16)
+    ).astype(np.float32)
     save_test_embeddings(str(tmp_path), embeddings, labels, ids)
     split = load_test_embeddings(str(tmp_path))
     np.testing.assert_array_equal(split.ids, ids)
@@ -141,10 +154,19 @@ def test_a_run_gets_four_plots_from_its_saved_test_embeddings(tiny_dataset, tmp_
         asked.append(np.asarray(wanted_ids))
         return read_test_images(tiny_dataset, "test", wanted_ids, 12, 14)
 
-    curves = {"train/loss": (np.array([2, 4]), np.array([0.9, 0.5])),
-              "test/recall_at_1": (np.array([4]), np.array([0.8]))}
-    problems = write_plots(str(tmp_path / "plots"), EmbeddedSplit(embeddings, labels, ids), curves,
-                           read_images, {int(c): f"c{c}" for c in np.unique(labels)}, queries=3, neighbours=4)
+    curves = {
+        "train/loss": (np.array([2, 4]), np.array([0.9, 0.5])),
+        "test/recall_at_1": (np.array([4]), np.array([0.8])),
+    }
+    problems = write_plots(
+        str(tmp_path / "plots"),
+        EmbeddedSplit(embeddings, labels, ids),
+        curves,
+        read_images,
+        {int(c): f"c{c}" for c in np.unique(labels)},
+        queries=3,
+        neighbours=4,
+    )
     assert problems == []
     for name in PLOT_FILES:
         assert _png_file(tmp_path / "plots" / name).format == "PNG", name
@@ -154,7 +176,9 @@ def test_a_run_gets_four_plots_from_its_saved_test_embeddings(tiny_dataset, tmp_
     # Without a loss history the other plots are still made, and the missing one is named.
     problems = write_plots(str(tmp_path / "partial"), split, {}, read_images, projection="pca")
     assert problems == ["plots/training_curves.png: not made (no train/loss history)"]
-    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == sorted(set(PLOT_FILES) - {"training_curves.png"})
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == sorted(
+        set(PLOT_FILES) - {"training_curves.png"}
+    )
 
 
 def _png_file(path) -> Image.Image:

@@ -45,10 +45,23 @@ class MlflowServerProcess:
         """Start the server and wait until it answers /health."""
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child holds it open
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
         )
         log.close()
         deadline = time.monotonic() + 300  # a loaded 2-core machine can take minutes
@@ -61,7 +74,9 @@ class MlflowServerProcess:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}"
+                )
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -94,7 +109,9 @@ def _wait_for(condition, timeout_s: float = 60.0) -> None:
 def test_unlogged_metrics_survive_a_checkpoint_and_say_what_they_are(tmp_path):
     from mlflow.entities import Metric
 
-    held = [Metric("train/loss", 0.5, 1000 + s, s) for s in (2, 4, 6, 8, 10)] + [Metric("test/nmi", 0.1, 7, 4)]
+    held = [Metric("train/loss", 0.5, 1000 + s, s) for s in (2, 4, 6, 8, 10)] + [
+        Metric("test/nmi", 0.1, 7, 4)
+    ]
     unlogged = UnloggedMetrics(held, {"train/lr": [3, 12, 16]}, "ConnectionError: refused")
     save_unlogged(str(tmp_path), unlogged)
     back = load_unlogged(str(tmp_path))
@@ -115,23 +132,34 @@ def test_unlogged_metrics_survive_a_checkpoint_and_say_what_they_are(tmp_path):
 
 def test_an_unreachable_server_never_blocks_or_raises_and_the_buffer_is_bounded():
     # Nothing listens on this port: every send is refused.
-    logger = MetricsLogger(f"http://127.0.0.1:{_free_port()}", "0" * 32, max_buffered=6,
-                           first_backoff_s=0.05, max_backoff_s=0.2)
+    logger = MetricsLogger(
+        f"http://127.0.0.1:{_free_port()}",
+        "0" * 32,
+        max_buffered=6,
+        first_backoff_s=0.05,
+        max_backoff_s=0.2,
+    )
     for step in range(1, 5):
         logger.log({"train/loss": 1.0 / step, "train/lr@x": 0.1}, step)
     _wait_for(lambda: logger.failures >= 1)
     unlogged = logger.close(timeout_s=0.5)
     assert "ConnectionError" in unlogged.error or "Connection" in unlogged.error, unlogged.error
     assert [(m.key, m.step) for m in unlogged.held] == [
-        ("train/loss", 1), ("train/lr_at_x", 1), ("train/loss", 2), ("train/lr_at_x", 2),
-        ("train/loss", 3), ("train/lr_at_x", 3),
+        ("train/loss", 1),
+        ("train/lr_at_x", 1),
+        ("train/loss", 2),
+        ("train/lr_at_x", 2),
+        ("train/loss", 3),
+        ("train/lr_at_x", 3),
     ]
     assert unlogged.dropped == {"train/loss": [1, 4, 4], "train/lr_at_x": [1, 4, 4]}
     with pytest.raises(RuntimeError, match="closed"):
         logger.log({"train/loss": 0.0}, 5)
 
 
-def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(server, tmp_path, metric_history):
+def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
+    server, tmp_path, metric_history
+):
     from mlflow import MlflowClient
 
     client = MlflowClient(server.uri)
@@ -158,10 +186,17 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(server
     plot_dir.mkdir()
     (model_dir / "model.pt").write_bytes(b"weights")
     (plot_dir / "recall_at_k.png").write_bytes(b"png")
-    missing = finish_run(server.uri, run_id, str(model_dir), failed=False,
-                         artifacts={"plots": str(plot_dir)}, retry_s=1)
+    missing = finish_run(
+        server.uri,
+        run_id,
+        str(model_dir),
+        failed=False,
+        artifacts={"plots": str(plot_dir)},
+        retry_s=1,
+    )
     assert [line.split(":")[0] for line in missing] == [
-        f"artifacts model/ (from {model_dir})", f"artifacts plots/ (from {plot_dir})",
+        f"artifacts model/ (from {model_dir})",
+        f"artifacts plots/ (from {plot_dir})",
         "run status FINISHED (the run still shows RUNNING)",
     ], missing
 
@@ -171,10 +206,20 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(server
     resender = MetricsLogger(server.uri, run_id)
     resender.resend(held.held)
     assert not resender.close(timeout_s=60)
-    assert finish_run(server.uri, run_id, str(model_dir), failed=False, artifacts={"plots": str(plot_dir)}) == []
+    assert (
+        finish_run(
+            server.uri, run_id, str(model_dir), failed=False, artifacts={"plots": str(plot_dir)}
+        )
+        == []
+    )
 
     assert [m.step for m in metric_history(client, run_id, "train/loss")] == [1, 2, 3, 4, 5, 6, 7]
-    assert [m.value for m in metric_history(client, run_id, "test/recall_at_1")] == [0.2, 0.3, 0.4, 0.5]
+    assert [m.value for m in metric_history(client, run_id, "test/recall_at_1")] == [
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+    ]
     assert client.get_run(run_id).info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run_id, "model")} | {
         a.path for a in client.list_artifacts(run_id, "plots")

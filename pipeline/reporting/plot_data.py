@@ -7,7 +7,9 @@ import numpy as np
 from pipeline.evaluation.metrics import retrieval_metrics
 
 
-def recall_curve(embeddings: np.ndarray, labels: np.ndarray, max_k: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def recall_curve(
+    embeddings: np.ndarray, labels: np.ndarray, max_k: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """(K, Recall@K) for K = 1, 2, 4, ... up to `max_k` or the number of other items, every
     query against all other items (as the evaluation does)."""
     candidates = len(labels) - 1
@@ -17,8 +19,9 @@ def recall_curve(embeddings: np.ndarray, labels: np.ndarray, max_k: int = 1024) 
     return np.asarray(ks), np.asarray([metrics[f"recall@{k}"] for k in ks])
 
 
-def projection_sample(labels: np.ndarray, max_points: int = 2000, max_classes: int = 20,
-                      seed: int = 0) -> np.ndarray:
+def projection_sample(
+    labels: np.ndarray, max_points: int = 2000, max_classes: int = 20, seed: int = 0
+) -> np.ndarray:
     """Sorted indices of at most `max_points` items from at most `max_classes` classes drawn at
     random (seeded), so that a 2-D projection stays readable and fast."""
     rng = np.random.default_rng(seed)

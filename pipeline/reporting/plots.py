@@ -39,13 +39,20 @@ def recall_at_k_figure(ks: np.ndarray, recalls: np.ndarray) -> Figure:
     axes.set_title("Recall@K on the test split (unseen classes)")
     axes.grid(alpha=0.3)
     for k, recall in zip(ks, recalls, strict=True):
-        axes.annotate(f"{recall:.3f}", (k, recall), textcoords="offset points", xytext=(0, 6),
-                      ha="center", fontsize=7)
+        axes.annotate(
+            f"{recall:.3f}",
+            (k, recall),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+        )
     return figure
 
 
-def training_curves_figure(loss: tuple[np.ndarray, np.ndarray],
-                           test: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+def training_curves_figure(
+    loss: tuple[np.ndarray, np.ndarray], test: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> Figure:
     """Training loss against step (left) and test metrics against step (right); `loss` and
     each entry of `test` are (steps, values)."""
     figure = Figure(figsize=(10, 3.6))
@@ -64,8 +71,12 @@ def training_curves_figure(loss: tuple[np.ndarray, np.ndarray],
     return figure
 
 
-def projection_figure(points: np.ndarray, labels: np.ndarray, class_names: dict[int, str] | None = None,
-                      method: str = "t-SNE") -> Figure:
+def projection_figure(
+    points: np.ndarray,
+    labels: np.ndarray,
+    class_names: dict[int, str] | None = None,
+    method: str = "t-SNE",
+) -> Figure:
     """2-D points coloured by class (up to 20 classes get distinct colours), with a legend."""
     import matplotlib
 
@@ -84,7 +95,9 @@ def projection_figure(points: np.ndarray, labels: np.ndarray, class_names: dict[
     return figure
 
 
-def bordered(image: np.ndarray, colour: tuple[int, int, int], width: int | None = None) -> np.ndarray:
+def bordered(
+    image: np.ndarray, colour: tuple[int, int, int], width: int | None = None
+) -> np.ndarray:
     """An RGB uint8 image [H, W, 3] framed by a border of `colour` (default width: 1/12 side)."""
     width = width or max(2, min(image.shape[:2]) // 12)
     framed = np.empty((image.shape[0] + 2 * width, image.shape[1] + 2 * width, 3), dtype=np.uint8)
@@ -93,8 +106,12 @@ def bordered(image: np.ndarray, colour: tuple[int, int, int], width: int | None 
     return framed
 
 
-def retrieval_grid_figure(query_images: list[np.ndarray], neighbour_images: list[list[np.ndarray]],
-                          correct: np.ndarray, query_titles: list[str] | None = None) -> Figure:
+def retrieval_grid_figure(
+    query_images: list[np.ndarray],
+    neighbour_images: list[list[np.ndarray]],
+    correct: np.ndarray,
+    query_titles: list[str] | None = None,
+) -> Figure:
     """One row per query: the query image, then its nearest neighbours in order, framed green
     when of the query's class and red otherwise. `correct` is a bool array [Q, k]."""
     rows, cols = len(query_images), 1 + max((len(n) for n in neighbour_images), default=0)

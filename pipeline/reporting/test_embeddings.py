@@ -23,7 +23,9 @@ class EmbeddedSplit:
     ids: np.ndarray
 
 
-def save_test_embeddings(directory: str, embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+def save_test_embeddings(
+    directory: str, embeddings: np.ndarray, labels: np.ndarray, ids: np.ndarray
+) -> None:
     """Write the final evaluation's embeddings, labels and ids into a checkpoint directory."""
     np.savez(
         Path(directory) / TEST_EMBEDDINGS_FILE,

@@ -11,7 +11,6 @@ queries with their nearest test images (green border: same class, red: other cla
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -100,17 +99,17 @@ def read_test_images(
 ) -> list[np.ndarray]:
     """The images of example `ids` of a dataset split, as the model saw them at evaluation
     (resize + center crop), RGB uint8 [H, W, 3]. Reads only the rows asked for (Parquet
-    row-group statistics on `id`); local paths or s3:// (pyarrow.fs)."""
-    import pyarrow.fs as pafs
+    row-group statistics on `id`); local paths or s3:// (the pipeline's endpoint settings)."""
     import pyarrow.parquet as pq
 
     from pipeline.data.decoding import decode_rgb, eval_transform
     from pipeline.data.format import shard_uris
+    from pipeline.storage import filesystem_for
 
     wanted = np.unique(ids)
     encoded: dict[int, bytes] = {}
     for uri in shard_uris(root, split):
-        filesystem, path = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+        filesystem, path = filesystem_for(uri)
         table = pq.read_table(
             path,
             filesystem=filesystem,

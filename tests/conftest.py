@@ -71,7 +71,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a loaded 2-core machine has taken over 120 s
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:

@@ -7,17 +7,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from pipeline.storage import filesystem_for
 from pipeline.training.checkpoint import CONFIG_FILE, MODEL_FILE, latest_checkpoint
 
 
 class CheckpointNotFound(ValueError):
     """The checkpoint reference names nothing this pipeline wrote."""
-
-
-def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), str(Path(location).resolve())
 
 
 def _is_checkpoint(filesystem: pafs.FileSystem, directory: str) -> bool:
@@ -32,7 +27,7 @@ def _absolute(location: str) -> str:
 def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, directory) of the checkpoint `reference` names: a checkpoint directory, a
     run directory (its latest checkpoint), or a run name under `storage_path` (likewise)."""
-    filesystem, path = _filesystem(reference)
+    filesystem, path = filesystem_for(reference)
     if filesystem.get_file_info(path).type == pafs.FileType.Directory:
         if _is_checkpoint(filesystem, path):
             return filesystem, path

@@ -27,10 +27,10 @@ from pipeline.serving.index import (
     MANIFEST_FILE,
     build_index,
     check_index_description,
-    filesystem_of,
     save_index,
     write_embeddings,
 )
+from pipeline.storage import filesystem_for
 from pipeline.training.checkpoint import load_embedding_model, load_metrics
 
 
@@ -46,7 +46,7 @@ class ExportSummary:
 
 def check_export_dir(export_dir: str) -> None:
     """Refuse an output directory that already holds anything (an export is never overwritten)."""
-    filesystem, path = filesystem_of(export_dir)
+    filesystem, path = filesystem_for(export_dir)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise FileExistsError(f"output directory {export_dir}: is a file")
@@ -103,7 +103,7 @@ def export_embeddings(
 
     # Built before anything is written: training an IVF index can fail (too few images).
     index = build_index(embeddings, ids, index_description)
-    filesystem, path = filesystem_of(export_dir)
+    filesystem, path = filesystem_for(export_dir)
     filesystem.create_dir(path)
     write_embeddings(export_dir, ids, labels, embeddings)
     index_path = save_index(index, export_dir)

@@ -8,14 +8,12 @@ through pyarrow.fs, so an export directory may be local or `s3://`.
 
 from __future__ import annotations
 
-import os
-
 import faiss
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.serving.embedding import embedding_matrix, embeddings_table
+from pipeline.storage import filesystem_for
 
 INDEX_FILE = "index.faiss"
 EMBEDDINGS_DIR = "embeddings"
@@ -23,18 +21,11 @@ MANIFEST_FILE = "export.json"
 """Written last: an export directory without it is unfinished."""
 
 
-def filesystem_of(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a local path or a URI pyarrow understands."""
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), os.path.abspath(location)
-
-
 def write_embeddings(
     export_dir: str, ids: np.ndarray, labels: np.ndarray, embeddings: np.ndarray
 ) -> str:
     """Write the embeddings (rows in id order) as Parquet under the export directory."""
-    filesystem, path = filesystem_of(export_dir)
+    filesystem, path = filesystem_for(export_dir)
     filesystem.create_dir(f"{path}/{EMBEDDINGS_DIR}")
     pq.write_table(
         embeddings_table(ids, labels, embeddings),
@@ -46,7 +37,7 @@ def write_embeddings(
 
 def read_embeddings(export_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids [N] (ascending), labels [N] and embeddings [N, D] float32 of an export."""
-    filesystem, path = filesystem_of(export_dir)
+    filesystem, path = filesystem_for(export_dir)
     table = pq.read_table(f"{path}/{EMBEDDINGS_DIR}", filesystem=filesystem).sort_by("id")
     ids = table.column("id").to_numpy()
     return ids, table.column("label").to_numpy(), embedding_matrix(table)
@@ -79,7 +70,7 @@ def build_index(embeddings: np.ndarray, ids: np.ndarray, description: str = "Fla
 
 def save_index(index, export_dir: str) -> str:
     """Write the index into the export directory; returns its path."""
-    filesystem, path = filesystem_of(export_dir)
+    filesystem, path = filesystem_for(export_dir)
     with filesystem.open_output_stream(f"{path}/{INDEX_FILE}") as stream:
         stream.write(faiss.serialize_index(index).tobytes())
     return f"{export_dir.rstrip('/')}/{INDEX_FILE}"
@@ -87,7 +78,7 @@ def save_index(index, export_dir: str) -> str:
 
 def load_index(export_dir: str):
     """The faiss index of an export (searches return dataset ids)."""
-    filesystem, path = filesystem_of(export_dir)
+    filesystem, path = filesystem_for(export_dir)
     with filesystem.open_input_stream(f"{path}/{INDEX_FILE}") as stream:
         data = stream.read()
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

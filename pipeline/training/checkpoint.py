@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -55,9 +56,38 @@ def load_embedding_model(directory: str):
     return model, config
 
 
+def registered_checkpoint(storage_path: str, run_name: str):
+    """(filesystem, directory, step) of the run's latest checkpoint in Ray Train's own record
+    (its checkpoint manager's snapshot) - the one Ray Train resumes a rerun from - or None.
+
+    A checkpoint that reached storage but was not registered when the driver died (a job
+    stopped between the upload and the report) is not in that record, and Ray Train does not
+    resume from it: neither may the driver, which plans the data from the resume step."""
+    import ray.train
+
+    from pipeline.storage import filesystem_for
+
+    filesystem, root = filesystem_for(storage_path.rstrip("/") + "/" + run_name)
+    # Reading the record makes Ray log a paragraph about resuming; the driver says it itself.
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        result = ray.train.Result.from_path(root, storage_filesystem=filesystem)
+    except RuntimeError:  # no run folder, or nothing registered yet
+        return None
+    finally:
+        quiet.setLevel(level)
+    if result.checkpoint is None:
+        return None
+    return filesystem, result.checkpoint.path, int(result.metrics["step"])
+
+
 def latest_checkpoint(storage_path: str, run_name: str):
-    """(filesystem, directory, step) of the run's checkpoint with the highest step - the one Ray
-    Train resumes a rerun from - or None. Works for local and `s3://` storage (pyarrow)."""
+    """(filesystem, directory, step) of the run's complete checkpoint directory with the highest
+    step, found by listing storage (no Ray needed), or None. Works for local and `s3://` storage
+    (pyarrow). A rerun resumes from `registered_checkpoint`, which is this one unless the last
+    checkpoint was written but never registered."""
     import pyarrow.fs as pafs
 
     from pipeline.storage import filesystem_for

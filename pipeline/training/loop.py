@@ -9,6 +9,7 @@ the checkpoint.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def train_loop_per_worker(payload: dict) -> None:
     plan: RunPlan = payload["plan"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    _write_pid_if_asked(rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(config.train.torch_threads)
@@ -103,6 +105,8 @@ def train_loop_per_worker(payload: dict) -> None:
         from pipeline.tracking import MetricsLogger
 
         logger = MetricsLogger(plan.tracking_uri, plan.run_id)
+        if start_step:
+            logger = _NewStepsOnly(logger)
     config_yaml = config_to_yaml(config)
     # Planners that follow the model give each rank its own stream (see ray_datasets).
     stream = f"train_{rank}" if plan.refresh_actor else "train"
@@ -177,6 +181,48 @@ def train_loop_per_worker(payload: dict) -> None:
                     final = (embedded, logger.close(timeout_s=FINAL_FLUSH_S))
             _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, final)
             window = _Window()  # evaluation time is not training throughput
+
+
+WORKER_PID_DIR_ENV = "PIPELINE_WORKER_PID_DIR"
+"""When set (fault tests), each rank writes its process id to `<dir>/rank-<rank>.pid`."""
+
+
+def _write_pid_if_asked(rank: int) -> None:
+    directory = os.environ.get(WORKER_PID_DIR_ENV)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"rank-{rank}.pid")
+        with open(f"{path}.tmp", "w") as handle:
+            handle.write(str(os.getpid()))
+        os.replace(f"{path}.tmp", path)  # a reader never sees half a number
+
+
+class _NewStepsOnly:
+    """Rank 0's logger in a resumed attempt. The attempt before it (a dead worker group, a
+    stopped job) may have logged steps after its last checkpoint, which this one trains again;
+    a metric is not logged again at a step it already has."""
+
+    def __init__(self, logger):
+        self.logger = logger
+        try:
+            client, run_id = logger.client, logger.run_id
+            self.last_step = {
+                key: max(m.step for m in client.get_metric_history(run_id, key))
+                for key in client.get_run(run_id).data.metrics
+            }
+        except Exception:  # tracking server unreachable: log everything rather than stop training
+            self.last_step = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log the metrics that have no value at `step` yet."""
+        from pipeline.tracking import metric_name
+
+        new = {k: v for k, v in metrics.items() if step > self.last_step.get(metric_name(k), -1)}
+        if new:
+            self.logger.log(new, step)
+
+    def __getattr__(self, name):
+        return getattr(self.logger, name)
 
 
 class _Window:

@@ -492,3 +492,34 @@ def test_every_layout_converts_on_ray(ray_local, tmp_path):
     folders = read_metadata(out["folders"])
     assert sum(i.num_images for i in folders.splits.values()) == 10
     assert len(folders.splits["test"].classes) == 2  # round(5 x 0.5) of the 5 classes
+
+
+def test_a_training_run_records_the_conversion_summary(tmp_path):
+    """What the converter skipped reaches the MLflow run of anything trained on the dataset."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipeline.data.convert.writer import SUMMARY_FILE
+    from pipeline.training.driver import _record_conversion_summary
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "art"))).info.run_id
+    root = tmp_path / "dataset"
+    root.mkdir()
+    printed = []
+    _record_conversion_summary(uri, run_id, str(root), lambda *a, **k: printed.append(a[0]))
+    assert "dataset.skipped_images" not in client.get_run(run_id).data.tags  # no summary: nothing
+
+    summary = {"skipped": {"count": 2, "by_reason": {"corrupt image": 1, "unreadable file": 1},
+                           "images": [{"id": 3}, {"id": 9}]}}
+    (root / SUMMARY_FILE).write_text(json.dumps(summary))
+    _record_conversion_summary(uri, run_id, str(root), lambda *a, **k: printed.append(a[0]))
+    assert client.get_run(run_id).data.tags["dataset.skipped_images"] == "2"
+    logged = client.download_artifacts(run_id, f"dataset/{SUMMARY_FILE}", str(tmp_path / "dl"))
+    assert json.loads(open(logged).read()) == summary
+    assert printed == [
+        "dataset: 2 images were skipped at conversion (1 corrupt image, 1 unreadable file); "
+        f"see dataset/{SUMMARY_FILE} in the MLflow run"
+    ]

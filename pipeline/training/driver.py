@@ -130,6 +130,26 @@ def _init_ray(verbose: bool) -> None:
     )
 
 
+def _record_conversion_summary(uri: str, run_id: str, root: str, printer) -> None:
+    """Put the dataset's conversion summary (what the converter skipped, and why) in the run:
+    the file as an artifact and the skipped count as a tag, so a run on damaged data says so."""
+    from mlflow import MlflowClient
+
+    from pipeline.data.convert.writer import SUMMARY_FILE, read_summary
+
+    summary = read_summary(root)
+    if summary is None:
+        return
+    skipped = summary.get("skipped", {}).get("count", 0)
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "dataset.skipped_images", str(skipped))
+    client.log_dict(run_id, summary, f"dataset/{SUMMARY_FILE}")
+    if skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in summary["skipped"].get("by_reason", {}).items())
+        printer(f"dataset: {skipped} images were skipped at conversion ({reasons}); "
+                f"see dataset/{SUMMARY_FILE} in the MLflow run", flush=True)
+
+
 def run_training(config: Config, *, verbose: bool = False, printer=print,
                  run_tags: dict[str, str] | None = None, callbacks: tuple = ()) -> RunSummary:
     """Train, evaluate and record one run as the config says; returns where the results are.
@@ -166,6 +186,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         },
     )
     printer(f"run {name}: dataset {metadata.name} ({root}), MLflow run {run_id}", flush=True)
+    _record_conversion_summary(uri, run_id, root, printer)
 
     import ray.data
     import ray.train

@@ -243,6 +243,17 @@ def _delete_if_present(destination: str, name: str) -> None:
         fs.delete_file(target)
 
 
+def read_summary(root: str) -> dict[str, Any] | None:
+    """The conversion summary written beside a converted dataset, or None (a dataset written
+    another way, such as the built-in one, has none)."""
+    fs, path = root_filesystem(root)
+    summary_path = posixpath.join(path, SUMMARY_FILE)
+    if fs.get_file_info(summary_path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(summary_path) as stream:
+        return json.loads(stream.read().decode("utf-8"))
+
+
 def describe_summary(summary: dict[str, Any], max_listed: int = 20) -> list[str]:
     """Printable lines of a conversion summary: splits, skipped images (the first few)."""
     lines = [f"wrote {summary['dataset']['name']} to {summary['destination']} "

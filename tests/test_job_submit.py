@@ -162,7 +162,10 @@ class LocalRayCluster:
         return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs if log.exists())
 
     def stop(self) -> None:
-        """Stop each node, the last started first."""
+        """Stop every node: SIGTERM to all first, so that they drain at the same time."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         for process in reversed(self.processes):
             self._stop_process(process)
 

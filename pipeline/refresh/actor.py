@@ -218,7 +218,9 @@ class RefreshActor:
         self.restored_step = index.model_step
         # Training resumes at the checkpoint's step: the planners hold back relative to it.
         self.latest_step = max(self.latest_step, int(state.get("step", index.model_step)))
-        loss = np.asarray(state["example_loss"], dtype=np.float32)
+        # A copy: arrays that come through the object store are read-only, and record_losses
+        # writes into this one (a read-only one failed every call and stalled the planners).
+        loss = np.array(state["example_loss"], dtype=np.float32)
         if len(loss) == self.num_examples:
             self.example_loss = loss
             self.loss_stamp += 1

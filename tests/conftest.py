@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from server_process import stop, wait_until_up
 
 # Fake AWS credentials for the whole session, set before any Ray worker starts (workers inherit
 # the environment of ray.init): S3 tests talk to the local moto server only, and no test can
@@ -56,8 +57,6 @@ def mlflow_server(tmp_path_factory):
     import os
     import subprocess
     import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
     root = tmp_path_factory.mktemp("mlflow_server")
@@ -71,24 +70,10 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # a loaded 2-core machine has taken over 120 s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    # A loaded 2-core machine has taken over 120 s.
+    wait_until_up(server, f"{uri}/health", root / "server.log", "mlflow server", 300)
     yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    stop(server)
     log.close()
 
 
@@ -101,8 +86,6 @@ def s3_server(tmp_path_factory):
     """
     import subprocess
     import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
     log_path = tmp_path_factory.mktemp("moto") / "server.log"
@@ -113,23 +96,9 @@ def s3_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
-                break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"moto_server did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.2)
+    wait_until_up(server, f"{endpoint}/moto-api/", log_path, "moto_server", 60)
     yield endpoint
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    stop(server)
     log.close()
 
 

@@ -12,10 +12,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from server_process import stop, wait_until_up
 
 from pipeline.tracking import (
     MetricsLogger,
@@ -64,30 +64,15 @@ class MlflowServerProcess:
             env={**os.environ, "MLFLOW_TRACKING_URI": ""},
         )
         log.close()
-        deadline = time.monotonic() + 300  # a loaded 2-core machine can take minutes
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
+        # A loaded 2-core machine can take minutes.
+        wait_until_up(self.process, f"{self.uri}/health", self.root / "server.log",
+                      "mlflow server", 300)
 
     def stop(self) -> None:
         """Stop the server (its port then refuses connections)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop(self.process)
+            self.process.wait()
         self.process = None
 
 

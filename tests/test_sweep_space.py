@@ -64,6 +64,8 @@ def test_example_sweep_is_valid_for_every_loss():
     assert {c.loss.triplet.margin for c in configs["magnet"]} == {0.2}
     params = space_params(spec, [])
     assert params["space.optim.lr"] == "loguniform(0.0005, 0.005)"
+    # A trial whose driver dies (its node lost) is retried once unless the file says otherwise.
+    assert spec.max_failures == 1 and params["sweep.max_failures"] == "1"
     assert params["losses.magnet.sampler.name"] == "'neighbourhoods'"
 
 
@@ -87,6 +89,7 @@ def test_exponent_numbers_are_floats_and_overrides_round_trip(tmp_path):
         ("name: x\nlosses: {triplet: {}}\nspace: {optim.lr: {loguniform: [0, 1]}}\n", "needs low > 0"),
         ("name: x\n", "losses: required"),
         ("name: a/b\nlosses: {triplet: {}}\n", "name: 'a/b' must be"),
+        ("name: x\nlosses: {triplet: {}}\nmax_failures: -1\n", "max_failures: must be >= 0"),
     ],
 )
 def test_bad_sweep_files_name_the_field(tmp_path, text, message):

@@ -152,7 +152,9 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False
                 storage_path=tune_storage,
                 storage_filesystem=tune_filesystem,
                 callbacks=[SweepProgress(spec.metric)],
-                failure_config=tune.FailureConfig(max_failures=0),
+                # A trial whose driver died (its node lost) is retried; the retry's run_training
+                # finds the trial's Train run by name and resumes from its last checkpoint.
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 verbose=0,
             ),
         )

@@ -9,6 +9,7 @@ against the config tree before anything runs.
     search: random                # grid | random | optuna | hyperopt
     num_samples: 2
     asha: {grace_period: 2, reduction_factor: 2}     # or false
+    max_failures: 1               # retries of a trial whose driver died (e.g. its node was lost)
     space:                        # sampled for every trial
       optim.lr: {loguniform: [3e-4, 3e-3]}
     losses:                       # loss name -> its own space, sampled only for that loss
@@ -96,6 +97,9 @@ class SweepSpec:
     max_concurrent_trials: int
     register_model: str
     seed: int
+    max_failures: int = 1
+    """Retries of a trial whose attempt failed (its driver died, e.g. its node was lost); a
+    retry resumes the trial's Train run from its last checkpoint."""
     fixed: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Dimension] = field(default_factory=dict)
     losses: dict[str, dict[str, Dimension]] = field(default_factory=dict)
@@ -115,7 +119,7 @@ class SweepSpec:
 
 _TOP_LEVEL = {
     "name", "preset", "fixed", "metric", "mode", "search", "num_samples", "asha",
-    "max_concurrent_trials", "register_model", "seed", "space", "losses",
+    "max_concurrent_trials", "register_model", "seed", "max_failures", "space", "losses",
 }
 
 
@@ -172,6 +176,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     max_concurrent = need("max_concurrent_trials", int, 0)
     if max_concurrent < 0:
         raise SweepError(f"{path}: max_concurrent_trials: must be >= 0 (0: from the cluster), got {max_concurrent}")
+    max_failures = need("max_failures", int, 1)
+    if max_failures < 0:
+        raise SweepError(f"{path}: max_failures: must be >= 0 (retries of a failed trial), got {max_failures}")
     preset = need("preset", str, "local")
     if Path(preset).suffix and not Path(preset).is_absolute():
         # A YAML base config is found beside the sweep file, wherever the sweep is started.
@@ -190,6 +197,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         max_concurrent_trials=max_concurrent,
         register_model=need("register_model", str, ""),
         seed=need("seed", int, 0),
+        max_failures=max_failures,
         fixed=_settings(raw.get("fixed") or {}, f"{path}: fixed"),
         space=_space(raw.get("space") or {}, f"{path}: space", search),
     )
@@ -367,6 +375,7 @@ def space_params(spec: SweepSpec, overrides: list[str]) -> dict[str, str]:
         "sweep.metric": spec.metric,
         "sweep.mode": spec.mode,
         "sweep.num_samples": str(spec.num_samples),
+        "sweep.max_failures": str(spec.max_failures),
         "sweep.preset": spec.preset,
         "sweep.losses": ",".join(spec.losses),
         "sweep.asha": "off" if spec.asha is None else

@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # pip, not uv/poetry: pip takes the local torch build instead of downloading it again.
 .venv/bin/python -m pip install -q --upgrade pip
-# The sweep extra (Optuna) too, so the sweep tests cover every search.
+# The sweep extra (Optuna, HyperOpt) too, so the sweep tests cover every search.
 .venv/bin/python -m pip install -q -e '.[dev,sweep]'

@@ -246,3 +246,50 @@ def test_asha_rungs_stop_before_the_last_epoch(tmp_path):
     spec.asha = type(spec.asha)(grace_period=2, reduction_factor=2)
     rungs = build_scheduler(spec, 8).debug_string()
     assert "Iter 2.000" in rungs and "Iter 4.000" in rungs and "Iter 8.000" not in rungs
+
+
+CLAIMS = Path(__file__).resolve().parent.parent / "pipeline" / "sweeps" / "claims.yaml"
+
+
+def test_claims_sweep_grids_every_arm_over_modes_and_seeds():
+    """The papers'-claims sweep: 6 arms (triplet's two minings are a grid inside its branch)
+    x modes_per_class {3, 1} x 3 seeds = 36 trials, each loss with its preset's settings."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec = load_sweep(CLAIMS)
+    assert spec.search == "grid" and spec.asha is None
+    trials = [trial_settings(v) for _, v in generate_variants(basic_param_space(spec))]
+    arms = {(t["loss.name"], t.get("loss.triplet.mining"), t["data.synthetic.modes_per_class"], t["train.seed"])
+            for t in trials}
+    assert len(trials) == len(arms) == 36
+    magnet = next(t for t in trials if t["loss.name"] == "magnet")
+    assert magnet["sampler.name"] == "neighbourhoods" and magnet["refresh.every_steps"] == 27
+    pddm = next(t for t in trials if t["loss.name"] == "pddm")
+    assert pddm["sampler.name"] == "hard_pools" and pddm["loss.pddm.negatives"] == "semi_hard"
+    configs = candidate_configs(spec, base_overrides(spec, []))
+    assert all(c.eval.nmi is False and c.train.steps_per_epoch == 15 for cs in configs.values() for c in cs)
+
+
+def test_refresh_actor_is_started_outside_the_callers_placement_group(monkeypatch):
+    """A sweep trial's driver runs in Tune's 1-CPU placement group, which refuses a child
+    actor; the refresh actor asks for the default scheduling, so Magnet and PDDM trials start."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from pipeline.training import driver
+
+    options = {}
+
+    class FakeActorClass:
+        def options(self, **kwargs):
+            options.update(kwargs)
+            return self
+
+        def remote(self, *args):
+            return "actor"
+
+    monkeypatch.setattr(ray, "remote", lambda cls: FakeActorClass())
+    data = SimpleNamespace(store=None, holdout_ids=None)
+    assert driver.start_refresh_actor(load_config("magnet"), "a", data, "run", "uri") == "actor"
+    assert options["scheduling_strategy"] == "DEFAULT"

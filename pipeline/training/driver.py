@@ -346,6 +346,9 @@ def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri:
             num_gpus=config.refresh.num_gpus,
             max_restarts=config.refresh.max_restarts,
             max_concurrency=16,
+            # Outside any placement group of the caller: a sweep trial's driver runs in Tune's
+            # 1-CPU trial group, which refuses the actor; the sweep counts its CPUs itself.
+            scheduling_strategy="DEFAULT",
         )
         .remote(config_to_dict(config), data.store, data.holdout_ids, run_id, uri, resume_state)
     )

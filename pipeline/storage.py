@@ -6,8 +6,9 @@ Credentials come from the standard AWS chain only (environment, `AWS_PROFILE` an
 endpoint of an S3-compatible store (MinIO, Ceph, ...) and the retry budget are settings: the
 config section `storage`, else the standard variables `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
 and `AWS_MAX_ATTEMPTS`. `export_settings` writes the config's values into those variables, so
-the driver's own code, Ray Data's readers (they resolve `s3://` URIs in the driver), boto3 and
-MLflow all see the same endpoint, and `worker_env_vars` hands the same variables to Ray workers.
+the driver's own code, boto3 and MLflow all see the same endpoint, and `worker_env_vars` hands
+the same variables to Ray workers. Ray Data reads through `filesystem_for_files`, whose
+filesystem keeps the retry budget in the copies its read tasks get.
 """
 
 from __future__ import annotations
@@ -184,6 +185,25 @@ def filesystem_for(path_or_uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem
             raise ValueError(f"{text}: an s3:// URI needs a bucket")
         return s3_filesystem(path.split("/", 1)[0]), path
     return pafs.FileSystem.from_uri(text)
+
+
+def filesystem_for_files(paths_or_uris) -> tuple[pafs.FileSystem, list[str]]:
+    """One filesystem for files in one store (all local, or all in one bucket) and their paths
+    inside it: what `ray.data.read_parquet(paths, filesystem=...)` wants. Ray Data would
+    otherwise build its own S3 filesystem from the URIs, with pyarrow's default retries."""
+    items = [os.fspath(p) for p in paths_or_uris]
+    if not items:
+        raise ValueError("no files to read")
+    filesystem, first = filesystem_for(items[0])
+    paths = [first]
+    for item in items[1:]:
+        other, path = filesystem_for(item)
+        if other.type_name != filesystem.type_name or (
+            isinstance(filesystem, S3FileSystem) and path.split("/", 1)[0] != first.split("/", 1)[0]
+        ):
+            raise ValueError(f"{item}: not in the same store as {items[0]}")
+        paths.append(path)
+    return filesystem, paths
 
 
 def s3_client():

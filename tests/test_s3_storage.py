@@ -259,3 +259,41 @@ def test_a_filesystem_sent_to_a_ray_worker_keeps_its_retry_budget(flaky_s3, s3_b
     flaky_s3.fail_next(1)
     with pytest.raises(OSError):
         impatient.open_input_stream(f"{s3_bucket}/blob").read()
+
+
+@pytest.mark.ray
+def test_ray_data_reads_of_s3_keep_the_retry_budget(
+    flaky_s3, s3_server, s3_bucket, monkeypatch, ray_local
+):
+    # Ray Data lists and reads the files in its own tasks, with copies of the driver's
+    # filesystem: with the project's, they keep the configured attempts (one Ray Data built
+    # from the URIs would try 3 times, whatever the setting).
+    from pipeline.data.ray_datasets import read_shards
+
+    spec = SyntheticSpec(num_classes=2, images_per_class=2, image_size=16, modes_per_class=1)
+    root = f"s3://{s3_bucket}/datasets/tiny"
+    with monkeypatch.context() as direct:  # written straight to the server, read through the proxy
+        direct.setenv("AWS_ENDPOINT_URL", s3_server)
+        generate_synthetic(root, spec)
+        expected = read_split(root, "test").column("id").to_pylist()
+
+    def read(attempts: int, failures: int) -> list[int]:
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(attempts))
+        dataset = read_shards(shard_uris(root, "test")).select_columns(["id"])
+        flaky_s3.fail_next(failures)  # Ray Data's reads are lazy: they all start below
+        return sorted(row["id"] for row in dataset.take_all())
+
+    assert read(attempts=5, failures=4) == expected
+    assert flaky_s3.failed == 4
+    with pytest.raises(Exception, match="503"):
+        read(attempts=1, failures=1)
+    assert flaky_s3.failed == 1
+
+
+def test_files_read_together_must_be_in_one_store(s3_env, s3_bucket, tmp_path):
+    filesystem, paths = storage.filesystem_for_files([f"s3://{s3_bucket}/a", f"s3://{s3_bucket}/b/c"])
+    assert isinstance(filesystem, storage.S3FileSystem)
+    assert paths == [f"{s3_bucket}/a", f"{s3_bucket}/b/c"]
+    for mixed in ([f"s3://{s3_bucket}/a", str(tmp_path / "b")], [f"s3://{s3_bucket}/a", "s3://other/b"]):
+        with pytest.raises(ValueError, match="not in the same store"):
+            storage.filesystem_for_files(mixed)

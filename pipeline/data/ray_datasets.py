@@ -43,6 +43,18 @@ class TrainingData:
     """The step the training stream starts at (a resumed run's checkpoint step)."""
 
 
+def read_shards(uris: list[str]):
+    """`ray.data.read_parquet` of a split's shard files (paths or URIs of one store) through the
+    project's filesystem: on s3:// the configured endpoint and retry budget, which the copies
+    sent to the read tasks keep (a filesystem Ray Data built from the URIs would retry 3 times)."""
+    import ray.data
+
+    from pipeline.storage import filesystem_for_files
+
+    filesystem, paths = filesystem_for_files(uris)
+    return ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=READ_CPUS)
+
+
 def steps_per_epoch(config, num_examples: int) -> int:
     """Configured steps per epoch, or one pass over the training images."""
     return config.train.steps_per_epoch or max(1, num_examples // config.global_batch_size)
@@ -55,11 +67,9 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
     `start_step` is the step a resumed run goes on from: its stream starts with that step's
     sub-batches, so a resumed run trains on the same plan as one never interrupted.
     """
-    import ray.data
-
-    train_read = ray.data.read_parquet(
-        shard_uris(root, config.data.train_split), num_cpus=READ_CPUS
-    ).select_columns(["id", "label", "image"])
+    train_read = read_shards(shard_uris(root, config.data.train_split)).select_columns(
+        ["id", "label", "image"]
+    )
     store = EncodedImageStore.from_dataset(train_read)
     holdout = seen_holdout_ids(store.labels, config.data.seen_holdout_fraction, config.train.seed)
     if config.sampler.name == "neighbourhoods":
@@ -93,9 +103,9 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
     else:
         # Several small blocks so several decode actors can work at once.
         train = _decoded_stream(num_sub_batches, 8, decoder_args, config, offset=start_step * config.train.num_workers)
-    test = ray.data.read_parquet(
-        shard_uris(root, config.data.test_split), num_cpus=READ_CPUS
-    ).select_columns(["id", "label", "image"]).map_batches(
+    test = read_shards(shard_uris(root, config.data.test_split)).select_columns(
+        ["id", "label", "image"]
+    ).map_batches(
         decode_eval_batch,
         fn_kwargs={"image_size": config.data.image_size, "resize": config.data.eval_resize},
         batch_size=128,

@@ -15,7 +15,6 @@ from pipeline.data.decoding import decode_rgb, eval_transform
 
 EMBEDDING_COLUMN = "embedding"
 """Fixed-size list of float32 per row, beside `id` and `label`."""
-READ_CPUS = 0.25
 CPU_ACTOR_CPUS = 0.5
 """CPUs each embedding actor reserves when there is no GPU (fractions share small machines)."""
 
@@ -89,6 +88,8 @@ def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: i
     import ray
     import ray.data
 
+    from pipeline.data.ray_datasets import read_shards
+
     gpus = int(ray.cluster_resources().get("GPU", 0))
     weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
     model_config = {
@@ -97,7 +98,7 @@ def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: i
         "normalize": config.model.normalize,
     }
     return (
-        ray.data.read_parquet(shard_uris, num_cpus=READ_CPUS)
+        read_shards(shard_uris)  # s3://: the configured endpoint and retry budget
         .select_columns(["id", "label", "image"])
         .map_batches(
             EmbedImages,

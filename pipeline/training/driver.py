@@ -82,14 +82,10 @@ def gallery_split(config: Config, metadata: DatasetMetadata) -> str:
 
 def _eval_split_dataset(config: Config, root: str, split: str):
     """A split read and decoded for evaluation, the way `build_training_data` builds 'test'."""
-    import ray.data
-
     from pipeline.data.decoding import decode_eval_batch
-    from pipeline.data.ray_datasets import EVAL_DECODE_CPUS, READ_CPUS
+    from pipeline.data.ray_datasets import EVAL_DECODE_CPUS, read_shards
 
-    return ray.data.read_parquet(shard_uris(root, split), num_cpus=READ_CPUS).select_columns(
-        ["id", "label", "image"]
-    ).map_batches(
+    return read_shards(shard_uris(root, split)).select_columns(["id", "label", "image"]).map_batches(
         decode_eval_batch,
         fn_kwargs={"image_size": config.data.image_size, "resize": config.data.eval_resize},
         batch_size=128,

@@ -69,9 +69,19 @@ if [[ -z "$backend" ]]; then
 fi
 case "$backend" in
   sqlite:///*) ;;
-  postgresql://*|postgresql+psycopg2://*)
+  postgresql://*|postgresql+psycopg://*)
+    # SQLAlchemy 2.1 reads postgresql:// with psycopg (3); an older one with psycopg2.
+    if ! "$python" -c "import psycopg" 2>/dev/null; then
+      if [[ "$backend" == postgresql://* ]] && "$python" -c "import psycopg2" 2>/dev/null; then
+        backend="postgresql+psycopg2://${backend#postgresql://}"
+      else
+        echo "mlflow_server.sh: a PostgreSQL store needs psycopg: $python -m pip install 'psycopg[binary]'" >&2
+        exit 2
+      fi
+    fi ;;
+  postgresql+psycopg2://*)
     "$python" -c "import psycopg2" 2>/dev/null || {
-      echo "mlflow_server.sh: a PostgreSQL store needs psycopg2: $python -m pip install psycopg2-binary" >&2
+      echo "mlflow_server.sh: postgresql+psycopg2:// needs psycopg2: $python -m pip install psycopg2-binary" >&2
       exit 2
     } ;;
   *://*) ;;  # mysql://, mssql://: MLflow says what it is missing

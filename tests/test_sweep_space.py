@@ -251,23 +251,27 @@ def test_asha_rungs_stop_before_the_last_epoch(tmp_path):
 CLAIMS = Path(__file__).resolve().parent.parent / "pipeline" / "sweeps" / "claims.yaml"
 
 
-def test_claims_sweep_grids_every_arm_over_modes_and_seeds():
-    """The papers'-claims sweep: 6 arms (triplet's two minings are a grid inside its branch)
-    x modes_per_class {3, 1} x 3 seeds = 36 trials, each loss with its preset's settings."""
+def test_claims_sweep_grids_every_arm_over_its_modes_and_seeds():
+    """The papers'-claims sweep: magnet, softtriple and normalized_softmax at modes_per_class
+    3 and 1, triplet (semi-hard, batch-hard) and pddm at 3 only, x 3 seeds = 27 trials, each
+    loss with its preset's settings, seed by seed."""
     from ray.tune.search.variant_generator import generate_variants
 
     spec = load_sweep(CLAIMS)
     assert spec.search == "grid" and spec.asha is None
     trials = [trial_settings(v) for _, v in generate_variants(basic_param_space(spec))]
-    arms = {(t["loss.name"], t.get("loss.triplet.mining"), t["data.synthetic.modes_per_class"], t["train.seed"])
-            for t in trials}
-    assert len(trials) == len(arms) == 36
+    arms = [(t["loss.name"], t.get("loss.triplet.mining"), t["data.synthetic.modes_per_class"], t["train.seed"])
+            for t in trials]
+    assert len(trials) == len(set(arms)) == 27
+    assert [a[3] for a in arms] == sorted(a[3] for a in arms)  # whole seeds first
+    assert {a[2] for a in arms if a[0] in ("triplet", "pddm")} == {3}
+    assert {a[2] for a in arms if a[0] in ("magnet", "softtriple", "normalized_softmax")} == {3, 1}
     magnet = next(t for t in trials if t["loss.name"] == "magnet")
     assert magnet["sampler.name"] == "neighbourhoods" and magnet["refresh.every_steps"] == 27
     pddm = next(t for t in trials if t["loss.name"] == "pddm")
     assert pddm["sampler.name"] == "hard_pools" and pddm["loss.pddm.negatives"] == "semi_hard"
     configs = candidate_configs(spec, base_overrides(spec, []))
-    assert all(c.eval.nmi is False and c.train.steps_per_epoch == 15 for cs in configs.values() for c in cs)
+    assert all(c.eval.nmi is False and c.train.steps_per_epoch == 10 for cs in configs.values() for c in cs)
 
 
 def test_refresh_actor_is_started_outside_the_callers_placement_group(monkeypatch):

@@ -372,7 +372,8 @@ def test_evaluation_protocol_is_optional_and_checked(tmp_path):
 
 def test_driver_applies_the_dataset_protocol_unless_set(tmp_path):
     from pipeline.config import load_config
-    from pipeline.training.driver import apply_dataset_evaluation, gallery_split, resolve_dataset
+    from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
+    from pipeline.training.driver import resolve_dataset
 
     record = {"label": 0, "image": _image_bytes(0, "PNG"), "width": WIDTH, "height": HEIGHT}
     root = tmp_path / "inshop_like"
@@ -383,17 +384,18 @@ def test_driver_applies_the_dataset_protocol_unless_set(tmp_path):
         evaluation=EvaluationProtocol((1, 10, 20), "query", "gallery"),
     )  # fmt: skip
     config = load_config("local", [f"data.root={root}"])
-    applied = apply_dataset_evaluation(config, meta)
+    applied = resolve_evaluation(config, meta)
     assert applied.eval.recall_ks == [1, 10, 20] and applied.data.test_split == "query"
     assert gallery_split(applied, meta) == "gallery" and gallery_split(config, meta) == ""
     assert resolve_dataset(config)[0] == str(root)  # no 'test' split: the query split is used
     explicit = load_config("local", [f"data.root={root}", "eval.recall_ks=[1, 3]",
                                      "data.test_split=gallery"])  # fmt: skip
-    kept = apply_dataset_evaluation(explicit, meta)
+    kept = resolve_evaluation(explicit, meta)
     assert (kept.eval.recall_ks, kept.data.test_split) == ([1, 3], "gallery")
     assert gallery_split(kept, meta) == ""
     unchanged = DatasetMetadata(**{**vars(meta), "evaluation": None})
-    assert apply_dataset_evaluation(config, unchanged) == config
+    fallback = resolve_evaluation(config, unchanged)  # no protocol: Recall@1/2/4/8 on 'test'
+    assert (fallback.eval.recall_ks, fallback.data.test_split) == ([1, 2, 4, 8], "test")
 
 
 def test_query_gallery_evaluation_ranks_queries_against_the_gallery():

@@ -230,8 +230,10 @@ def validate(config: Config) -> None:
             f"{config.loss.name!r} with sampler {config.sampler.name!r} (the 'magnet' preset sets both)"
         )
     ks = config.eval.recall_ks
-    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
-        raise ConfigError(f"eval.recall_ks: expected a non-empty list of positive ints, got {ks!r}")
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise ConfigError(
+            f"eval.recall_ks: expected a list of positive ints (empty: the dataset's), got {ks!r}"
+        )
     from pipeline.storage import check_settings  # imports pyarrow: only when validating
 
     try:

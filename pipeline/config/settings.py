@@ -42,7 +42,11 @@ class DataConfig:
     cache_dir: str = setting("data", "Where the built-in dataset is generated (reused when it exists).")
     synthetic: SyntheticDataConfig = section(SyntheticDataConfig, "The built-in dataset.")
     train_split: str = setting("train", "Split trained on.")
-    test_split: str = setting("test", "Split evaluated on (classes unseen in training).")
+    test_split: str = setting(
+        "",
+        "Split evaluated on (classes unseen in training); empty = the dataset's protocol "
+        "(In-Shop: 'query', ranked against 'gallery'), else 'test'.",
+    )
     image_size: int = setting(48, "Side of the crop fed to the model.")
     eval_resize: int = setting(56, "Evaluation: resize the short side to this, then center-crop image_size.")
     crop_scale_min: float = setting(0.35, "Training RandomResizedCrop: smallest area fraction.")
@@ -246,7 +250,9 @@ class EvalConfig:
 
     every_epochs: int = setting(1, "Evaluate every this many epochs (and always after the last).")
     batch_size: int = setting(256, "Images per inference batch.")
-    recall_ks: list = setting([1, 2, 4, 8], "K values of Recall@K.")
+    recall_ks: list = setting(
+        [], "K values of Recall@K; empty = the dataset's protocol (SOP: 1/10/100/1000), else 1/2/4/8."
+    )
     nmi: bool = setting(True, "Compute NMI (k-means with as many clusters as test classes).")
     cache_max_mb: int = setting(
         1024, "Rank 0 keeps the decoded test split in memory after the first evaluation if it fits."

@@ -159,7 +159,7 @@ def record_finished_run(
     resend what rank 0 could not log, make the plots, attach checkpoint and plots, close the
     run. Prints and returns one line per thing MLflow did not get (empty when it got all)."""
     from pipeline.data.format import read_metadata
-    from pipeline.training.driver import gallery_split
+    from pipeline.evaluation.protocol import gallery_split
 
     not_logged = []
     unlogged = tracking.load_unlogged(checkpoint_dir)

@@ -2,8 +2,10 @@
 
 The checkpoint's own config, with `--set` overrides on top, says which dataset (`data.root`,
 or the built-in one), which split (`data.test_split`), the evaluation transform and the metrics
-(`eval.*`). Each evaluation is its own MLflow run, named from the training run, the checkpoint
-step and the dataset (no timestamps), tagged with the checkpoint it read.
+(`eval.*`); pointed at another dataset, the split and Recall@K cut-offs follow that dataset's
+protocol unless `--set` gives them. Each evaluation is its own MLflow run, named from the
+training run, the checkpoint step and the dataset (no timestamps), tagged with the checkpoint
+it read.
 """
 
 from __future__ import annotations
@@ -49,6 +51,25 @@ def evaluation_run_name(
     return f"eval-{source_run}-step{step}-{dataset_name}-{fingerprint[:8]}-{splits}"
 
 
+LEFT_TO_THE_DATASET = {"eval.recall_ks": "[]", "data.test_split": ""}
+"""The settings a dataset's protocol resolves (`pipeline.evaluation.protocol`), left empty."""
+
+
+def evaluation_config(config_file: str, trained_config, overrides: list[str]):
+    """The checkpoint's config with `overrides` on top. Its `eval.recall_ks` and
+    `data.test_split` are those its training resolved for its own dataset: pointed at another
+    dataset, the two are left to that dataset's protocol again, unless `overrides` set them."""
+    config = load_config(config_file, overrides)
+    if (config.data.root, config.data.synthetic) == (
+        trained_config.data.root,
+        trained_config.data.synthetic,
+    ):
+        return config
+    given = {item.partition("=")[0].strip() for item in overrides}
+    cleared = [f"{key}={empty}" for key, empty in LEFT_TO_THE_DATASET.items() if key not in given]
+    return load_config(config_file, cleared + overrides)
+
+
 def evaluate_checkpoint(
     reference: str,
     overrides: list[str] | None = None,
@@ -61,14 +82,15 @@ def evaluate_checkpoint(
     name) on `data.test_split`: queries against each other, or against `gallery_split` (by
     default the dataset's, when its metadata.json names a query/gallery protocol)."""
     from pipeline import tracking
-    from pipeline.training.driver import apply_dataset_evaluation, run_name_for
-    from pipeline.training.driver import gallery_split as dataset_gallery_split
+    from pipeline.evaluation.protocol import gallery_split as dataset_gallery_split
+    from pipeline.evaluation.protocol import resolve_evaluation
+    from pipeline.training.driver import run_name_for
 
     overrides = list(overrides or [])
     with tempfile.TemporaryDirectory() as scratch:
         directory = fetch_checkpoint(reference, storage_path_of(overrides), scratch)
         model, trained_config = load_embedding_model(directory)
-        config = load_config(f"{directory}/{CONFIG_FILE}", overrides)
+        config = evaluation_config(f"{directory}/{CONFIG_FILE}", trained_config, overrides)
         step = load_metrics(directory).get("step")
     source_run = run_name_for(trained_config)
     shown = reference if "://" in reference else directory  # a fetched copy is gone by now
@@ -79,8 +101,8 @@ def evaluate_checkpoint(
         root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
     metadata = read_metadata(root)
     # The dataset's own protocol (In-Shop: query vs gallery, its Recall@K cut-offs) where the
-    # settings are left at their defaults, as in training.
-    config = apply_dataset_evaluation(config, metadata)
+    # settings are left empty, as in training.
+    config = resolve_evaluation(config, metadata)
     gallery_split = gallery_split or dataset_gallery_split(config, metadata) or None
     split = config.data.test_split
     for name, where in ((split, "data.test_split"), (gallery_split, "gallery split")):

@@ -318,8 +318,17 @@ def base_overrides(spec: SweepSpec, cli_overrides: list[str]) -> list[str]:
 
 
 def reported_metrics(config: Config) -> list[str]:
-    """The test/* metric names the training loop reports every evaluation."""
-    names = [f"test/recall@{k}" for k in config.eval.recall_ks] + ["test/map@r", "test/r_precision"]
+    """The test/* metric names the training loop reports every evaluation (the Recall@K
+    cut-offs the dataset's protocol gives, where `eval.recall_ks` is left to it)."""
+    from pipeline.evaluation.protocol import planned_recall_ks
+
+    if config.data.root.startswith("s3://"):
+        # Its metadata.json is read before the sweep runner exports the storage settings.
+        from pipeline.storage import export_settings
+
+        export_settings(config)
+    recall = [f"test/recall@{k}" for k in planned_recall_ks(config)]
+    names = recall + ["test/map@r", "test/r_precision"]
     return names + (["test/nmi"] if config.eval.nmi else [])
 
 
@@ -356,10 +365,14 @@ def _check_trial_config(spec: SweepSpec, config: Config, where: str) -> None:
             f"{spec.path}: {where}: eval.every_epochs is {config.eval.every_epochs}; a sweep needs "
             "the metric every epoch (for ASHA and the search), set it to 1"
         )
-    if spec.metric not in reported_metrics(config):
+    try:
+        reported = reported_metrics(config)
+    except ValueError as err:  # data.root holds no readable metadata.json (named in err)
+        raise SweepError(f"{spec.path}: {where}: data.root: {err}") from err
+    if spec.metric not in reported:
         raise SweepError(
             f"{spec.path}: metric: {spec.metric!r} is not reported by {where}; "
-            f"choose one of {', '.join(reported_metrics(config))}"
+            f"choose one of {', '.join(reported)}"
         )
     if spec.asha is not None and spec.asha.grace_period >= config.train.epochs:
         raise SweepError(

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
 from pipeline.data.format import DatasetMetadata, read_metadata, shard_uris, validate_dataset
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
+from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
 from pipeline.training.loop import RunPlan, train_loop_per_worker
 
 
@@ -35,49 +36,26 @@ def run_name_for(config: Config) -> str:
     return config.train.run_name or f"{config.loss.name}-{config.model.backbone}-{config_digest(config)}"
 
 
-def resolve_dataset(config: Config) -> tuple[str, object]:
-    """The dataset root to train on (generating the built-in one if needed) and its metadata."""
+def resolve_dataset(config: Config) -> tuple[str, DatasetMetadata]:
+    """The dataset root to train on (generating the built-in one if needed) and its metadata;
+    raises ValueError naming the setting if a split the run would use is not there."""
     if config.data.root:
         metadata = read_metadata(config.data.root)
         root = config.data.root
     else:
         root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
         metadata = read_metadata(root)
-    config = apply_dataset_evaluation(config, metadata)  # check the split actually evaluated
-    for split in (config.data.train_split, config.data.test_split):
+    resolved = resolve_evaluation(config, metadata)  # check the split actually evaluated
+    splits = {"data.train_split": config.data.train_split, "data.test_split": resolved.data.test_split}
+    for where, split in splits.items():
         if split not in metadata.splits:
+            left = where == "data.test_split" and not config.data.test_split
             raise ValueError(
-                f"data.{'train' if split == config.data.train_split else 'test'}_split: "
-                f"{root} has no split {split!r} (it has {', '.join(metadata.splits)})"
+                f"{where}: {root} has no split {split!r} (it has {', '.join(metadata.splits)})"
+                + ("; it was left empty and the dataset names no query split" if left else "")
             )
     validate_dataset(root)
     return root, metadata
-
-
-def apply_dataset_evaluation(config: Config, metadata: DatasetMetadata) -> Config:
-    """The config with the dataset's evaluation protocol (metadata.json's `evaluation`) in the
-    settings left at their defaults: `eval.recall_ks`, and for a query/gallery dataset such as
-    In-Shop `data.test_split` (its query split). A value the user set wins, except one equal
-    to the default, which cannot be told apart from it."""
-    protocol = metadata.evaluation
-    if protocol is None:
-        return config
-    defaults = Config()
-    evaluation, data = config.eval, config.data
-    if evaluation.recall_ks == defaults.eval.recall_ks:
-        evaluation = replace(evaluation, recall_ks=list(protocol.recall_ks))
-    if protocol.query_split and data.test_split == defaults.data.test_split:
-        data = replace(data, test_split=protocol.query_split)
-    return replace(config, eval=evaluation, data=data)
-
-
-def gallery_split(config: Config, metadata: DatasetMetadata) -> str:
-    """The split the evaluated queries are ranked against, or "" when the test split's images
-    are ranked against each other (CUB, Cars196, SOP)."""
-    protocol = metadata.evaluation
-    if protocol is not None and protocol.query_split and config.data.test_split == protocol.query_split:
-        return protocol.gallery_split
-    return ""
 
 
 def _eval_split_dataset(config: Config, root: str, split: str):
@@ -164,7 +142,9 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
     root, metadata = resolve_dataset(config)
-    config = apply_dataset_evaluation(config, metadata)
+    # From here on every consumer (workers, MLflow params, checkpoints, report) sees the
+    # split and cut-offs actually evaluated, never the empty "from the dataset".
+    config = resolve_evaluation(config, metadata)
     gallery = gallery_split(config, metadata)
     name = run_name_for(config)
     uri = tracking.tracking_uri(config)

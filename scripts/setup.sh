@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the package with its dev and sweep extras. Idempotent.
+# Create .venv (if missing) and install the package with its dev, sweep and bench extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,4 +9,5 @@ fi
 # pip, not uv/poetry: pip takes the local torch build instead of downloading it again.
 .venv/bin/python -m pip install -q --upgrade pip
 # The sweep extra (Optuna, HyperOpt) too, so the sweep tests cover every search.
-.venv/bin/python -m pip install -q -e '.[dev,sweep]'
+# bench (pytorch-metric-learning): the benchmarks' peer and their smoke test.
+.venv/bin/python -m pip install -q -e '.[dev,sweep,bench]'

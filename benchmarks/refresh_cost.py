@@ -3,13 +3,17 @@ and (with --training) the training time lost to refreshes in a real run.
 
     python benchmarks/refresh_cost.py                      # clustering + embedding sweeps
     python benchmarks/refresh_cost.py --training           # also two short Magnet runs
+    python benchmarks/refresh_cost.py --sizes 100000,1000000 --pool-sizes 100000,1000000 \
+        --dims 128,512 --embed "resnet50:224:2048"            # at scale (GPU faiss when present)
 
 Clustering runs `build_cluster_index` (faiss k-means per class + impostor search) on random
 embeddings with 60 images per class, K=8, M=12; the pools sweep runs `build_hard_pools` (PDDM's
 exact full-set kNN, pool 32) on the same kind of embeddings. The embedding pass runs the model over uint8
 images already decoded (the actor keeps them decoded after its first pass). --training trains
 the `magnet` preset twice - refreshing every `--every` steps, and refreshing never (only the
-initial index) - and compares the time per training step.
+initial index) - and compares the time per training step. faiss runs on the GPU when CUDA is
+present and faiss has GPUs (faiss-gpu); on a CPU the exact pools search is not run above
+--max-exact-pools (it grows as N^2), and the line says so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import platform
 import time
 
+import faiss
 import numpy as np
 import torch
 
@@ -41,50 +46,74 @@ def clustering_sweep(sizes, dim, use_gpu):
         index, cluster_seconds = build_cluster_index(
             embeddings, labels, clusters_per_class=8, num_impostors=11, version=1, model_step=0, use_gpu=use_gpu
         )
-        rows.append({"n": n, "classes": int(labels.max()) + 1, "clusters": index.num_clusters,
+        rows.append({"n": n, "dim": dim, "classes": int(labels.max()) + 1, "clusters": index.num_clusters,
                      "cluster_seconds": round(cluster_seconds, 3),
                      "wall_seconds": round(time.perf_counter() - start, 3)})
         print(json.dumps({"clustering": rows[-1]}), flush=True)
     return rows
 
 
-def pools_sweep(sizes, dim, pool_size, use_gpu):
+def pools_sweep(sizes, dim, pool_size, use_gpu, max_exact):
     from pipeline.refresh.hard_pools import build_hard_pools
 
     rows = []
     for n in sizes:
+        if n > max_exact:
+            # Exact kNN of every example among all is N^2 D: not run, and no figure made up.
+            rows.append({"n": n, "dim": dim, "skipped": f"exact N^2 search above --max-exact-pools {max_exact}"})
+            print(json.dumps({"hard_pools": rows[-1]}), flush=True)
+            continue
         embeddings, labels = random_embeddings(n, dim)
         _, knn_seconds = build_hard_pools(embeddings, labels, pool_size, version=1, model_step=0, use_gpu=use_gpu)
-        rows.append({"n": n, "classes": int(labels.max()) + 1, "pool_size": pool_size,
+        rows.append({"n": n, "dim": dim, "classes": int(labels.max()) + 1, "pool_size": pool_size,
                      "knn_seconds": round(knn_seconds, 3)})
         print(json.dumps({"hard_pools": rows[-1]}), flush=True)
     return rows
 
 
 def embedding_sweep(backbone, image_size, sizes, batch_size, device):
+    """Full-set re-embedding as the refresh actor does it (`RefreshActor._embed_all` over
+    decoded uint8 batches: copy to the device, to float, model, back to the host) against bare
+    inference (the same model on a float batch already on the device, nothing copied back)."""
+    from types import SimpleNamespace
+
     from pipeline.config import load_config
     from pipeline.models import build_model
+    from pipeline.refresh.actor import RefreshActor
 
     config = load_config("local", [f"model.backbone={backbone}"])
     model = build_model(config.model).to(device).eval()
+    autocast = device.type == "cuda"
     rows = []
     for n in sizes:
-        images = torch.randint(0, 255, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
-        autocast = device.type == "cuda"
+        images = torch.randint(0, 255, (batch_size, 3, image_size, image_size), dtype=torch.uint8).numpy()
+        batches = [images[: min(batch_size, n - start)] for start in range(0, n, batch_size)]
+        on_device = torch.from_numpy(images).to(device).float().div_(255)
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            model(images[:2].to(device).float().div_(255))  # warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            model(on_device)  # warm-up at the full batch size
+            _sync(device)
             start = time.perf_counter()
-            for _ in range(0, n, batch_size):
-                model(images.to(device, non_blocking=True).float().div_(255)).float().cpu()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            for batch in batches:
+                model(on_device[: len(batch)])
+            _sync(device)
+        bare_seconds = time.perf_counter() - start
+        # The actor's own method, fed the batches its image cache would yield.
+        actor = SimpleNamespace(_image_batches=lambda batches=batches: iter(batches))
+        start = time.perf_counter()
+        embeddings = RefreshActor._embed_all(actor, model, device)
         seconds = time.perf_counter() - start
-        rows.append({"backbone": backbone, "image_size": image_size, "n": n,
-                     "embed_seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1)})
+        assert embeddings.shape == (n, config.model.embedding_dim)
+        rows.append({"backbone": backbone, "image_size": image_size, "n": n, "batch_size": batch_size,
+                     "embed_seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1),
+                     "bare_inference_images_per_s": round(n / bare_seconds, 1),
+                     "fraction_of_bare": round(bare_seconds / seconds, 3)})
         print(json.dumps({"embedding": rows[-1]}), flush=True)
     return rows
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def training_overhead(every, epochs, storage):
@@ -122,7 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000,200000", help="training-set sizes to cluster")
     parser.add_argument("--pool-sizes", default="10000,50000", help="training-set sizes for PDDM's pools")
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dims", "--dim", default="128", help="embedding dimensions, comma-separated")
+    parser.add_argument("--max-exact-pools", type=int, default=None,
+                        help="largest N for the exact pools search (default: 200k on CPU, no limit on GPU)")
     parser.add_argument("--embed", default="tiny_cnn:48:2000,8000;resnet18:224:512",
                         help="backbone:image_size:n1,n2 groups, ';'-separated")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -133,11 +164,18 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from pipeline.refresh.cluster_index import faiss_gpu_count
+
+    use_gpu = device.type == "cuda" and faiss_gpu_count() > 0
     print(json.dumps({"machine": platform.node(), "device": torch.cuda.get_device_name() if device.type == "cuda"
-                      else f"cpu x{torch.get_num_threads()} threads"}), flush=True)
-    clustering_sweep([int(s) for s in args.sizes.split(",")], args.dim, device.type == "cuda")
-    if args.pool_sizes:
-        pools_sweep([int(s) for s in args.pool_sizes.split(",")], args.dim, 32, device.type == "cuda")
+                      else f"cpu x{torch.get_num_threads()} threads", "faiss_gpus": faiss_gpu_count(),
+                      "faiss_threads": faiss.omp_get_max_threads()}), flush=True)
+    max_exact = args.max_exact_pools or (10**12 if use_gpu else 200_000)
+    for dim in (int(d) for d in args.dims.split(",")):
+        if args.sizes:
+            clustering_sweep([int(s) for s in args.sizes.split(",")], dim, use_gpu)
+        if args.pool_sizes:
+            pools_sweep([int(s) for s in args.pool_sizes.split(",")], dim, 32, use_gpu, max_exact)
     for group in filter(None, args.embed.split(";")):
         backbone, size, ns = group.split(":")
         embedding_sweep(backbone, int(size), [int(n) for n in ns.split(",")], args.batch_size, device)

@@ -1,0 +1,58 @@
+"""The claims analysis's arithmetic (benchmarks/claims.py) on hand-made histories: no Ray,
+no MLflow."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "claims.py"
+_spec = importlib.util.spec_from_file_location("claims_analysis", _PATH)
+claims = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = claims  # dataclasses look their module up
+_spec.loader.exec_module(claims)
+
+
+def test_first_step_reaching_a_target_error():
+    history = [(30, 0.70), (10, 0.40), (20, 0.61), (40, 0.65)]  # unsorted on purpose
+    assert claims.first_step_reaching(history, 0.40) == 20   # error 0.39 at step 20
+    assert claims.first_step_reaching(history, 0.30) == 30   # exactly 1 - 0.70
+    assert claims.first_step_reaching(history, 0.60) == 10
+    assert claims.first_step_reaching(history, 0.25) is None  # never that low
+
+
+def test_t_interval_by_hand():
+    ci = claims.t_interval([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t(0.975, 2) = 4.303: half width 4.303 / sqrt(3) = 2.4843
+    assert ci.mean == pytest.approx(2.0)
+    assert ci.high - ci.mean == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
+    assert ci.mean - ci.low == pytest.approx(ci.high - ci.mean)
+    assert claims.t_interval([5.0, None]).n == 1
+    assert claims.t_interval([]).n == 0
+    assert claims.t_quantile(12) == claims.t_quantile(10)  # conservative between table entries
+
+
+def _run(arm, modes, seed, history):
+    return claims.Run(run_id=f"{arm}{modes}{seed}", arm=arm, modes=modes, seed=seed, status="FINISHED",
+                      history=sorted(history))
+
+
+def test_magnet_speedup_and_paired_differences():
+    steps = [10, 20, 30, 40, 50, 60]
+    triplet = {s: _run("triplet", 3, s, list(zip(steps, [0.4, 0.5, 0.55, 0.6, 0.65, 0.7]))) for s in (0, 1)}
+    magnet = {
+        0: _run("magnet", 3, 0, list(zip(steps, [0.5, 0.7, 0.72, 0.72, 0.73, 0.74]))),  # 0.3 error at 20
+        1: _run("magnet", 3, 1, list(zip(steps, [0.5, 0.6, 0.62, 0.64, 0.66, 0.68]))),  # never
+    }
+    groups = {("triplet", 3): triplet, ("magnet", 3): magnet}
+    s = claims.magnet_speedup(groups, 3)
+    assert s["target_error"] == pytest.approx(0.3)
+    assert s["magnet_first"] == {0: 20, 1: None}
+    assert s["triplet_first"] == {0: 60, 1: 60}
+    assert s["speedup_vs_length"].mean == pytest.approx(3.0) and s["speedup_vs_length"].n == 1
+    assert s["not_reached"] == [1]
+    assert claims.paired_differences(magnet, triplet, lambda r: r.final) == pytest.approx([0.04, -0.02])

@@ -43,10 +43,10 @@ def _run(arm, modes, seed, history):
 
 def test_magnet_speedup_and_paired_differences():
     steps = [10, 20, 30, 40, 50, 60]
-    triplet = {s: _run("triplet", 3, s, list(zip(steps, [0.4, 0.5, 0.55, 0.6, 0.65, 0.7]))) for s in (0, 1)}
+    triplet = {s: _run("triplet", 3, s, list(zip(steps, [0.4, 0.5, 0.55, 0.6, 0.65, 0.7], strict=True))) for s in (0, 1)}
     magnet = {
-        0: _run("magnet", 3, 0, list(zip(steps, [0.5, 0.7, 0.72, 0.72, 0.73, 0.74]))),  # 0.3 error at 20
-        1: _run("magnet", 3, 1, list(zip(steps, [0.5, 0.6, 0.62, 0.64, 0.66, 0.68]))),  # never
+        0: _run("magnet", 3, 0, list(zip(steps, [0.5, 0.7, 0.72, 0.72, 0.73, 0.74], strict=True))),  # 0.3 error at 20
+        1: _run("magnet", 3, 1, list(zip(steps, [0.5, 0.6, 0.62, 0.64, 0.66, 0.68], strict=True))),  # never
     }
     groups = {("triplet", 3): triplet, ("magnet", 3): magnet}
     s = claims.magnet_speedup(groups, 3)
@@ -55,4 +55,21 @@ def test_magnet_speedup_and_paired_differences():
     assert s["triplet_first"] == {0: 60, 1: 60}
     assert s["speedup_vs_length"].mean == pytest.approx(3.0) and s["speedup_vs_length"].n == 1
     assert s["not_reached"] == [1]
-    assert claims.paired_differences(magnet, triplet, lambda r: r.final) == pytest.approx([0.04, -0.02])
+    diffs = claims.paired_differences(magnet, triplet, lambda r: r.final)
+    assert list(diffs) == [0, 1] and list(diffs.values()) == pytest.approx([0.04, -0.02])
+
+
+def test_multi_center_difference_of_differences_pairs_by_seed():
+    def final(arm, modes, seeds_values):
+        return {s: _run(arm, modes, s, [(60, v)]) for s, v in seeds_values.items()}
+
+    groups = {
+        ("magnet", 3): final("magnet", 3, {0: 0.60, 1: 0.62, 2: 0.64}),
+        ("normalized_softmax", 3): final("normalized_softmax", 3, {0: 0.50, 1: 0.52, 2: 0.54}),
+        ("magnet", 1): final("magnet", 1, {0: 0.70, 2: 0.72}),  # seed 1 missing
+        ("normalized_softmax", 1): final("normalized_softmax", 1, {0: 0.68, 1: 0.69, 2: 0.70}),
+    }
+    d = claims.multi_center(groups)["magnet"]
+    assert d[3].mean == pytest.approx(0.10) and d[3].n == 3 and d[3].high - d[3].low == pytest.approx(0.0, abs=1e-9)
+    assert d[1].mean == pytest.approx(0.02) and d[1].n == 2
+    assert d["3-1"].mean == pytest.approx(0.08) and d["3-1"].n == 2  # seeds 0 and 2 only

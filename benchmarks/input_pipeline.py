@@ -64,11 +64,13 @@ def main() -> None:
     import ray
 
     from pipeline.config import load_config
+    from pipeline.evaluation.protocol import resolve_evaluation
     from pipeline.training.driver import resolve_dataset
 
     with tempfile.TemporaryDirectory() as scratch:
         config = load_config(args.preset, [f"train.storage_path={scratch}", "train.max_failures=0", *args.overrides])
-        root, _ = resolve_dataset(config)
+        root, metadata = resolve_dataset(config)
+        config = resolve_evaluation(config, metadata)  # the test split the data graph reads
         ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         result = {

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from short_runs import SHORT_RUN
 
 from pipeline import storage
 from pipeline.config import load_config
@@ -20,17 +21,7 @@ from pipeline.training.checkpoint import MODEL_FILE, latest_checkpoint
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "data.image_size=24",
-    "data.eval_resize=28",
-    "sampler.classes_per_batch=4",
-    "sampler.samples_per_class=3",
-    "train.epochs=2",
-    "train.steps_per_epoch=4",
-    "train.log_every_steps=2",
-    "train.max_failures=0",
-    "eval.batch_size=64",
-]
+TINY = SHORT_RUN
 SPEC = SyntheticSpec(num_classes=24, images_per_class=12, image_size=32)
 
 

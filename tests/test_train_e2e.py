@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from short_runs import SHORT_RUN, TINY_BUILT_IN
 
 from pipeline.config import load_config
 from pipeline.training.checkpoint import load_embedding_model
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "data.synthetic.num_classes=24",
-    "data.synthetic.images_per_class=12",
-    "data.synthetic.image_size=32",
-    "data.image_size=24",
-    "data.eval_resize=28",
-    "sampler.classes_per_batch=4",
-    "sampler.samples_per_class=3",
-    "train.epochs=2",
-    "train.steps_per_epoch=4",
-    "train.log_every_steps=2",
-    "train.max_failures=0",
-    "eval.batch_size=64",
-]
+TINY = TINY_BUILT_IN + SHORT_RUN
 
 
 
@@ -82,8 +70,14 @@ def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
     assert again["recall@1"] == pytest.approx(summary.metrics["test/recall@1"])
 
     # The final checkpoint rebuilds the model (weights_only) and embeds images.
+    from pipeline.evaluation.protocol import resolve_evaluation
+    from pipeline.training.driver import resolve_dataset
+
     model, saved_config = load_embedding_model(summary.checkpoint_path)
-    assert saved_config == config
+    # The config as run: what was left to the dataset is resolved (the built-in one records
+    # no protocol: Recall@1/2/4/8 on 'test').
+    assert saved_config == resolve_evaluation(config, resolve_dataset(config)[1])
+    assert (saved_config.eval.recall_ks, saved_config.data.test_split) == ([1, 2, 4, 8], "test")
     with torch.no_grad():
         out = model(torch.rand(2, 3, 24, 24))
     assert out.shape == (2, config.model.embedding_dim)

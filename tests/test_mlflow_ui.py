@@ -21,9 +21,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="session")
-def swept(ray_local, mlflow_server, tmp_path_factory):
+def swept(ray_local, mlflow_server, s3_server, tmp_path_factory):
     """The session's one sweep, shared with tests/test_sweep_e2e.py."""
-    return run_shared_sweep(mlflow_server, tmp_path_factory.mktemp("sweep"))
+    return run_shared_sweep(mlflow_server, tmp_path_factory.mktemp("sweep"), s3_server)
 
 
 def test_experiment_page_shows_the_sweep_runs(swept, tmp_path):

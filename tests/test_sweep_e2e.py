@@ -1,6 +1,8 @@
 """A small sweep end to end: 3 trials over 2 losses with ASHA, each a 2-worker Ray Train run
-on the built-in dataset, recorded in a real MLflow server; interrupted after its first trial
-ended and resumed. One sweep serves every assertion here and the MLflow UI screenshot
+on the built-in dataset, recorded in a real MLflow server, with the Tune experiment and every
+checkpoint on S3 (a real moto server over HTTP). The first trial's driver is killed after its
+first epoch (what losing its node does to it) and retried; the sweep is interrupted after that
+trial ended, and resumed. One sweep serves every assertion here and the MLflow UI screenshot
 (tests/test_mlflow_ui.py), so the suite pays for it once.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +26,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "sweep-e2e"
+STORAGE_PREFIX = "sweeps"
 SWEEP = """\
 name: e2e
 preset: local
@@ -38,6 +42,7 @@ fixed:
   train.steps_per_epoch: 2
   train.log_every_steps: 2
   train.max_failures: 0
+  train.checkpoints_to_keep: 4
   eval.batch_size: 64
   eval.nmi: false
   tracking.experiment: sweep-e2e
@@ -70,22 +75,54 @@ def _children(client, parent_run_id: str) -> dict:
     return out
 
 
-def run_shared_sweep(uri: str, root: Path) -> SimpleNamespace:
+def _checkpoints(s3, bucket: str) -> dict[str, list[tuple[str, int]]]:
+    """Each trial's Train run on S3 -> its checkpoints (folder name, step), in name order."""
+    prefix = f"{STORAGE_PREFIX}/e2e/train_runs/"
+    found: dict[str, list[int]] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            run, checkpoint, *rest = item["Key"][len(prefix):].split("/")
+            if checkpoint.startswith("checkpoint_") and rest == ["metrics.json"]:
+                body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                found.setdefault(run, []).append((checkpoint, json.loads(body)["step"]))
+    return {run: sorted(items) for run, items in found.items()}
+
+
+def _kill_trial_driver() -> int:
+    """SIGKILL the one running trial's driver function (Tune's trial actor), as losing its node
+    would; its Train controller and workers die with it. Returns the pid."""
+    import ray
+    from ray.util.state import list_actors
+
+    drivers = list_actors(address=ray.get_runtime_context().gcs_address,  # not another Ray on this machine
+                          filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+    assert len(drivers) == 1, drivers  # one trial at a time (see the ASHA check below)
+    os.kill(drivers[0].pid, signal.SIGKILL)
+    return drivers[0].pid
+
+
+def run_shared_sweep(uri: str, root: Path, s3_endpoint: str) -> SimpleNamespace:
     """Run the sweep once per test session: a `jobs.sweep` process on the session's Ray
-    cluster, stopped with SIGINT (Ctrl+C) once its first trial has ended, then resumed here."""
+    cluster, whose first trial's driver is killed after its first epoch (Tune retries it), stopped
+    with SIGINT (Ctrl+C) once that trial has ended, then resumed here."""
     if "sweep" in _shared:
         return _shared["sweep"]
+    import boto3
     import ray
     from mlflow import MlflowClient
 
     from pipeline.sweep.runner import run_sweep
     from pipeline.sweep.space import load_sweep
 
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = "dml-sweep-e2e"
+    s3.create_bucket(Bucket=bucket)
     space = root / "space.yaml"
     space.write_text(SWEEP)
-    overrides = [f"data.cache_dir={root / 'data'}", f"train.storage_path={root / 'runs'}",
-                 f"tracking.tracking_uri={uri}"]
+    overrides = [f"data.cache_dir={root / 'data'}", f"train.storage_path=s3://{bucket}/{STORAGE_PREFIX}",
+                 f"storage.s3_endpoint_url={s3_endpoint}", f"tracking.tracking_uri={uri}"]
     log_path = root / "first_run.log"
+    killed = None
     with log_path.open("w") as log:
         first = subprocess.Popen(
             [sys.executable, "-m", "jobs.sweep", str(space), *(a for o in overrides for a in ("--set", o))],
@@ -93,11 +130,15 @@ def run_shared_sweep(uri: str, root: Path) -> SimpleNamespace:
             env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
         )
         deadline = time.monotonic() + 900
-        while "ended after epoch" not in log_path.read_text():
+        while "ended after epoch" not in (text := log_path.read_text()):
             if first.poll() is not None or time.monotonic() > deadline:
                 first.kill()
-                raise AssertionError(f"no trial ended: {log_path.read_text()[-3000:]}")
-            time.sleep(1)
+                raise AssertionError(f"no trial ended: {text[-3000:]}")
+            if killed is None and ": epoch 1 " in text:
+                # The first trial reported epoch 1, so its epoch-1 checkpoint is registered.
+                # (ASHA never stops the first trial: no earlier trial sets a median.)
+                killed = _kill_trial_driver()
+            time.sleep(0.5)
         first.send_signal(signal.SIGINT)
         first_rc = first.wait(timeout=300)
     first_log = log_path.read_text()
@@ -107,8 +148,7 @@ def run_shared_sweep(uri: str, root: Path) -> SimpleNamespace:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     parent = client.search_runs([experiment.experiment_id], filter_string="tags.`sweep.role` = 'parent'")
     before = _children(client, parent[0].info.run_id)
-    checkpoints_before = {p.name: sorted(c.name for c in p.glob("checkpoint_*"))
-                          for p in (root / "runs" / "e2e" / "train_runs").iterdir()}
+    checkpoints_before = _checkpoints(s3, bucket)
 
     lines: list[str] = []
     output = io.StringIO()
@@ -117,15 +157,17 @@ def run_shared_sweep(uri: str, root: Path) -> SimpleNamespace:
     _shared["sweep"] = SimpleNamespace(
         uri=uri, root=root, spec=load_sweep(space), summary=summary, first_rc=first_rc,
         first_log=first_log, ended_first=ended_first, first_parent_id=parent[0].info.run_id,
-        before=before, checkpoints_before=checkpoints_before, resumed_output=output.getvalue() + "\n".join(lines),
+        before=before, checkpoints_before=checkpoints_before, checkpoints_after=_checkpoints(s3, bucket),
+        killed_pid=killed, resumed_output=output.getvalue() + "\n".join(lines),
+        s3=s3, bucket=bucket,
     )
     return _shared["sweep"]
 
 
 @pytest.fixture(scope="session")
-def swept(ray_local, mlflow_server, tmp_path_factory):
+def swept(ray_local, mlflow_server, s3_server, tmp_path_factory):
     """The session's one sweep (see `run_shared_sweep`)."""
-    return run_shared_sweep(mlflow_server, tmp_path_factory.mktemp("sweep"))
+    return run_shared_sweep(mlflow_server, tmp_path_factory.mktemp("sweep"), s3_server)
 
 
 def test_sweep_records_parent_children_and_best_model(swept, tmp_path):
@@ -218,8 +260,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
         assert [(m.step, m.value, m.timestamp) for m in history] == [
             (m.step, m.value, m.timestamp) for m in history_before]
         name = run.info.run_name
-        assert sorted(c.name for c in (swept.root / "runs" / "e2e" / "train_runs" / name).glob("checkpoint_*")) == \
-            swept.checkpoints_before[name]
+        assert swept.checkpoints_after[name] == swept.checkpoints_before[name]
         assert f"trial {name}: epoch" not in swept.resumed_output
     # Its result was reused: the resumed sweep's summary holds it, with the same metric.
     records = {r.trial_id: r for r in swept.summary.trials}
@@ -228,3 +269,28 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
         assert records[trial_id].metric == pytest.approx(history_before[-1].value)
     assert any(f"trial {r.run_name}: epoch" in swept.resumed_output for r in records.values()
                if r.trial_id not in ended_ids)
+
+
+def test_a_trial_whose_driver_died_is_retried_from_its_checkpoint(swept, metric_history):
+    from mlflow import MlflowClient
+
+    # The first trial's driver was killed after epoch 1 (what losing its node does to it)...
+    assert swept.killed_pid is not None
+    first = swept.ended_first[0]
+    retried = [line for line in swept.first_log.splitlines() if "failed, retrying" in line]
+    assert retried == [f"trial {first}: attempt 1 failed, retrying from its last checkpoint"], swept.first_log[-3000:]
+    # ...and Tune's retry resumed its Train run from the epoch-1 checkpoint (step 2) and finished
+    # it: one checkpoint per epoch, none written twice (a retry from scratch would write step 2
+    # again; four are kept, so it would show).
+    assert [step for _, step in swept.checkpoints_after[first]] == [2, 4]
+    record = next(r for r in swept.summary.trials if r.run_name == first)
+    assert (record.status, record.epochs_done) == ("completed", 2)
+    # One MLflow run for both attempts, every step once.
+    client = MlflowClient(swept.uri)
+    run = client.get_run(record.run_id)
+    assert run.info.status == "FINISHED"
+    for name, steps in (("train/loss", [2, 4]), ("test/recall_at_1", [2, 4])):
+        assert [m.step for m in metric_history(client, record.run_id, name)] == steps, name
+    # The Tune experiment itself lives on S3 beside the checkpoints.
+    keys = [o["Key"] for o in swept.s3.list_objects_v2(Bucket=swept.bucket, Prefix=f"{STORAGE_PREFIX}/e2e/")["Contents"]]
+    assert any(key.rsplit("/", 1)[-1].startswith("experiment_state") for key in keys), keys

@@ -22,6 +22,12 @@ class SweepProgress(tune.Callback):
         """A trial ended: all its epochs, or stopped early by ASHA."""
         print(f"trial {trial}: ended after epoch {trial.last_result.get('epoch')}", flush=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial's attempt failed (its driver died, e.g. its node was lost) and Tune retries
+        it; the retry resumes the trial's Train run from its last checkpoint."""
+        print(f"trial {trial}: attempt {trial.num_failures} failed, retrying "
+              f"from its last checkpoint", flush=True)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         """A trial failed."""
         print(f"trial {trial}: failed (its log: {trial.path})", flush=True)

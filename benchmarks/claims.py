@@ -191,6 +191,9 @@ def magnet_speedup(groups: dict, modes: int) -> dict:
         "speedup_vs_length": t_interval(vs_length),
         "speedup_paired": t_interval(paired),
         "not_reached": sorted(s for s, v in m_first.items() if v is None),
+        # Reached at the first evaluation: the true step may be earlier, so the speed-up is
+        # a lower bound (the evaluation period limits what can be measured).
+        "at_first_eval": sorted(s for s, r in magnet.items() if m_first[s] is not None and m_first[s] == r.history[0][0]),
     }
 
 
@@ -217,11 +220,14 @@ def multi_center(groups: dict) -> dict:
 
 
 def pddm_vs_batch_hard(groups: dict, modes: int) -> dict:
+    """Claim 3: PDDM minus batch-hard (final and mean-over-curve Recall@1, paired by seed),
+    and each run's first step at the semi-hard triplet arm's mean final Recall@1."""
     pddm = groups.get(("pddm", modes), {})
     bh = groups.get(("triplet_batch_hard", modes), {})
-    if not pddm or not bh:
+    semi = groups.get(("triplet", modes), {})
+    if not pddm or not bh or not semi:
         return {}
-    target = t_interval([r.final for r in bh.values()]).mean
+    target = t_interval([r.final for r in semi.values()]).mean
     first = {
         arm: {s: first_step_reaching(r.history, 1.0 - target) for s, r in runs.items()}
         for arm, runs in (("pddm", pddm), ("triplet_batch_hard", bh))
@@ -291,14 +297,19 @@ def report(runs: list[Run], steps: int, expected_seeds=(0, 1, 2)) -> str:
     for modes in (3, 1):
         s = magnet_speedup(groups, modes)
         if s:
+            bound = ">= " if s["at_first_eval"] else ""
             lines.append(f"| {modes} | {s['target_error']:.3f} | {_fmt_steps(s['triplet_first'])} | "
-                         f"{_fmt_steps(s['magnet_first'])} | {s['speedup_vs_length']}x | {s['speedup_paired']}x |")
+                         f"{_fmt_steps(s['magnet_first'])} | {bound}{s['speedup_vs_length']} | "
+                         f"{s['speedup_paired']} |")
+            if s["at_first_eval"]:
+                lines.append(f"|  | Magnet seeds {s['at_first_eval']} were there at the first evaluation: "
+                             "speed-ups are lower bounds | | | | |")
     lines += ["", "**Claim 2: multi-center minus single-center (normalized_softmax), final R@1, paired by seed**", "",
               "| multi-center loss | modes=3 | modes=1 | (modes 3) - (modes 1) |", "|---|---|---|---|"]
     for multi, d in multi_center(groups).items():
         lines.append(f"| {multi} | {d[3]} | {d[1]} | {d['3-1']} |")
     lines += ["", "**Claim 3: PDDM (pddm preset) minus triplet batch-hard, paired by seed**", "",
-              "| modes | final R@1 diff | mean-over-curve R@1 diff | batch-hard final R@1 (target) "
+              "| modes | final R@1 diff | mean-over-curve R@1 diff | target: semi-hard triplet's final R@1 "
               "| first step at target: PDDM | batch-hard |", "|---:|---|---|---:|---|---|"]
     for modes in (3, 1):
         p = pddm_vs_batch_hard(groups, modes)

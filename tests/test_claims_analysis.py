@@ -54,7 +54,7 @@ def test_magnet_speedup_and_paired_differences():
     assert s["magnet_first"] == {0: 20, 1: None}
     assert s["triplet_first"] == {0: 60, 1: 60}
     assert s["speedup_vs_length"].mean == pytest.approx(3.0) and s["speedup_vs_length"].n == 1
-    assert s["not_reached"] == [1]
+    assert s["not_reached"] == [1] and s["at_first_eval"] == []
     diffs = claims.paired_differences(magnet, triplet, lambda r: r.final)
     assert list(diffs) == [0, 1] and list(diffs.values()) == pytest.approx([0.04, -0.02])
 

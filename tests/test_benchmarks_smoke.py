@@ -1,0 +1,81 @@
+"""The benchmark commands of issue 8 run in their tiniest configuration and print well-formed
+JSON. No timing assertions (figures live in benchmarks/README.md): only that every figure is
+there and is a number, and that our metrics agree with pytorch-metric-learning's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "pytorch_metric_learning",
+    reason="the benchmarks' peer needs pytorch-metric-learning: pip install -e '.[bench]'",
+)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> list[dict]:
+    """Run a benchmark script; its stdout's JSON lines (every '{' line must parse)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+@pytest.mark.ray
+def test_throughput_tiny(tmp_path):
+    lines = _run("throughput.py", "--tiny", "--size", "cpu", "--losses", "softtriple",
+                 "--set", f"data.cache_dir={tmp_path}/data")
+    summary = lines[-1]["summary"]
+    assert summary["size"] == "cpu" and summary["losses"] == ["softtriple"]
+    assert summary["backbone_images_per_s"] and all(map(_positive, summary["backbone_images_per_s"].values()))
+    assert _positive(summary["input_images_per_s"])
+    assert _positive(summary["train_images_per_s"]["softtriple"])
+    peer = summary["peer"]["softtriple"]
+    assert peer["library"] == "pytorch-metric-learning"
+    assert _positive(peer["images_per_s"]) and _positive(peer["ours_over_peer"])
+    assert {row["storage"] for row in summary["decode"]} == {"full", "short_side_256"}
+    for row in summary["decode"]:
+        assert _positive(row["cpu_decode_images_per_cpu_s"])
+        assert _positive(row["cpu_decode_crop_images_per_cpu_s"])
+
+
+def test_refresh_cost_tiny():
+    lines = _run("refresh_cost.py", "--sizes", "600", "--pool-sizes", "600,1000", "--dims", "8",
+                 "--max-exact-pools", "700", "--embed", "tiny_cnn:32:40", "--batch-size", "16")
+    by_kind: dict[str, list[dict]] = {}
+    for line in lines:
+        for kind, row in line.items():
+            by_kind.setdefault(kind, []).append(row)
+    (clustering,) = by_kind["clustering"]
+    assert clustering["n"] == 600 and clustering["dim"] == 8 and clustering["clusters"] > 0
+    measured, skipped = by_kind["hard_pools"]
+    assert measured["n"] == 600 and measured["knn_seconds"] >= 0
+    assert skipped["n"] == 1000 and "N^2" in skipped["skipped"]  # said, not extrapolated
+    (embedding,) = by_kind["embedding"]
+    assert _positive(embedding["images_per_s"]) and _positive(embedding["bare_inference_images_per_s"])
+
+
+def test_eval_metrics_agrees_with_pml():
+    (report,) = _run("eval_metrics.py", "--num", "800", "--dim", "8", "--classes", "16",
+                     "--compare-pml", "--gpu-num", "1000")
+    pml = report["pml"]
+    assert set(pml["metrics"]) == {"precision_at_1", "mean_average_precision_at_r", "r_precision", "NMI"}
+    # Same exact search: the ranking metrics agree to float rounding.
+    assert pml["max_abs_difference_ranking"] < 1e-4
+    # NMI: PML runs its own k-means (other seed and iterations), so only roughly equal.
+    assert pml["nmi_abs_difference"] < 0.1
+    for side in (report["ours"], pml):
+        assert _positive(side["peak_rss_mib"]) and side["seconds_total"] >= 0
+    assert "not_measured" in report["gpu_run"] or _positive(report["gpu_run"]["seconds_total"])

@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--losses", default=",".join(SEED_LOSSES), help="end-to-end runs, comma-separated")
     parser.add_argument("--no-peer", action="store_true", help="skip the PML + DataLoader peer")
     parser.add_argument("--backbone-steps", type=int, default=None)
+    parser.add_argument("--peer-steps", type=int, default=None, help="steps of each peer run (default 120)")
     parser.add_argument("--input-sub-batches", type=int, default=None)
     parser.add_argument("--decode-images", type=int, default=None, help="JPEGs per decode measurement")
     parser.add_argument("--decode-crop", type=int, default=224,
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
             ray.shutdown()  # each run starts its own cluster (run_training starts it)
             if args.no_peer or name not in PML_PEERS:
                 continue
-            steps = 2 * config.train.log_every_steps + 1 if args.tiny else 120
+            steps = args.peer_steps or (2 * config.train.log_every_steps + 1 if args.tiny else 120)
             workers = max(1, round(config.data.decode_actors * config.data.decode_cpus)) if device.type == "cpu" \
                 else config.data.decode_actors
             peer = peer_training(name, config, root, device, steps, workers)
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_peer:
             for name in peers:
                 config = configs[name]
-                steps = 2 * config.train.log_every_steps + 1 if args.tiny else 120
+                steps = args.peer_steps or (2 * config.train.log_every_steps + 1 if args.tiny else 120)
                 workers = max(1, round(config.data.decode_actors * config.data.decode_cpus)) if device.type == "cpu" \
                     else config.data.decode_actors
                 row = peer_training(name, config, root, device, steps, workers)

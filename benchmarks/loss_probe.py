@@ -21,10 +21,11 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.decoding import decode_rgb, eval_transform, train_transform
-from pipeline.data.format import read_split
+from pipeline.data.format import read_metadata, read_split
 from pipeline.data.planning import MPerClassPlanner
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.evaluation.protocol import resolve_evaluation
 from pipeline.learner import MetricLearner
 from pipeline.losses import build_loss
 from pipeline.models import build_model
@@ -50,6 +51,7 @@ def main() -> None:
     torch.set_num_threads(2)
     config = load_config("local", args.overrides)
     root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
+    config = resolve_evaluation(config, read_metadata(root))  # the test split, Recall@K cut-offs
     if args.detach_scores:
         from pipeline.losses import pddm
 

@@ -1,11 +1,13 @@
 """Run the claims sweep (`python -m jobs.sweep`, unchanged) in a local Ray instance with more
-logical CPUs than `jobs.sweep` reserves on its own (4 on a 2-core machine).
+logical CPUs than `jobs.sweep` reserves on its own (4 on a 2-core machine), as the recorded run
+in benchmarks/README.md did.
 
-With 4, a Magnet or PDDM trial of a sweep never trains on the 2-core machine: the trial's
-driver (1 CPU), its two workers (1), Ray Data's decode actors (two of 0.5 were started) and
-the refresh actor (0.5) leave nothing for Ray Data's read tasks ("Cluster resources are not
-enough to run any task from TaskPoolMapOperator[ReadRange]"), and the run hangs before step 1.
-Logical CPUs are only a scheduling budget; the cores stay two.
+When that run was made, a Magnet or PDDM trial never trained with 4: the trial's driver
+(1 CPU), its two workers (1), one decode actor per rank (2 x 0.5) and the refresh actor (0.5)
+left nothing for the plan stream's read tasks, which asked for a whole CPU each ("Cluster
+resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). Those tasks
+now ask for 0.25 CPU and the sweep counts the per-rank decode actors, so plain `jobs.sweep`
+runs such trials too; 8 logical CPUs still let two trials share the 2 cores.
 
     python benchmarks/claims_sweep.py --num-cpus 8 pipeline/sweeps/claims.yaml --set train.storage_path=runs/claims
 """

@@ -18,6 +18,7 @@ from pipeline.sweep.space import (
     candidate_configs,
     load_sweep,
     override,
+    resource_need,
     space_params,
     trial_concurrency,
     trial_settings,
@@ -189,12 +190,17 @@ def test_hyperopt_space_branches_per_loss(tmp_path):
 def test_concurrency_follows_the_clusters_resources(tmp_path):
     spec = _small(tmp_path)
     configs = [c for per_loss in candidate_configs(spec, base_overrides(spec, [])).values() for c in per_loss]
-    # A trial: its driver (1 CPU) + 2 workers x 0.5 + 1 decode actor x 0.5 = 2.5 CPUs.
+    # A trial: its driver (1 CPU) + 2 workers x 0.5 + 1 decode actor x 0.5 + a 0.25-CPU
+    # Ray Data task = 2.75 CPUs.
+    assert resource_need(configs[0]) == {"CPU": 2.75, "GPU": 0.0}
     assert trial_concurrency(configs, {"CPU": 4.0}) == 1
-    assert trial_concurrency(configs, {"CPU": 10.0}) == 4
-    assert trial_concurrency(configs, {"CPU": 10.0}, requested=2) == 2
-    with pytest.raises(SweepError, match="a trial needs 2.5 CPU .* the cluster has 2"):
+    assert trial_concurrency(configs, {"CPU": 11.0}) == 4
+    assert trial_concurrency(configs, {"CPU": 11.0}, requested=2) == 2
+    with pytest.raises(SweepError, match="a trial needs 2.75 CPU .* the cluster has 2"):
         trial_concurrency(configs, {"CPU": 2.0})
+    # Magnet: each rank has its own decode actors, and the refresh actor has 0.5 CPU:
+    # 1 + 2 x 0.5 + 2 x 1 x 0.5 + 0.25 + 0.5.
+    assert resource_need(load_config("magnet", []))["CPU"] == 3.75
     gpu = [load_config("local", ["train.use_gpu=true", "train.num_workers=2"])]
     assert trial_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
 

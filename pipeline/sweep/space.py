@@ -405,10 +405,15 @@ def space_params(spec: SweepSpec, overrides: list[str]) -> dict[str, str]:
 
 def resource_need(config: Config) -> dict[str, float]:
     """Logical resources one trial of this config holds while it trains: its driver function
-    (Tune's default 1 CPU, which also runs its Ray Data reads), the Train workers, the decode
-    actors and, for Magnet/PDDM, the refresh actor."""
+    (Tune's default 1 CPU), the Train workers, the decode actors (per rank for Magnet/PDDM,
+    whose ranks each have their own stream), a Ray Data read or eval-decode task, and, for
+    Magnet/PDDM, the refresh actor."""
+    from pipeline.data.ray_datasets import EVAL_DECODE_CPUS, READ_CPUS
+
     cpus = TRIAL_DRIVER_CPUS + config.train.num_workers * config.train.cpus_per_worker
-    cpus += config.data.decode_actors * config.data.decode_cpus
+    streams = config.train.num_workers if config.uses_refresh_actor else 1
+    cpus += streams * config.data.decode_actors * config.data.decode_cpus
+    cpus += max(READ_CPUS, EVAL_DECODE_CPUS)
     gpus = float(config.train.num_workers) if config.train.use_gpu else 0.0
     if config.uses_refresh_actor:
         cpus += config.refresh.num_cpus

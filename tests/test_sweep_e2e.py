@@ -81,8 +81,9 @@ def _checkpoints(s3, bucket: str) -> dict[str, list[tuple[str, int]]]:
     found: dict[str, list[int]] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            run, checkpoint, *rest = item["Key"][len(prefix):].split("/")
-            if checkpoint.startswith("checkpoint_") and rest == ["metrics.json"]:
+            parts = item["Key"][len(prefix):].split("/")
+            if len(parts) == 3 and parts[1].startswith("checkpoint_") and parts[2] == "metrics.json":
+                run, checkpoint, _ = parts
                 body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
                 found.setdefault(run, []).append((checkpoint, json.loads(body)["step"]))
     return {run: sorted(items) for run, items in found.items()}
@@ -129,7 +130,7 @@ def run_shared_sweep(uri: str, root: Path, s3_endpoint: str) -> SimpleNamespace:
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
         )
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + 1500  # two attempts of a trial on a loaded machine
         while "ended after epoch" not in (text := log_path.read_text()):
             if first.poll() is not None or time.monotonic() > deadline:
                 first.kill()
@@ -207,7 +208,11 @@ def test_sweep_records_parent_children_and_best_model(swept, tmp_path):
         by_step = {m.step: m.value for m in history}
         assert len(record.history) == record.epochs_done >= 1
         assert sorted(by_step)[: record.epochs_done] == [2, 4][: record.epochs_done]
-        assert by_step[2 * record.epochs_done] == pytest.approx(record.metric)
+        if run.info.run_name != swept.ended_first[0]:
+            # (The retried trial is left out: MLflow keeps the first value logged at a step,
+            # and its killed attempt may have evaluated epoch 2 before it died; see
+            # test_a_trial_whose_driver_died_is_retried_from_its_checkpoint.)
+            assert by_step[2 * record.epochs_done] == pytest.approx(record.metric)
         if record.status == "completed":
             assert record.epochs_done == 2 and run.info.status == "FINISHED"
         else:  # ASHA stopped it at its rung (epoch 1)
@@ -262,11 +267,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
         name = run.info.run_name
         assert swept.checkpoints_after[name] == swept.checkpoints_before[name]
         assert f"trial {name}: epoch" not in swept.resumed_output
-    # Its result was reused: the resumed sweep's summary holds it, with the same metric.
+    # Its result was reused: the resumed sweep's summary holds it, with the metric the first
+    # process printed for its last epoch (Tune's, not MLflow's: see the retry test).
     records = {r.trial_id: r for r in swept.summary.trials}
-    for trial_id in ended_ids:
-        [(run_before, history_before)] = swept.before[trial_id]
-        assert records[trial_id].metric == pytest.approx(history_before[-1].value)
+    for name in swept.ended_first:
+        last = [line for line in swept.first_log.splitlines() if line.startswith(f"trial {name}: epoch ")][-1]
+        assert records[name.split("-", 1)[1]].metric == pytest.approx(float(last.split()[-1]), abs=5e-5)
     assert any(f"trial {r.run_name}: epoch" in swept.resumed_output for r in records.values()
                if r.trial_id not in ended_ids)
 
@@ -279,10 +285,11 @@ def test_a_trial_whose_driver_died_is_retried_from_its_checkpoint(swept, metric_
     first = swept.ended_first[0]
     retried = [line for line in swept.first_log.splitlines() if "failed, retrying" in line]
     assert retried == [f"trial {first}: attempt 1 failed, retrying from its last checkpoint"], swept.first_log[-3000:]
-    # ...and Tune's retry resumed its Train run from the epoch-1 checkpoint (step 2) and finished
-    # it: one checkpoint per epoch, none written twice (a retry from scratch would write step 2
-    # again; four are kept, so it would show).
-    assert [step for _, step in swept.checkpoints_after[first]] == [2, 4]
+    # ...and Tune's retry resumed its Train run from a checkpoint and finished it: step 2's
+    # checkpoint was not written again, as a retry from scratch would (four are kept, so it
+    # would show). The killed attempt may have got as far as writing step 4's before it died.
+    steps = [step for _, step in swept.checkpoints_after[first]]
+    assert steps.count(2) == 1 and steps[-1] == 4 and set(steps) == {2, 4}, steps
     record = next(r for r in swept.summary.trials if r.run_name == first)
     assert (record.status, record.epochs_done) == ("completed", 2)
     # One MLflow run for both attempts, every step once.

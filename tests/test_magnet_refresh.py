@@ -40,9 +40,45 @@ def _config(tmp_path, extra):
     )
 
 
-def test_refreshes_run_alongside_training_and_survive_the_actor_being_killed(ray_local, tmp_path, metric_history):
-    """One run serves both: the refreshes while training goes on, and Ray restarting the actor
-    after it is killed at its second index (one Ray Train run fewer for the suite to pay for)."""
+def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path, metric_history):
+    from mlflow import MlflowClient
+
+    from pipeline.training.driver import run_training
+
+    config = _config(tmp_path, ["train.epochs=2", "train.steps_per_epoch=10", "refresh.every_steps=2"])
+    summary = run_training(config, printer=lambda *a, **k: None)
+    client = MlflowClient(summary.tracking_uri)
+    run_id = summary.run_id
+
+    # The initial index plus at least two refreshes, each timed (embedding and clustering apart).
+    count = metric_history(client, run_id, "refresh/count")
+    assert count[-1].value >= 3, count
+    embed_seconds = metric_history(client, run_id, "refresh/embed_seconds")
+    assert embed_seconds and all(m.value > 0 for m in embed_seconds)
+    assert metric_history(client, run_id, "refresh/cluster_seconds")
+
+    # The planner moved to newer indexes as they appeared (not strictly in order: a decode
+    # actor may plan two sub-batches at once), and staleness was measured.
+    used = [m.value for m in metric_history(client, run_id, "refresh/index_version_used")]
+    assert len(used) == 20 and used[-1] > used[0] and max(used) >= 3, used
+    staleness = [m.value for m in metric_history(client, run_id, "refresh/staleness_steps")]
+    assert all(s >= 0 for s in staleness) and max(staleness) < 20
+
+    # Training went on while refreshes ran: ranks reported steps during some refresh.
+    during = [m.value for m in metric_history(client, run_id, "refresh/steps_during")]
+    assert sum(during) > 0, during
+
+    # Magnet inference on the held-out seen classes, beside retrieval on the unseen ones.
+    seen = metric_history(client, run_id, "seen/magnet_accuracy")
+    assert [m.step for m in seen] == [10, 20]
+    assert 0.0 <= summary.metrics["seen/magnet_accuracy"] <= 1.0
+    assert 0.0 <= summary.metrics["test/recall@1"] <= 1.0
+
+    # The actor's index and losses are saved with the checkpoint.
+    assert (Path(summary.checkpoint_path) / "refresh_state.npz").exists()
+
+
+def test_run_finishes_when_the_refresh_actor_is_killed(ray_local, tmp_path, metric_history):
     import ray
     from mlflow import MlflowClient
 
@@ -75,44 +111,19 @@ def test_refreshes_run_alongside_training_and_survive_the_actor_being_killed(ray
     assert killed, "the actor was never seen with a second index"
 
     client = MlflowClient(summary.tracking_uri)
-    run_id = summary.run_id
-    assert client.get_run(run_id).info.status == "FINISHED"
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
     assert summary.metrics["step"] == 30
-
-    # The initial index plus at least two refreshes, each timed (embedding and clustering apart).
-    versions = [m.value for m in metric_history(client, run_id, "refresh/version")]
-    assert len(versions) >= 3, versions
-    embed_seconds = metric_history(client, run_id, "refresh/embed_seconds")
-    assert embed_seconds and all(m.value > 0 for m in embed_seconds)
-    assert metric_history(client, run_id, "refresh/cluster_seconds")
-
-    # The planner moved to newer indexes as they appeared (not strictly in order: a decode
-    # actor may plan two sub-batches at once), every step had an index, and staleness was
-    # measured.
-    used = [m.value for m in metric_history(client, run_id, "refresh/index_version_used")]
-    assert len(used) == 30 and min(used) >= 1 and used[-1] > used[0], used
-    staleness = [m.value for m in metric_history(client, run_id, "refresh/staleness_steps")]
-    assert staleness and all(0 <= s < 30 for s in staleness)
-
-    # Training went on while refreshes ran: ranks reported steps during some refresh.
-    during = [m.value for m in metric_history(client, run_id, "refresh/steps_during")]
-    assert sum(during) > 0, during
-
-    # The restarted incarnation rebuilt the index from rank 0's latest weights, numbered after
-    # the versions in use before the kill.
-    rebuilt = [m for m in metric_history(client, run_id, "refresh/reconstructed") if m.value == 1.0]
+    # The restarted incarnation rebuilt the index from rank 0's latest weights...
+    rebuilt = [m for m in metric_history(client, summary.run_id, "refresh/reconstructed") if m.value == 1.0]
     assert rebuilt, "no refresh by the restarted actor"
     assert rebuilt[0].step > 0, "rebuilt from trained weights, not the initial model"
+    # ...numbered after the versions in use before the kill, while every step went on with
+    # an index it had.
+    versions = [m.value for m in metric_history(client, summary.run_id, "refresh/version")]
     assert max(versions) > killed["version"], (versions, killed)
-
-    # Magnet inference on the held-out seen classes, beside retrieval on the unseen ones.
-    seen = metric_history(client, run_id, "seen/magnet_accuracy")
-    assert [m.step for m in seen] == [10, 20, 30]
-    assert 0.0 <= summary.metrics["seen/magnet_accuracy"] <= 1.0
-    assert 0.0 <= summary.metrics["test/recall@1"] <= 1.0
-
-    # The actor's index and losses are saved with the checkpoint.
-    assert (Path(summary.checkpoint_path) / "refresh_state.npz").exists()
+    used = [m.value for m in metric_history(client, summary.run_id, "refresh/index_version_used")]
+    assert len(used) == 30 and min(used) >= 1, used
 
 
 def test_resumed_run_goes_on_from_the_checkpointed_index(ray_local, tmp_path, metric_history):

@@ -5,9 +5,11 @@ in benchmarks/README.md did.
 When that run was made, a Magnet or PDDM trial never trained with 4: the trial's driver
 (1 CPU), its two workers (1), one decode actor per rank (2 x 0.5) and the refresh actor (0.5)
 left nothing for the plan stream's read tasks, which asked for a whole CPU each ("Cluster
-resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). Those tasks
-now ask for 0.25 CPU and the sweep counts the per-rank decode actors, so plain `jobs.sweep`
-runs such trials too; 8 logical CPUs still let two trials share the 2 cores.
+resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). The sweep now
+counts the per-rank decode actors and one Ray Data task in a trial's needs, but the read tasks
+still ask for a whole CPU (`ray.data.range`), so on a 2-core machine use this (8 logical CPUs,
+which also lets two trials share the 2 cores). Asking for less made a Magnet run stall; not
+understood yet.
 
     python benchmarks/claims_sweep.py --num-cpus 8 pipeline/sweeps/claims.yaml --set train.storage_path=runs/claims
 """

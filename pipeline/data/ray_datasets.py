@@ -128,18 +128,9 @@ def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offs
     """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them),
     `per_block` per block. `ray.data.range` generates the rows lazily, nothing is stored."""
     import ray.data
-    from ray.data._internal.datasource.range_datasource import RangeDatasource
 
     blocks = max(1, count // per_block)
-    # `ray.data.range(count)` with small read tasks: its own read tasks ask for a whole CPU
-    # each, which a Magnet/PDDM trial of a sweep on a small machine does not have left beside
-    # its driver, workers, decode and refresh actors, so its stream never started.
-    indices = ray.data.read_datasource(
-        RangeDatasource(n=count, block_format="arrow", column_name="id"),
-        num_cpus=READ_CPUS,
-        override_num_blocks=blocks,
-    )
-    return indices.map_batches(
+    return ray.data.range(count, override_num_blocks=blocks).map_batches(
         TrainBatchDecoder,
         fn_constructor_kwargs={**decoder_args, "index_offset": offset, "index_stride": stride},
         batch_size=1,

@@ -153,8 +153,13 @@ def run_shared_sweep(uri: str, root: Path, s3_endpoint: str) -> SimpleNamespace:
 
     lines: list[str] = []
     output = io.StringIO()
-    with contextlib.redirect_stdout(output):  # the progress lines of the resumed trials
-        summary = run_sweep(load_sweep(space), overrides, resume=True, printer=lambda text, **_: lines.append(text))
+    environ = dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(output):  # the progress lines of the resumed trials
+            summary = run_sweep(load_sweep(space), overrides, resume=True, printer=lambda text, **_: lines.append(text))
+    finally:  # run_sweep exports the sweep's S3 endpoint; later tests must not inherit it
+        os.environ.clear()
+        os.environ.update(environ)
     _shared["sweep"] = SimpleNamespace(
         uri=uri, root=root, spec=load_sweep(space), summary=summary, first_rc=first_rc,
         first_log=first_log, ended_first=ended_first, first_parent_id=parent[0].info.run_id,

@@ -142,11 +142,13 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
     root, metadata = resolve_dataset(config)
+    # Named from the config as given, so the name follows from the config alone (jobs and
+    # tests that resume or watch a run compute it without reading the dataset).
+    name = run_name_for(config)
     # From here on every consumer (workers, MLflow params, checkpoints, report) sees the
     # split and cut-offs actually evaluated, never the empty "from the dataset".
     config = resolve_evaluation(config, metadata)
     gallery = gallery_split(config, metadata)
-    name = run_name_for(config)
     uri = tracking.tracking_uri(config)
     config_yaml = config_to_yaml(config)
     run_id = tracking.start_run(

@@ -6,13 +6,15 @@ Credentials come from the standard AWS chain only (environment, `AWS_PROFILE` an
 endpoint of an S3-compatible store (MinIO, Ceph, ...) and the retry budget are settings: the
 config section `storage`, else the standard variables `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
 and `AWS_MAX_ATTEMPTS`. `export_settings` writes the config's values into those variables, so
-the driver's own code, boto3 and MLflow all see the same endpoint, and `worker_env_vars` hands
+the driver's own code, boto3 and MLflow all see the same endpoint (`exported_settings` does it
+for one `with` block only), and `worker_env_vars` hands
 the same variables to Ray workers. Ray Data reads through `filesystem_for_files`, whose
 filesystem keeps the retry budget in the copies its read tasks get.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from urllib.parse import urlsplit
@@ -115,6 +117,22 @@ def export_settings(config) -> dict[str, str]:
     os.environ[MAX_ATTEMPTS_ENV] = str(settings.s3_max_attempts)
     os.environ[RETRY_MODE_ENV] = "standard"  # botocore's (and so MLflow's) exponential backoff
     return worker_env_vars()
+
+
+@contextlib.contextmanager
+def exported_settings(config):
+    """`export_settings` for the length of a `with` block: the S3 variables are put back as
+    they were on leaving it, so a library caller (a notebook, a test, a sweep run in-process)
+    does not inherit one run's endpoint. Yields `worker_env_vars`."""
+    before = {name: os.environ.get(name) for name in WORKER_ENV}
+    try:
+        yield export_settings(config)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def worker_env_vars() -> dict[str, str]:

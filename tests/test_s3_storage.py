@@ -99,6 +99,23 @@ def test_the_config_endpoint_wins_and_bad_storage_settings_are_refused(
         assert "topsecret" not in str(err.value), "an error message repeats the credentials"
 
 
+def test_exported_settings_put_the_environment_back(restored_environ, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://before:9000")
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    config = load_config("local", ["storage.s3_endpoint_url=http://inside:9000", "storage.s3_max_attempts=7"])
+    with storage.exported_settings(config) as worker_env:
+        assert storage.s3_endpoint_url() == "http://inside:9000"
+        assert worker_env["AWS_MAX_ATTEMPTS"] == "7"
+        assert os.environ["MLFLOW_S3_ENDPOINT_URL"] == "http://inside:9000"
+    assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://before:9000"
+    assert "MLFLOW_S3_ENDPOINT_URL" not in os.environ
+    assert "AWS_MAX_ATTEMPTS" not in os.environ
+    with pytest.raises(RuntimeError), storage.exported_settings(config):  # also when it fails
+        raise RuntimeError
+    assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://before:9000"
+
+
 def test_datasets_are_written_validated_and_read_on_s3(s3_env, s3_bucket, tmp_path):
     spec = SyntheticSpec(num_classes=4, images_per_class=3, image_size=16, modes_per_class=1)
     root = f"s3://{s3_bucket}/datasets/tiny"

@@ -154,18 +154,14 @@ def run_shared_sweep(uri: str, root: Path, s3_endpoint: str) -> SimpleNamespace:
     lines: list[str] = []
     output = io.StringIO()
     environ = dict(os.environ)
-    try:
-        with contextlib.redirect_stdout(output):  # the progress lines of the resumed trials
-            summary = run_sweep(load_sweep(space), overrides, resume=True, printer=lambda text, **_: lines.append(text))
-    finally:  # run_sweep exports the sweep's S3 endpoint; later tests must not inherit it
-        os.environ.clear()
-        os.environ.update(environ)
+    with contextlib.redirect_stdout(output):  # the progress lines of the resumed trials
+        summary = run_sweep(load_sweep(space), overrides, resume=True, printer=lambda text, **_: lines.append(text))
     _shared["sweep"] = SimpleNamespace(
         uri=uri, root=root, spec=load_sweep(space), summary=summary, first_rc=first_rc,
         first_log=first_log, ended_first=ended_first, first_parent_id=parent[0].info.run_id,
         before=before, checkpoints_before=checkpoints_before, checkpoints_after=_checkpoints(s3, bucket),
         killed_pid=killed, resumed_output=output.getvalue() + "\n".join(lines),
-        s3=s3, bucket=bucket,
+        s3=s3, bucket=bucket, environ_before=environ, environ_after=dict(os.environ),
     )
     return _shared["sweep"]
 
@@ -280,6 +276,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
         assert records[name.split("-", 1)[1]].metric == pytest.approx(float(last.split()[-1]), abs=5e-5)
     assert any(f"trial {r.run_name}: epoch" in swept.resumed_output for r in records.values()
                if r.trial_id not in ended_ids)
+    # run_sweep exported the moto endpoint only while it ran: this process's S3 variables are
+    # back as they were, so the S3 tests after this one do not inherit them.
+    from pipeline.storage import WORKER_ENV
+
+    assert {n: swept.environ_after.get(n) for n in WORKER_ENV} == {
+        n: swept.environ_before.get(n) for n in WORKER_ENV}
 
 
 def test_a_trial_whose_driver_died_is_retried_from_its_checkpoint(swept, metric_history):

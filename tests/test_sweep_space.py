@@ -303,3 +303,39 @@ def test_refresh_actor_is_started_outside_the_callers_placement_group(monkeypatc
     data = SimpleNamespace(store=None, holdout_ids=None)
     assert driver.start_refresh_actor(load_config("magnet"), "a", data, "run", "uri") == "actor"
     assert options["scheduling_strategy"] == "DEFAULT"
+
+
+CLAIMS_LONG = CLAIMS.parent / "claims_long.yaml"
+
+
+def test_long_claims_sweep_runs_the_claims_sweeps_triplet_and_magnet_arms_longer():
+    """claims_long.yaml: semi-hard triplet and Magnet at modes 3, 3 seeds, 300 steps with an
+    evaluation every 10, and the same Magnet settings as the claims sweep."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec, short = load_sweep(CLAIMS_LONG), load_sweep(CLAIMS)
+    trials = [trial_settings(v) for _, v in generate_variants(basic_param_space(spec))]
+    assert sorted((t["loss.name"], t["train.seed"]) for t in trials) == [
+        (loss, seed) for loss in ("magnet", "triplet") for seed in (0, 1, 2)]
+    assert {k: d for k, d in spec.losses["magnet"].items()} == {
+        k: d for k, d in short.losses["magnet"].items() if k != "data.synthetic.modes_per_class"}
+    configs = [c for cs in candidate_configs(spec, base_overrides(spec, [])).values() for c in cs]
+    assert {(c.train.epochs * c.train.steps_per_epoch, c.data.synthetic.modes_per_class) for c in configs} == {(300, 3)}
+    assert {c.loss.triplet.mining for c in configs if c.loss.name == "triplet"} == {"semi_hard"}
+
+
+@pytest.mark.parametrize(
+    ("text", "cli", "message"),
+    [
+        ("losses: {triplet: {storage.s3_max_attempts: {choice: [3, 5]}}}", [],
+         "storage.s3_max_attempts: where records go, and how they are reached, cannot vary"),
+        ("losses: {triplet: {}}", ["storage.s3_max_attempts=0"], "storage.s3_max_attempts: must be >= 1"),
+    ],
+)
+def test_storage_settings_are_fixed_and_checked_before_ray_starts(tmp_path, text, cli, message):
+    from pipeline.sweep.runner import run_sweep
+
+    spec = load_sweep(_write(tmp_path, "name: x\nfixed: {train.epochs: 2}\n" + text + "\n"))
+    with pytest.raises(SweepError, match="space.yaml") as err:
+        run_sweep(spec, cli)
+    assert message in str(err.value)

@@ -66,25 +66,41 @@ def _unfinished_trials(experiment: str, filesystem) -> int:
 
 def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False,
               verbose: bool = False, printer=print) -> SweepSummary:
-    """Run the sweep `spec` (or, with `resume`, go on with the one stored under its name)."""
-    from mlflow import MlflowClient
-    from ray import tune
+    """Run the sweep `spec` (or, with `resume`, go on with the one stored under its name).
 
+    The storage settings (S3 endpoint, retries) are in this process's environment only while
+    it runs, so a caller in the same process does not inherit them afterwards."""
     from pipeline import storage as storage_settings
-    from pipeline import tracking
-    from pipeline.sweep.progress import SweepProgress
-    from pipeline.training.driver import _init_ray, resolve_dataset
+    from pipeline.config.loading import ConfigError, load_config
 
     check_search_available(spec)
     overrides = base_overrides(spec, cli_overrides)
     for key in [*spec.space, *(k for dims in spec.losses.values() for k in dims)]:
-        if key in _PLACES or key.startswith("tracking."):
-            raise SweepError(f"{spec.path}: {key}: where records go cannot vary between trials; "
-                             "set it with --set or in fixed")
+        if key in _PLACES or key.startswith(("tracking.", "storage.")):
+            raise SweepError(f"{spec.path}: {key}: where records go, and how they are reached, "
+                             "cannot vary between trials; set it with --set or in fixed")
+    # Every trial's storage section: the preset's, with the storage settings given (they cannot
+    # vary). Exported before the trial configs are checked, which read an s3:// data.root.
+    try:
+        stored = load_config(spec.preset, [o for o in overrides if o.strip().startswith("storage.")])
+    except ConfigError as err:  # a bad endpoint or retry budget, named
+        raise SweepError(f"{spec.path}: {err}") from err
+    with storage_settings.exported_settings(stored):
+        return _run_sweep(spec, overrides, resume=resume, verbose=verbose, printer=printer)
+
+
+def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: bool,
+               printer) -> SweepSummary:
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from pipeline import tracking
+    from pipeline.sweep.progress import SweepProgress
+    from pipeline.training.driver import _init_ray, resolve_dataset
+
     candidates = candidate_configs(spec, overrides)
     configs = [c for per_loss in candidates.values() for c in per_loss]
     base = configs[0]
-    storage_settings.export_settings(base)
     storage = base.train.storage_path
     storage = storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
     experiment_path = f"{storage}/{spec.name}"

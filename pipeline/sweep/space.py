@@ -322,11 +322,6 @@ def reported_metrics(config: Config) -> list[str]:
     cut-offs the dataset's protocol gives, where `eval.recall_ks` is left to it)."""
     from pipeline.evaluation.protocol import planned_recall_ks
 
-    if config.data.root.startswith("s3://"):
-        # Its metadata.json is read before the sweep runner exports the storage settings.
-        from pipeline.storage import export_settings
-
-        export_settings(config)
     recall = [f"test/recall@{k}" for k in planned_recall_ks(config)]
     names = recall + ["test/map@r", "test/r_precision"]
     return names + (["test/nmi"] if config.eval.nmi else [])

@@ -73,3 +73,15 @@ def test_multi_center_difference_of_differences_pairs_by_seed():
     assert d[3].mean == pytest.approx(0.10) and d[3].n == 3 and d[3].high - d[3].low == pytest.approx(0.0, abs=1e-9)
     assert d[1].mean == pytest.approx(0.02) and d[1].n == 2
     assert d["3-1"].mean == pytest.approx(0.08) and d["3-1"].n == 2  # seeds 0 and 2 only
+
+
+def test_report_of_a_sweep_of_some_arms_at_its_own_length():
+    steps = list(range(10, 301, 10))
+    runs = [_run(arm, 3, seed, [(s, 0.5 + s / 1000) for s in steps]) for arm in ("triplet", "magnet") for seed in (0, 1, 2)]
+    text = claims.report(runs, 300, arms=("triplet", "magnet"), modes_run=(3,))
+    assert "6 complete runs of 6 found" in text and "Missing: none" in text
+    assert "R@1 at step 150 | R@1 at step 300" in text
+    assert "| triplet | 3 | 3 | 0.800" in text and "softtriple" not in text.split("**Claim 1")[0]
+    # Against the full design the other arms are missing; a run short of its length is not complete.
+    assert "softtriple modes=3 seed=0" in claims.report(runs, 300)
+    assert "0 complete runs of 6" in claims.report(runs, 310, arms=("triplet", "magnet"), modes_run=(3,))

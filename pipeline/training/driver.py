@@ -231,7 +231,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             **_trainer_datasets(data),
             **({"gallery": _eval_split_dataset(config, root, gallery)} if gallery else {}),
         },
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if not isinstance(data.train, list) else []),
+        dataset_config=trainer_data_config(data),
     )
 
     from pipeline.progress import ProgressPrinter
@@ -285,6 +285,28 @@ def _trainer_datasets(data) -> dict:
     if isinstance(data.train, list):
         return {**{f"train_{rank}": ds for rank, ds in enumerate(data.train)}, "test": data.test}
     return {"train": data.train, "test": data.test}
+
+
+def trainer_data_config(data):
+    """Ray Train's data config: 'train' split equally across the ranks, or, with a stream per
+    rank, each 'train_<rank>' delivered in plan order.
+
+    A per-rank stream's planner holds back while its step is more than
+    `refresh.max_plan_ahead_steps` ahead of training. Unordered, Ray Data hands the decode actor
+    whichever read task finished first, so it can block on a far step while an earlier
+    sub-batch, one training is waiting for, sits behind it in the actor's queue: each such
+    step then waits out `ActorTables.max_wait_s` (a PDDM run was seen losing 120 s a step this
+    way). In order, the actor plans only what the iterator's prefetch asks for next.
+    """
+    import ray.train
+
+    if not isinstance(data.train, list):
+        return ray.train.DataConfig(datasets_to_split=["train"])
+    ordered = ray.train.DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    return ray.train.DataConfig(
+        datasets_to_split=[], execution_options={f"train_{rank}": ordered for rank in range(len(data.train))}
+    )
 
 
 def saved_refresh_state(found) -> dict | None:

@@ -1,0 +1,101 @@
+"""A per-rank stream reaches its rank in plan order, so a planner that holds back (Magnet's
+neighbourhoods, PDDM's pools) never blocks on a far step while the sub-batch training waits
+for queues behind it.
+
+The stream here has the shape of the real one (`ray.data.range`, one row per block, then a
+decode actor that holds back like `ActorTables`), with a task of random length in between,
+so read results finish out of order as they do on a busy cluster. It goes through Ray Train's
+own `DataConfig.configure` with the driver's `trainer_data_config`. Found in the claims sweep,
+where a PDDM run lost 120 s (`ActorTables.max_wait_s`) on every step after step 23.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline.training.driver import trainer_data_config
+
+PREFETCH = 4
+WINDOW = PREFETCH + 2  # the smallest refresh.max_plan_ahead_steps the config accepts
+COUNT = 24
+
+
+def test_a_per_rank_stream_arrives_in_plan_order_without_stalling_its_planner(ray_local):
+    import ray
+    import ray.data
+
+    # Defined here, so that Ray pickles them by value (workers cannot import this module).
+    def _jitter(batch):
+        import random
+
+        time.sleep(random.random() * 0.6)  # read tasks of uneven length, finishing in any order
+        return batch
+
+    class _HoldingBack:
+        """Plans sub-batch i only once training has reported step i - WINDOW (like ActorTables),
+        and counts the times it had to give up waiting."""
+
+        def __init__(self, give_up_s: float):
+            import ray
+
+            self.steps = ray.get_actor("plan_order_steps")
+            self.give_up_s = give_up_s
+            self.gave_up = 0
+
+        def __call__(self, batch):
+            import ray
+
+            index = int(batch["id"][0])
+            deadline = time.monotonic() + self.give_up_s
+            while index > ray.get(self.steps.latest.remote()) + WINDOW:
+                if time.monotonic() > deadline:
+                    self.gave_up += 1
+                    break
+                time.sleep(0.01)
+            return {"id": batch["id"], "gave_up": np.array([self.gave_up])}
+
+    @ray.remote(num_cpus=0)
+    class Steps:
+        def __init__(self):
+            self.step = -1
+
+        def report(self, step):
+            self.step = max(self.step, step)
+
+        def latest(self):
+            return self.step
+
+    steps = Steps.options(name="plan_order_steps").remote()
+    try:
+        stream = ray.data.range(COUNT, override_num_blocks=COUNT).map_batches(
+            _jitter, batch_size=1, num_cpus=0.25
+        ).map_batches(
+            _HoldingBack, fn_constructor_kwargs={"give_up_s": 20.0}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+        )
+        config = trainer_data_config(SimpleNamespace(train=[stream]))
+        [shard] = config.configure({"train_0": stream}, world_size=1, worker_handles=None, worker_node_ids=None)
+        seen, gave_up = [], 0
+        for step, batch in enumerate(shard["train_0"].iter_batches(
+                batch_size=1, batch_format="numpy", prefetch_batches=PREFETCH)):
+            seen.append(int(batch["id"][0]))
+            gave_up = max(gave_up, int(batch["gave_up"][0]))
+            ray.get(steps.report.remote(step))  # training reports the step it finished
+    finally:
+        ray.kill(steps)
+    assert seen == list(range(COUNT)), "the stream reached its rank out of plan order"
+    assert gave_up == 0, f"the planner gave up waiting {gave_up} times: it blocked on a step training could not reach"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_only_per_rank_streams_are_ordered(ranks):
+    per_rank = trainer_data_config(SimpleNamespace(train=[object()] * ranks))
+    names = [f"train_{r}" for r in range(ranks)]
+    assert all(per_rank._resolve_execution_options(name).preserve_order for name in names)
+    assert per_rank._datasets_to_split == []
+    split = trainer_data_config(SimpleNamespace(train=object()))
+    assert split._datasets_to_split == ["train"]

@@ -8,8 +8,9 @@ left nothing for the plan stream's read tasks, which asked for a whole CPU each 
 resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). The sweep now
 counts the per-rank decode actors and one Ray Data task in a trial's needs, but the read tasks
 still ask for a whole CPU (`ray.data.range`), so on a 2-core machine use this (8 logical CPUs,
-which also lets two trials share the 2 cores). Asking for less made a Magnet run stall; not
-understood yet.
+which also lets two trials share the 2 cores). Asking for less made a Magnet run stall, most
+likely from the per-rank streams' delivery out of plan order (fixed in 9a06fdd); asking for less
+has not been retried since.
 
     python benchmarks/claims_sweep.py --num-cpus 8 pipeline/sweeps/claims.yaml --set train.storage_path=runs/claims
 """

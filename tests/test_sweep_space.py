@@ -309,7 +309,7 @@ CLAIMS_LONG = CLAIMS.parent / "claims_long.yaml"
 
 
 def test_long_claims_sweep_runs_the_claims_sweeps_triplet_and_magnet_arms_longer():
-    """claims_long.yaml: semi-hard triplet and Magnet at modes 3, 3 seeds, 300 steps with an
+    """claims_long.yaml: semi-hard triplet and Magnet at modes 3, 3 seeds, 200 steps with an
     evaluation every 10, and the same Magnet settings as the claims sweep."""
     from ray.tune.search.variant_generator import generate_variants
 
@@ -320,7 +320,7 @@ def test_long_claims_sweep_runs_the_claims_sweeps_triplet_and_magnet_arms_longer
     assert {k: d for k, d in spec.losses["magnet"].items()} == {
         k: d for k, d in short.losses["magnet"].items() if k != "data.synthetic.modes_per_class"}
     configs = [c for cs in candidate_configs(spec, base_overrides(spec, [])).values() for c in cs]
-    assert {(c.train.epochs * c.train.steps_per_epoch, c.data.synthetic.modes_per_class) for c in configs} == {(300, 3)}
+    assert {(c.train.epochs * c.train.steps_per_epoch, c.data.synthetic.modes_per_class) for c in configs} == {(200, 3)}
     assert {c.loss.triplet.mining for c in configs if c.loss.name == "triplet"} == {"semi_hard"}
 
 

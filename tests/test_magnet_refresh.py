@@ -45,7 +45,11 @@ def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path, 
 
     from pipeline.training.driver import run_training
 
-    config = _config(tmp_path, ["train.epochs=2", "train.steps_per_epoch=10", "refresh.every_steps=2"])
+    # Four times the images of the other tests: a refresh (embedding the whole training set)
+    # then outlasts a training step, as it does at any real size. At 16 per class it took
+    # ~0.1 s against ~0.12 s a step, and whether a step fell inside one was chance.
+    config = _config(tmp_path, ["train.epochs=2", "train.steps_per_epoch=10", "refresh.every_steps=2",
+                                "data.synthetic.images_per_class=64"])
     summary = run_training(config, printer=lambda *a, **k: None)
     client = MlflowClient(summary.tracking_uri)
     run_id = summary.run_id

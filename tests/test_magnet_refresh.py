@@ -76,6 +76,8 @@ def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path, 
     seen = metric_history(client, run_id, "seen/magnet_accuracy")
     assert [m.step for m in seen] == [10, 20]
     assert 0.0 <= summary.metrics["seen/magnet_accuracy"] <= 1.0
+    # And the kNN accuracy every loss gets on the same hold-out, for comparing with Magnet's.
+    assert [m.step for m in metric_history(client, run_id, "seen/knn_accuracy")] == [10, 20]
     assert 0.0 <= summary.metrics["test/recall@1"] <= 1.0
 
     # The actor's index and losses are saved with the checkpoint.

@@ -107,6 +107,7 @@ def test_bad_sweep_files_name_the_field(tmp_path, text, message):
         ("losses: {triplet: {loss.triplet.margin: {choice: [0.1, -1.0]}}}", [],
          "with loss.triplet.margin=-1.0: loss.triplet.margin: must be >= 0"),
         ("losses: {triplet: {}}\nmetric: test/recall@3", [], "'test/recall@3' is not reported"),
+        ("losses: {triplet: {}}\nmetric: seen/knn_accuracy", [], "'seen/knn_accuracy' is not reported"),
         ("losses: {triplet: {}}", ["eval.every_epochs=2"], "needs the metric every epoch"),
         ("losses: {triplet: {}}\nasha: {grace_period: 2}", [], "asha.grace_period: 2 epochs leaves no epoch"),
         ("losses: {triplet: {loss.triplet.margin: {choice: [0.1, 0.2]}}}", ["loss.triplet.margin=0.3"],
@@ -119,6 +120,13 @@ def test_configs_a_sweep_would_run_are_checked_first(tmp_path, text, cli, messag
         candidate_configs(spec, base_overrides(spec, cli))
     assert message in str(err.value)
     assert "space.yaml" in str(err.value)
+
+
+def test_the_seen_class_accuracy_is_a_sweep_metric_with_a_hold_out(tmp_path):
+    spec = load_sweep(_write(tmp_path, "name: x\nfixed: {train.epochs: 2, data.seen_holdout_fraction: 0.2}\n"
+                                       "metric: seen/knn_accuracy\nlosses: {triplet: {}, softtriple: {}}\n"))
+    configs = candidate_configs(spec, base_overrides(spec, []))
+    assert {c.data.seen_holdout_fraction for cs in configs.values() for c in cs} == {0.2}
 
 
 def _variants(space):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from short_runs import SHORT_RUN, TINY_BUILT_IN
@@ -84,7 +85,8 @@ def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
 
 
-def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path):
+def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):
+    """Also the seen-class hold-out of a loss other than Magnet's: its kNN accuracy per epoch."""
     from mlflow import MlflowClient
 
     from pipeline.training.checkpoint import load_training_state
@@ -92,7 +94,7 @@ def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path):
 
     config = load_config(
         "local",
-        TINY + ["loss.name=softtriple", "loss.softtriple.centers_per_class=3",
+        TINY + ["loss.name=softtriple", "loss.softtriple.centers_per_class=3", "data.seen_holdout_fraction=0.25",
                 f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}"],
     )
     summary = run_training(config, printer=lambda *a, **k: None)
@@ -100,6 +102,31 @@ def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path):
     assert client.get_run(summary.run_id).info.status == "FINISHED"
     assert client.get_run(summary.run_id).data.params["loss.name"] == "softtriple"
     assert [m.step for m in client.get_metric_history(summary.run_id, "test/recall_at_1")] == [4, 8]
+
+    # The seen-class kNN accuracy at every evaluation; the last one is what the final weights
+    # give when the held-out quarter of each training class is classified by its nearest
+    # neighbour among the rest (recomputed here, outside Ray, from the checkpoint).
+    seen = metric_history(client, summary.run_id, "seen/knn_accuracy")
+    assert [m.step for m in seen] == [4, 8]
+    from pipeline.data.decoding import decode_rgb, eval_transform
+    from pipeline.data.format import read_split
+    from pipeline.data.planning import seen_holdout_ids
+    from pipeline.evaluation.metrics import knn_accuracy
+    from pipeline.training.driver import resolve_dataset
+
+    model, _ = load_embedding_model(summary.checkpoint_path)
+    train = read_split(resolve_dataset(config)[0], "train", ["id", "label", "image"]).to_pydict()
+    ids, labels = np.array(train["id"]), np.array(train["label"])
+    transform = eval_transform(config.data.image_size, config.data.eval_resize)
+    with torch.no_grad():
+        images = torch.stack([transform(decode_rgb(data)) for data in train["image"]])
+        embedded = model(images.float() / 255).numpy()
+    labels_by_id = labels[np.argsort(ids)]  # ids are dense 0..N-1
+    held = np.isin(ids, seen_holdout_ids(labels_by_id, 0.25, config.train.seed))
+    assert held.sum() == 12 * 3  # 3 of each training class's 12 images
+    expected = knn_accuracy(embedded[held], labels[held], embedded[~held], labels[~held], k=1)
+    assert seen[-1].value == pytest.approx(expected, abs=1e-6)
+    assert summary.metrics["seen/knn_accuracy"] == pytest.approx(expected, abs=1e-6)
     # K centers per training class (12 classes), trained: no longer the initial ones.
     learner = load_training_state(summary.checkpoint_path)["learner"]
     centers = [v for k, v in learner.items() if k.startswith("loss.") and v.ndim == 2]

@@ -181,11 +181,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"data.seen_holdout_fraction: must be in [0, 1), got {config.data.seen_holdout_fraction}"
         )
-    if config.data.seen_holdout_fraction > 0 and config.loss.name != "magnet":
-        raise ConfigError(
-            "data.seen_holdout_fraction: the seen-class hold-out is scored by Magnet's soft "
-            f"nearest-cluster vote and needs loss.name=magnet, got {config.loss.name!r}"
-        )
+    if config.eval.seen_knn_k < 1:
+        raise ConfigError(f"eval.seen_knn_k: must be >= 1, got {config.eval.seen_knn_k}")
     magnet = config.loss.magnet
     if magnet.clusters_per_neighbourhood < 2:
         raise ConfigError(

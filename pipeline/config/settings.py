@@ -51,7 +51,9 @@ class DataConfig:
     eval_resize: int = setting(56, "Evaluation: resize the short side to this, then center-crop image_size.")
     crop_scale_min: float = setting(0.35, "Training RandomResizedCrop: smallest area fraction.")
     seen_holdout_fraction: float = setting(
-        0.0, "Fraction of each training class held out of training, for seen-class accuracy (Magnet)."
+        0.0,
+        "Fraction of each training class held out of training, for the seen-class accuracy "
+        "(kNN for every loss, and Magnet's soft nearest-cluster vote).",
     )
     decode_actors: int = setting(1, "Ray Data actors that plan, fetch and decode training batches.")
     decode_cpus: float = setting(0.5, "CPUs reserved by each decode actor.")
@@ -256,6 +258,9 @@ class EvalConfig:
     nmi: bool = setting(True, "Compute NMI (k-means with as many clusters as test classes).")
     cache_max_mb: int = setting(
         1024, "Rank 0 keeps the decoded test split in memory after the first evaluation if it fits."
+    )
+    seen_knn_k: int = setting(
+        1, "Seen-class accuracy (with data.seen_holdout_fraction): neighbours in the kNN vote."
     )
 
 

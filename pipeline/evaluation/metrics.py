@@ -78,6 +78,44 @@ def retrieval_metrics(
     return results
 
 
+def knn_accuracy(
+    query_embeddings: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    gallery_labels: np.ndarray,
+    *,
+    k: int = 1,
+    query_chunk_size: int = 4096,
+    use_gpu: bool = False,
+) -> float:
+    """Classification accuracy of a k-nearest-neighbour vote: each query takes the most common
+    label among its `k` nearest gallery items (squared Euclidean, exact search).
+
+    A tie goes to the tied label whose nearest member ranks first, so k=1 is the nearest
+    neighbour's label. This is the seen-class error of the Magnet paper's baselines: queries
+    are held-out images of the training classes, the gallery the images trained on.
+    """
+    queries, q_labels, gallery, g_labels = _validated(
+        query_embeddings, query_labels, gallery_embeddings, gallery_labels
+    )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if query_chunk_size < 1:
+        raise ValueError(f"query_chunk_size must be >= 1, got {query_chunk_size}")
+    depth = min(k, len(gallery))
+    index = _flat_index(gallery, use_gpu=use_gpu and depth <= _GPU_MAX_K)
+    correct = 0
+    for start in range(0, len(queries), query_chunk_size):
+        chunk = queries[start : start + query_chunk_size]
+        votes = g_labels[_search(index, chunk, depth, None)]  # [chunk, depth], nearest first
+        # For each (query, rank): how many of the query's neighbours share that rank's label.
+        # The winner is the first rank with the highest count (ties go to the nearest label).
+        counts = (votes[:, :, None] == votes[:, None, :]).sum(axis=2)
+        predicted = votes[np.arange(len(votes)), counts.argmax(axis=1)]
+        correct += int((predicted == q_labels[start : start + query_chunk_size]).sum())
+    return correct / len(queries)
+
+
 def kmeans_nmi(
     embeddings: np.ndarray,
     labels: np.ndarray,

@@ -318,13 +318,15 @@ def base_overrides(spec: SweepSpec, cli_overrides: list[str]) -> list[str]:
 
 
 def reported_metrics(config: Config) -> list[str]:
-    """The test/* metric names the training loop reports every evaluation (the Recall@K
-    cut-offs the dataset's protocol gives, where `eval.recall_ks` is left to it)."""
+    """The metric names the training loop reports every evaluation: test/* (the Recall@K
+    cut-offs the dataset's protocol gives, where `eval.recall_ks` is left to it), and the
+    seen-class kNN accuracy when part of the training classes is held out."""
     from pipeline.evaluation.protocol import planned_recall_ks
 
     recall = [f"test/recall@{k}" for k in planned_recall_ks(config)]
     names = recall + ["test/map@r", "test/r_precision"]
-    return names + (["test/nmi"] if config.eval.nmi else [])
+    names += ["test/nmi"] if config.eval.nmi else []
+    return names + (["seen/knn_accuracy"] if config.data.seen_holdout_fraction > 0 else [])
 
 
 def candidate_configs(spec: SweepSpec, overrides: list[str]) -> dict[str, list[Config]]:

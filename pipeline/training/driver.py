@@ -199,7 +199,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         progress_queue=queue,
         refresh_actor=actor_name,
         refresh_every_steps=config.refresh.every_steps or data.steps_per_epoch,
-        has_seen_holdout=len(data.holdout_ids) > 0,
+        seen_holdout_ids=data.holdout_ids if len(data.holdout_ids) else None,
         stream_start_step=data.start_step,
         gallery_split=gallery,
     )
@@ -230,6 +230,9 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         datasets={
             **_trainer_datasets(data),
             **({"gallery": _eval_split_dataset(config, root, gallery)} if gallery else {}),
+            # The seen-class accuracy classifies the held-out training images by their
+            # neighbours among the rest, so rank 0 embeds the whole training split.
+            **({"seen": _eval_split_dataset(config, root, config.data.train_split)} if len(data.holdout_ids) else {}),
         },
         dataset_config=trainer_data_config(data),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.evaluation.metrics import knn_accuracy, retrieval_metrics
 
 
 @torch.no_grad()
@@ -54,3 +54,20 @@ def embed_and_evaluate(model, batches, device, eval_config, autocast_dtype=None,
         use_gpu=device.type == "cuda",
     )
     return {k: float(v) for k, v in metrics.items()}, (embeddings, labels, ids)
+
+
+def seen_knn_accuracy(model, batches, holdout_ids, device, eval_config, autocast_dtype=None) -> float:
+    """kNN classification accuracy on the seen classes: `batches` yields the whole training
+    split; the images whose ids are in `holdout_ids` (never trained on) are classified by a vote
+    of their `eval.seen_knn_k` nearest neighbours among the others."""
+    embeddings, labels, ids = embed_batches(model, batches, device, autocast_dtype)
+    held = np.isin(ids, holdout_ids)
+    if not held.any() or held.all():
+        raise ValueError(
+            f"the seen-class split has {int(held.sum())} held-out images of {len(ids)}: "
+            "need some held out and some trained on"
+        )
+    return knn_accuracy(
+        embeddings[held], labels[held], embeddings[~held], labels[~held],
+        k=eval_config.seen_knn_k, use_gpu=device.type == "cuda",
+    )

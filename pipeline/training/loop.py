@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.config import config_from_dict, config_to_yaml
@@ -25,7 +26,7 @@ from pipeline.models import build_model
 from pipeline.reporting.test_embeddings import save_test_embeddings
 from pipeline.tracking import save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
-from pipeline.training.evaluate import embed_and_evaluate
+from pipeline.training.evaluate import embed_and_evaluate, seen_knn_accuracy
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
 
@@ -48,12 +49,18 @@ class RunPlan:
     """Name of the run's refresh actor; empty when the batches do not follow the model."""
     refresh_every_steps: int = 0
     """Rank 0 publishes its weights for a refresh every this many steps."""
-    has_seen_holdout: bool = False
-    """Whether part of the training classes is held out for the seen-class accuracy."""
+    seen_holdout_ids: np.ndarray | None = None
+    """Training-split ids held out of training for the seen-class accuracy (dataset "seen" is
+    the whole training split, decoded for evaluation); None when nothing is held out."""
     stream_start_step: int = 0
     """The step whose sub-batches the training stream starts with (the driver's resume step)."""
     gallery_split: str = ""
     """When set, test images are queries ranked against this split (dataset "gallery")."""
+
+    @property
+    def has_seen_holdout(self) -> bool:
+        """Whether part of the training classes is held out for the seen-class accuracy."""
+        return self.seen_holdout_ids is not None and len(self.seen_holdout_ids) > 0
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -127,6 +134,8 @@ def train_loop_per_worker(payload: dict) -> None:
     test_images = _TestImages(config.eval)
     if plan.gallery_split:
         test_images.gallery = _TestImages(config.eval, "gallery")
+    if plan.has_seen_holdout:
+        test_images.seen = _TestImages(config.eval, "seen")
     window = _Window()
     run_start = time.perf_counter()
     for step in range(start_step, plan.total_steps):
@@ -295,6 +304,8 @@ class _TestImages:
         self.cache = ReplayCache(eval_config.cache_max_mb * 2**20)
         self.gallery: _TestImages | None = None
         """The gallery's images when the test images are queries against it (In-Shop)."""
+        self.seen: _TestImages | None = None
+        """The training split's images when part of it is held out for the seen-class accuracy."""
 
     def batches(self):
         """Decoded test batches."""
@@ -309,7 +320,7 @@ class _TestImages:
 
 def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh) -> tuple[dict, tuple]:
     start = time.perf_counter()
-    if refresh is not None and plan.has_seen_holdout:
+    if refresh is not None and plan.has_seen_holdout and config.loss.name == "magnet":
         # Magnet inference needs the cluster index of *these* weights: ask for it first, so
         # the actor builds it while the retrieval metrics are computed here.
         refresh.publish(done, inner, confirm=True)
@@ -318,7 +329,11 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_i
         inner.embedder, test_images.batches(), device, config.eval, autocast, gallery
     )
     logged = {f"test/{k}": v for k, v in metrics.items()}
-    if refresh is not None and plan.has_seen_holdout:
+    if test_images.seen is not None:
+        logged["seen/knn_accuracy"] = metrics["seen_knn_accuracy"] = seen_knn_accuracy(
+            inner.embedder, test_images.seen.batches(), plan.seen_holdout_ids, device, config.eval, autocast
+        )
+    if refresh is not None and plan.has_seen_holdout and config.loss.name == "magnet":
         accuracy = refresh.seen_accuracy(done)
         if accuracy is not None:
             logged["seen/magnet_accuracy"] = metrics["seen_magnet_accuracy"] = accuracy

@@ -1,5 +1,5 @@
-"""The claims analysis's arithmetic (benchmarks/claims.py) on hand-made histories: no Ray,
-no MLflow."""
+"""The claims analysis (benchmarks/claims.py): its arithmetic on hand-made histories, and its
+reading of a sweep from a real (sqlite) MLflow store. No Ray."""
 
 from __future__ import annotations
 
@@ -85,3 +85,31 @@ def test_report_of_a_sweep_of_some_arms_at_its_own_length():
     # Against the full design the other arms are missing; a run short of its length is not complete.
     assert "softtriple modes=3 seed=0" in claims.report(runs, 300)
     assert "0 complete runs of 6" in claims.report(runs, 310, arms=("triplet", "magnet"), modes_run=(3,))
+
+
+def test_load_runs_reads_the_chosen_metric_per_arm(tmp_path):
+    # A real (sqlite) MLflow store with a sweep's parent and two children, as the sweep logs them.
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("claims", artifact_location=str(tmp_path / "artifacts"))
+    client.create_run(experiment, tags={"sweep.name": "long"})  # the parent: no loss.name
+    for loss, seen_knn, seen_magnet in (("triplet", (0.7, 0.8), None), ("magnet", (0.8, 0.9), (0.9, 1.0))):
+        run = client.create_run(experiment, tags={"sweep.name": "long"}).info.run_id
+        for key, value in {"loss.name": loss, "data.synthetic.modes_per_class": 3, "train.seed": 1}.items():
+            client.log_param(run, key, value)
+        for i, step in enumerate((10, 20)):
+            client.log_metric(run, "test/recall_at_1", 0.5, step=step)
+            client.log_metric(run, "seen/knn_accuracy", seen_knn[i], step=step)
+            if seen_magnet is not None:
+                client.log_metric(run, "seen/magnet_accuracy", seen_magnet[i], step=step)
+        client.set_terminated(run)
+    by_arm = lambda runs: {r.arm: r.history for r in runs}  # noqa: E731
+    assert by_arm(claims.load_runs(uri, "claims", "long")) == {
+        "triplet": [(10, 0.5), (20, 0.5)], "magnet": [(10, 0.5), (20, 0.5)]}
+    assert by_arm(claims.load_runs(uri, "claims", "long", "seen/knn_accuracy")) == {
+        "triplet": [(10, 0.7), (20, 0.8)], "magnet": [(10, 0.8), (20, 0.9)]}
+    runs = claims.load_runs(uri, "claims", "long", "seen/knn_accuracy", magnet_metric="seen/magnet_accuracy")
+    assert by_arm(runs) == {"triplet": [(10, 0.7), (20, 0.8)], "magnet": [(10, 0.9), (20, 1.0)]}
+    assert {(r.modes, r.seed, r.status) for r in runs} == {(3, 1, "FINISHED")}

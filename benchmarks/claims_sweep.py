@@ -1,16 +1,13 @@
 """Run the claims sweep (`python -m jobs.sweep`, unchanged) in a local Ray instance with more
-logical CPUs than `jobs.sweep` reserves on its own (4 on a 2-core machine), as the recorded run
-in benchmarks/README.md did.
+logical CPUs than `jobs.sweep` reserves on its own (4 on a 2-core machine), as the recorded runs
+in benchmarks/README.md did: with 8, two trials share the 2 cores.
 
-When that run was made, a Magnet or PDDM trial never trained with 4: the trial's driver
-(1 CPU), its two workers (1), one decode actor per rank (2 x 0.5) and the refresh actor (0.5)
-left nothing for the plan stream's read tasks, which asked for a whole CPU each ("Cluster
-resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). The sweep now
-counts the per-rank decode actors and one Ray Data task in a trial's needs, but the read tasks
-still ask for a whole CPU (`ray.data.range`), so on a 2-core machine use this (8 logical CPUs,
-which also lets two trials share the 2 cores). Asking for less made a Magnet run stall, most
-likely from the per-rank streams' delivery out of plan order (fixed in 9a06fdd); asking for less
-has not been retried since.
+When the first of those runs was made, a Magnet or PDDM trial never trained with 4: the plan
+stream's read tasks asked for a whole CPU each, and the trial's driver (1 CPU), its two workers
+(1), one decode actor per rank (2 x 0.5) and the refresh actor (0.5) left nothing for them
+("Cluster resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). They
+now ask for 0.25 (`pipeline.data.ray_datasets.plan_index_rows`), so `jobs.sweep` alone runs
+such a sweep on 2 cores too, one trial at a time.
 
     python benchmarks/claims_sweep.py --num-cpus 8 pipeline/sweeps/claims.yaml --set train.storage_path=runs/claims
 """

@@ -2,7 +2,7 @@
 neighbourhoods, PDDM's pools) never blocks on a far step while the sub-batch training waits
 for queues behind it.
 
-The stream here has the shape of the real one (`ray.data.range`, one row per block, then a
+The stream here has the shape of the real one (`plan_index_rows`, one row per block, then a
 decode actor that holds back like `ActorTables`), with a task of random length in between,
 so read results finish out of order as they do on a busy cluster. It goes through Ray Train's
 own `DataConfig.configure` with the driver's `trainer_data_config`. Found in the claims sweep,
@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pipeline.data.ray_datasets import plan_index_rows
 from pipeline.training.driver import trainer_data_config
 
 PREFETCH = 4
@@ -71,7 +72,7 @@ def test_a_per_rank_stream_arrives_in_plan_order_without_stalling_its_planner(ra
 
     steps = Steps.options(name="plan_order_steps").remote()
     try:
-        stream = ray.data.range(COUNT, override_num_blocks=COUNT).map_batches(
+        stream = plan_index_rows(COUNT, COUNT).map_batches(
             _jitter, batch_size=1, num_cpus=0.25
         ).map_batches(
             _HoldingBack, fn_constructor_kwargs={"give_up_s": 20.0}, batch_size=1,

@@ -124,13 +124,25 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
     )
 
 
+def plan_index_rows(count: int, blocks: int):
+    """`ray.data.range(count)` in `blocks` blocks (column `id`), whose read tasks ask for
+    `READ_CPUS` only. `ray.data.range`'s own ask for a whole CPU each, which a Magnet trial's
+    driver, workers, decode actors and refresh actor leave no room for on a 2-core machine's 4
+    logical CPUs: the trial then never starts training."""
+    # Ray's own range source (an internal module; pyproject pins ray to 2.60.x).
+    import ray.data
+    from ray.data._internal.datasource.range_datasource import RangeDatasource
+
+    rows = RangeDatasource(n=count, block_format="arrow", column_name="id")
+    return ray.data.read_datasource(rows, num_cpus=READ_CPUS, override_num_blocks=blocks)
+
+
 def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
     """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them),
     `per_block` per block. `ray.data.range` generates the rows lazily, nothing is stored."""
     import ray.data
 
-    blocks = max(1, count // per_block)
-    return ray.data.range(count, override_num_blocks=blocks).map_batches(
+    return plan_index_rows(count, max(1, count // per_block)).map_batches(
         TrainBatchDecoder,
         fn_constructor_kwargs={**decoder_args, "index_offset": offset, "index_stride": stride},
         batch_size=1,

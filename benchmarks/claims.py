@@ -250,7 +250,7 @@ def pddm_vs_batch_hard(groups: dict, modes: int) -> dict:
     }
 
 
-def plot_curves(groups: dict, modes: int, path: Path, arms=ARMS, ylabel="test Recall@1 (unseen classes)") -> None:
+def plot_curves(groups: dict, modes: int, path: Path, arms=ARMS, ylabel: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +269,7 @@ def plot_curves(groups: dict, modes: int, path: Path, arms=ARMS, ylabel="test Re
         if len(runs) > 1:
             ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.18)
     ax.set_xlabel("training step (global batches)")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel or "test Recall@1 (unseen classes)")
     ax.set_title(f"modes_per_class = {modes}: mean over seeds, band = min..max")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -366,9 +366,8 @@ def main(argv=None) -> int:
     for modes in (3, 1):
         path = out / f"recall_vs_step_modes{modes}.png"
         if any((arm, modes) in groups for arm in arms):
-            ylabel = "test Recall@1 (unseen classes)" if args.metric == METRIC else args.metric
-            if args.magnet_metric:
-                ylabel += f" (Magnet: {args.magnet_metric})"
+            ylabel = "" if args.metric == METRIC and not args.magnet_metric else (
+                args.metric + (f" (Magnet: {args.magnet_metric})" if args.magnet_metric else ""))
             plot_curves(groups, modes, path, arms, ylabel)
             print(f"\nplot: {path}")
     return 0

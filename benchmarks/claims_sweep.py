@@ -6,8 +6,8 @@ When the first of those runs was made, a Magnet or PDDM trial never trained with
 stream's read tasks asked for a whole CPU each, and the trial's driver (1 CPU), its two workers
 (1), one decode actor per rank (2 x 0.5) and the refresh actor (0.5) left nothing for them
 ("Cluster resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). They
-now ask for 0.25 (`pipeline.data.ray_datasets.plan_index_rows`), so `jobs.sweep` alone runs
-such a sweep on 2 cores too, one trial at a time.
+now ask for 0.25 (`pipeline.data.ray_datasets.plan_index_rows`), and `jobs.sweep` alone ran a
+Magnet sweep on 2 cores, one trial at a time (a PDDM trial needs the same, but was not run so).
 
     python benchmarks/claims_sweep.py --num-cpus 8 pipeline/sweeps/claims.yaml --set train.storage_path=runs/claims
 """

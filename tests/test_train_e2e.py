@@ -108,7 +108,7 @@ def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, 
     # neighbour among the rest (recomputed here, outside Ray, from the checkpoint).
     seen = metric_history(client, summary.run_id, "seen/knn_accuracy")
     assert [m.step for m in seen] == [4, 8]
-    from pipeline.data.decoding import decode_rgb, eval_transform
+    from pipeline.data.decoding import decode_eval_batch
     from pipeline.data.format import read_split
     from pipeline.data.planning import seen_holdout_ids
     from pipeline.evaluation.metrics import knn_accuracy
@@ -116,11 +116,11 @@ def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, 
 
     model, _ = load_embedding_model(summary.checkpoint_path)
     train = read_split(resolve_dataset(config)[0], "train", ["id", "label", "image"]).to_pydict()
-    ids, labels = np.array(train["id"]), np.array(train["label"])
-    transform = eval_transform(config.data.image_size, config.data.eval_resize)
+    decoded = decode_eval_batch({"image": train["image"], "label": np.array(train["label"]), "id": np.array(train["id"])},
+                                image_size=config.data.image_size, resize=config.data.eval_resize)
+    ids, labels = decoded["id"], decoded["label"]
     with torch.no_grad():
-        images = torch.stack([transform(decode_rgb(data)) for data in train["image"]])
-        embedded = model(images.float() / 255).numpy()
+        embedded = model(torch.from_numpy(decoded["image"]).float() / 255).numpy()
     labels_by_id = labels[np.argsort(ids)]  # ids are dense 0..N-1
     held = np.isin(ids, seen_holdout_ids(labels_by_id, 0.25, config.train.seed))
     assert held.sum() == 12 * 3  # 3 of each training class's 12 images

@@ -139,7 +139,7 @@ def plan_index_rows(count: int, blocks: int):
 
 def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
     """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them),
-    `per_block` per block. `ray.data.range` generates the rows lazily, nothing is stored."""
+    `per_block` per block. `plan_index_rows` generates the rows lazily, nothing is stored."""
     import ray.data
 
     return plan_index_rows(count, max(1, count // per_block)).map_batches(

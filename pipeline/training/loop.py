@@ -320,7 +320,10 @@ class _TestImages:
 
 def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh) -> tuple[dict, tuple]:
     start = time.perf_counter()
-    if refresh is not None and plan.has_seen_holdout and config.loss.name == "magnet":
+    # Magnet's own seen-class vote comes from its refresh actor's cluster index (PDDM's actor
+    # holds pools, which have no such vote).
+    magnet_vote = refresh is not None and plan.has_seen_holdout and config.loss.name == "magnet"
+    if magnet_vote:
         # Magnet inference needs the cluster index of *these* weights: ask for it first, so
         # the actor builds it while the retrieval metrics are computed here.
         refresh.publish(done, inner, confirm=True)
@@ -333,7 +336,7 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_i
         logged["seen/knn_accuracy"] = metrics["seen_knn_accuracy"] = seen_knn_accuracy(
             inner.embedder, test_images.seen.batches(), plan.seen_holdout_ids, device, config.eval, autocast
         )
-    if refresh is not None and plan.has_seen_holdout and config.loss.name == "magnet":
+    if magnet_vote:
         accuracy = refresh.seen_accuracy(done)
         if accuracy is not None:
             logged["seen/magnet_accuracy"] = metrics["seen_magnet_accuracy"] = accuracy

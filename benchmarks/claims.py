@@ -17,9 +17,12 @@ cluster vote instead of the kNN vote. Then:
 2. Multi-center (Magnet, SoftTriple) minus single-center normalised softmax, final Recall@1,
    paired by seed, at modes 3 and 1, and the difference of the two differences (the claim:
    positive at 3, about zero at 1).
-3. PDDM (the pddm preset) vs Euclidean batch-hard triplet: final Recall@1, the mean Recall@1
-   over all evaluations (area under the curve / steps: convergence speed) and the first step
-   reaching the batch-hard arm's mean final Recall@1.
+3. PDDM vs Euclidean batch-hard triplet, for each PDDM arm the sweep ran: `pddm` (the pddm
+   preset: semi-hard negatives, one quadruplet per positive pair; claims.yaml) and `pddm_paper`
+   (the paper's hardest negative and one quadruplet per batch; claims_pddm.yaml): final
+   Recall@1, the mean Recall@1 over all evaluations (area under the curve / steps: convergence
+   speed), paired by seed, and the first step reaching the semi-hard triplet arm's mean final
+   Recall@1.
 
 Intervals: mean and a two-sided 95 % Student-t interval across seeds (`t_interval`; with 3
 seeds t = 4.30, so the intervals are wide). Writes `recall_vs_step_modes<m>.png` (mean test
@@ -38,10 +41,14 @@ from pathlib import Path
 
 METRIC = "test/recall_at_1"
 """The metric read by default (its MLflow name): accuracies, so error = 1 - value."""
-ARMS = ("triplet", "magnet", "softtriple", "normalized_softmax", "pddm", "triplet_batch_hard")
-DESIGN = {"triplet": (3,), "triplet_batch_hard": (3,), "pddm": (3,),
+ARMS = ("triplet", "magnet", "softtriple", "normalized_softmax", "pddm", "triplet_batch_hard", "pddm_paper")
+DESIGN = {"triplet": (3,), "triplet_batch_hard": (3,), "pddm": (3,), "pddm_paper": (3,),
           "magnet": (3, 1), "softtriple": (3, 1), "normalized_softmax": (3, 1)}
-"""The arms of pipeline/sweeps/claims.yaml and the modes_per_class each runs at."""
+"""The arms of the claims sweeps (pipeline/sweeps/claims*.yaml) and the modes_per_class each
+runs at."""
+PDDM_ARMS = ("pddm", "pddm_paper")
+PDDM_FORMS = {("per_positive_pair", "semi_hard"): "pddm", ("hardest", "hardest"): "pddm_paper"}
+"""(loss.pddm.quadruplets, loss.pddm.negatives) -> arm: the pddm preset's form and the paper's."""
 MULTI_CENTER = ("magnet", "softtriple")
 SINGLE_CENTER = "normalized_softmax"
 
@@ -125,9 +132,14 @@ class Run:
 
 
 def arm_of(params: dict) -> str:
+    """A run's arm, from its logged config: the loss, and the variant for triplet (its mining)
+    and PDDM (its quadruplets and negatives; a form of neither arm is named by both)."""
     loss = params.get("loss.name", "?")
     if loss == "triplet" and params.get("loss.triplet.mining", "semi_hard") != "semi_hard":
         return f"triplet_{params['loss.triplet.mining']}"
+    if loss == "pddm":
+        form = (params.get("loss.pddm.quadruplets", "?"), params.get("loss.pddm.negatives", "?"))
+        return PDDM_FORMS.get(form, "pddm_{}_{}".format(*form))
     return loss
 
 
@@ -229,18 +241,18 @@ def multi_center(groups: dict) -> dict:
     return out
 
 
-def pddm_vs_batch_hard(groups: dict, modes: int) -> dict:
-    """Claim 3: PDDM minus batch-hard (final and mean-over-curve Recall@1, paired by seed),
-    and each run's first step at the semi-hard triplet arm's mean final Recall@1."""
-    pddm = groups.get(("pddm", modes), {})
+def pddm_vs_batch_hard(groups: dict, modes: int, arm: str = "pddm") -> dict:
+    """Claim 3: the PDDM `arm` minus batch-hard (final and mean-over-curve Recall@1, paired by
+    seed), and each run's first step at the semi-hard triplet arm's mean final Recall@1."""
+    pddm = groups.get((arm, modes), {})
     bh = groups.get(("triplet_batch_hard", modes), {})
     semi = groups.get(("triplet", modes), {})
     if not pddm or not bh or not semi:
         return {}
     target = t_interval([r.final for r in semi.values()]).mean
-    first = {
-        arm: {s: first_step_reaching(r.history, 1.0 - target) for s, r in runs.items()}
-        for arm, runs in (("pddm", pddm), ("triplet_batch_hard", bh))
+    first = {  # "pddm": the PDDM arm compared, whichever it is
+        side: {s: first_step_reaching(r.history, 1.0 - target) for s, r in runs.items()}
+        for side, runs in (("pddm", pddm), ("triplet_batch_hard", bh))
     }
     return {
         "final_diff": t_interval(paired_differences(pddm, bh, lambda r: r.final).values()),
@@ -324,14 +336,16 @@ def report(runs: list[Run], steps: int, expected_seeds=(0, 1, 2), arms=ARMS, mod
               "| multi-center loss | modes=3 | modes=1 | (modes 3) - (modes 1) |", "|---|---|---|---|"]
     for multi, d in multi_center(groups).items():
         lines.append(f"| {multi} | {d[3]} | {d[1]} | {d['3-1']} |")
-    lines += ["", "**Claim 3: PDDM (pddm preset) minus triplet batch-hard, paired by seed**", "",
-              "| modes | final R@1 diff | mean-over-curve R@1 diff | target: semi-hard triplet's final R@1 "
-              "| first step at target: PDDM | batch-hard |", "|---:|---|---|---:|---|---|"]
-    for modes in (3, 1):
-        p = pddm_vs_batch_hard(groups, modes)
-        if p:
-            lines.append(f"| {modes} | {p['final_diff']} | {p['auc_diff']} | {p['target_recall']:.3f} | "
-                         f"{_fmt_steps(p['first']['pddm'])} | {_fmt_steps(p['first']['triplet_batch_hard'])} |")
+    lines += ["", "**Claim 3: PDDM minus triplet batch-hard, paired by seed** (pddm: the pddm preset's "
+              "semi-hard form; pddm_paper: the paper's hardest-negative form)", "",
+              "| PDDM arm | modes | final R@1 diff | mean-over-curve R@1 diff | target: semi-hard triplet's final R@1 "
+              "| first step at target: PDDM | batch-hard |", "|---|---:|---|---|---:|---|---|"]
+    for arm in (a for a in PDDM_ARMS if a in arms):
+        for modes in (3, 1):
+            p = pddm_vs_batch_hard(groups, modes, arm)
+            if p:
+                lines.append(f"| {arm} | {modes} | {p['final_diff']} | {p['auc_diff']} | {p['target_recall']:.3f} | "
+                             f"{_fmt_steps(p['first']['pddm'])} | {_fmt_steps(p['first']['triplet_batch_hard'])} |")
     return "\n".join(lines)
 
 

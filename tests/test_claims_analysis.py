@@ -113,3 +113,37 @@ def test_load_runs_reads_the_chosen_metric_per_arm(tmp_path):
     runs = claims.load_runs(uri, "claims", "long", "seen/knn_accuracy", magnet_metric="seen/magnet_accuracy")
     assert by_arm(runs) == {"triplet": [(10, 0.7), (20, 0.8)], "magnet": [(10, 0.9), (20, 1.0)]}
     assert {(r.modes, r.seed, r.status) for r in runs} == {(3, 1, "FINISHED")}
+
+
+def test_arms_name_triplet_mining_and_the_pddm_form():
+    assert claims.arm_of({"loss.name": "triplet", "loss.triplet.mining": "semi_hard"}) == "triplet"
+    assert claims.arm_of({"loss.name": "triplet", "loss.triplet.mining": "batch_hard"}) == "triplet_batch_hard"
+    preset = {"loss.name": "pddm", "loss.pddm.quadruplets": "per_positive_pair", "loss.pddm.negatives": "semi_hard"}
+    assert claims.arm_of(preset) == "pddm"
+    assert claims.arm_of({**preset, "loss.pddm.quadruplets": "hardest", "loss.pddm.negatives": "hardest"}) == "pddm_paper"
+    # A form that is neither arm is named by both settings, never counted as one of them.
+    assert claims.arm_of({**preset, "loss.pddm.negatives": "hardest"}) == "pddm_per_positive_pair_hardest"
+
+
+def test_claim_3_compares_each_pddm_arm_with_batch_hard_by_seed():
+    def runs(arm, finals):
+        return {s: _run(arm, 3, s, [(10, 0.1), (20, v)]) for s, v in enumerate(finals)}
+
+    groups = {("triplet", 3): runs("triplet", [0.5, 0.5, 0.5]),
+              ("triplet_batch_hard", 3): runs("triplet_batch_hard", [0.2, 0.3, 0.4]),
+              ("pddm", 3): runs("pddm", [0.6, 0.6, 0.6]),
+              ("pddm_paper", 3): runs("pddm_paper", [0.1, 0.3, 0.4])}
+    preset, paper = (claims.pddm_vs_batch_hard(groups, 3, arm) for arm in ("pddm", "pddm_paper"))
+    assert preset["final_diff"].mean == pytest.approx(0.3) and preset["final_diff"].n == 3
+    # Paper form: diffs -0.1, 0, 0 -> mean -1/30; curve means (0.1 + final) / 2 -> half that.
+    assert paper["final_diff"].mean == pytest.approx(-0.1 / 3)
+    assert paper["auc_diff"].mean == pytest.approx(-0.05 / 3)
+    assert preset["target_recall"] == pytest.approx(0.5)
+    assert preset["first"]["pddm"] == {0: 20, 1: 20, 2: 20}
+    assert paper["first"]["pddm"] == {0: None, 1: None, 2: None}
+    assert claims.pddm_vs_batch_hard(groups, 1, "pddm_paper") == {}  # no runs at modes 1
+    text = claims.report([r for g in groups.values() for r in g.values()], 20,
+                         arms=("triplet", "triplet_batch_hard", "pddm_paper"), modes_run=(3,))
+    claim3 = text.split("**Claim 3")[1]
+    assert "| pddm_paper | 3 |" in claim3 and "| pddm | 3 |" not in claim3  # only the arms the sweep ran
+    assert "Missing: none" in text

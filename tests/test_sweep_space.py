@@ -332,6 +332,31 @@ def test_long_claims_sweep_runs_the_claims_sweeps_triplet_and_magnet_arms_longer
     assert {c.loss.triplet.mining for c in configs if c.loss.name == "triplet"} == {"semi_hard"}
 
 
+CLAIMS_PDDM = CLAIMS.parent / "claims_pddm.yaml"
+
+
+def test_pddm_claims_sweep_runs_the_papers_form_beside_both_triplet_arms():
+    """claims_pddm.yaml: PDDM with the paper's hardest negative and one quadruplet per batch,
+    Euclidean batch-hard and semi-hard triplet, 3 seeds, with the claims sweep's run length,
+    data and the same pools and refresh as its PDDM arm."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec, short = load_sweep(CLAIMS_PDDM), load_sweep(CLAIMS)
+    trials = [trial_settings(v) for _, v in generate_variants(basic_param_space(spec))]
+    arms = [(t["loss.name"], t.get("loss.triplet.mining"), t["train.seed"]) for t in trials]
+    assert sorted(arms) == sorted((*arm, seed) for seed in (0, 1, 2) for arm in (
+        ("triplet", "semi_hard"), ("triplet", "batch_hard"), ("pddm", None)))
+    assert [a[2] for a in arms] == sorted(a[2] for a in arms)  # whole seeds first
+    forms = {k: v for k, v in spec.losses["pddm"].items() if not k.startswith("loss.pddm.")}
+    assert forms == {k: v for k, v in short.losses["pddm"].items()
+                     if not k.startswith("loss.pddm.") and k != "data.synthetic.modes_per_class"}
+    configs = [c for cs in candidate_configs(spec, base_overrides(spec, [])).values() for c in cs]
+    assert {(c.train.epochs * c.train.steps_per_epoch, c.train.steps_per_epoch, c.data.synthetic.modes_per_class)
+            for c in configs} == {(60, 10, 3)}
+    (pddm,) = {(c.loss.pddm.quadruplets, c.loss.pddm.negatives) for c in configs if c.loss.name == "pddm"}
+    assert pddm == ("hardest", "hardest")
+
+
 @pytest.mark.parametrize(
     ("text", "cli", "message"),
     [

@@ -44,15 +44,31 @@ class TrainingData:
 
 
 def read_shards(uris: list[str]):
-    """`ray.data.read_parquet` of a split's shard files (paths or URIs of one store) through the
+    """A Ray Dataset of a split's shard files (paths or URIs of one store), read through the
     project's filesystem: on s3:// the configured endpoint and retry budget, which the copies
-    sent to the read tasks keep (a filesystem Ray Data built from the URIs would retry 3 times)."""
+    sent to the read tasks keep (a filesystem Ray Data built from the URIs would retry 3 times).
+
+    Every task of the read asks for `READ_CPUS`. `ray.data.read_parquet` cannot promise that in
+    Ray 2.60: its file listing runs first as a `ListFiles` task asking for a whole CPU, whatever
+    `num_cpus` says, and a PDDM trial's driver, workers, decode actors and refresh actor leave
+    only half a CPU of a 2-core machine's 4 logical ones, so its first evaluation waited for
+    that task forever. Ray's Parquet source read through `read_datasource` lists the files on
+    the caller, where the dataset is made (an internal module; pyproject pins ray to 2.60.x)."""
     import ray.data
+    from ray.data._internal.datasource.parquet_datasource import ParquetDatasource
 
     from pipeline.storage import filesystem_for_files
 
     filesystem, paths = filesystem_for_files(uris)
-    return ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=READ_CPUS)
+    # This source's read tasks would retry S3's 503s and throttling themselves, on top of the
+    # filesystem's configured attempts (storage.s3_max_attempts): the setting alone decides.
+    # The dataset keeps a copy of the context current when it is made.
+    context = ray.data.DataContext.get_current()
+    retried, context.retried_io_errors = context.retried_io_errors, []
+    try:
+        return ray.data.read_datasource(ParquetDatasource(paths, filesystem=filesystem), num_cpus=READ_CPUS)
+    finally:
+        context.retried_io_errors = retried
 
 
 def steps_per_epoch(config, num_examples: int) -> int:

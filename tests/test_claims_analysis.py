@@ -82,6 +82,7 @@ def test_report_of_a_sweep_of_some_arms_at_its_own_length():
     assert "6 complete runs of 6 found" in text and "Missing: none" in text
     assert "R@1 at step 150 | R@1 at step 300" in text
     assert "| triplet | 3 | 3 | 0.800" in text and "softtriple" not in text.split("**Claim 1")[0]
+    assert "**Claim 2" not in text and "**Claim 3" not in text
     # Against the full design the other arms are missing; a run short of its length is not complete.
     assert "softtriple modes=3 seed=0" in claims.report(runs, 300)
     assert "0 complete runs of 6" in claims.report(runs, 310, arms=("triplet", "magnet"), modes_run=(3,))
@@ -147,3 +148,4 @@ def test_claim_3_compares_each_pddm_arm_with_batch_hard_by_seed():
     claim3 = text.split("**Claim 3")[1]
     assert "| pddm_paper | 3 |" in claim3 and "| pddm | 3 |" not in claim3  # only the arms the sweep ran
     assert "Missing: none" in text
+    assert "**Claim 1" not in text and "**Claim 2" not in text  # arms this sweep did not run

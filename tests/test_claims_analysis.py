@@ -149,3 +149,13 @@ def test_claim_3_compares_each_pddm_arm_with_batch_hard_by_seed():
     assert "| pddm_paper | 3 |" in claim3 and "| pddm | 3 |" not in claim3  # only the arms the sweep ran
     assert "Missing: none" in text
     assert "**Claim 1" not in text and "**Claim 2" not in text  # arms this sweep did not run
+
+
+def test_a_report_of_the_claims_sweep_expects_its_own_arms_only():
+    steps = [10, 20]
+    runs = [_run(arm, modes, seed, [(s, 0.5) for s in steps])
+            for arm, all_modes in claims.DESIGN.items() if arm != "pddm_paper"
+            for modes in all_modes for seed in (0, 1, 2)]
+    text = claims.report(runs, 20)  # claims.yaml's 27 runs, default arms
+    assert "27 complete runs of 27 found" in text and "Missing: none" in text
+    assert "| pddm | 3 |" in text.split("**Claim 3")[1] and "| pddm_paper |" not in text

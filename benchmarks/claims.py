@@ -41,16 +41,17 @@ from pathlib import Path
 
 METRIC = "test/recall_at_1"
 """The metric read by default (its MLflow name): accuracies, so error = 1 - value."""
-ARMS = ("triplet", "magnet", "softtriple", "normalized_softmax", "pddm", "triplet_batch_hard", "pddm_paper")
-CLAIMS_ARMS = ARMS[:-1]
+CLAIMS_ARMS = ("triplet", "magnet", "softtriple", "normalized_softmax", "pddm", "triplet_batch_hard")
 """The arms of pipeline/sweeps/claims.yaml: what a report covers unless --arms says otherwise."""
+ARMS = (*CLAIMS_ARMS, "pddm_paper")
+"""Every arm a report knows (pddm_paper is claims_pddm.yaml's)."""
 DESIGN = {"triplet": (3,), "triplet_batch_hard": (3,), "pddm": (3,), "pddm_paper": (3,),
           "magnet": (3, 1), "softtriple": (3, 1), "normalized_softmax": (3, 1)}
 """The arms of the claims sweeps (pipeline/sweeps/claims*.yaml) and the modes_per_class each
 runs at."""
-PDDM_ARMS = ("pddm", "pddm_paper")
 PDDM_FORMS = {("per_positive_pair", "semi_hard"): "pddm", ("hardest", "hardest"): "pddm_paper"}
 """(loss.pddm.quadruplets, loss.pddm.negatives) -> arm: the pddm preset's form and the paper's."""
+PDDM_ARMS = tuple(PDDM_FORMS.values())
 MULTI_CENTER = ("magnet", "softtriple")
 SINGLE_CENTER = "normalized_softmax"
 

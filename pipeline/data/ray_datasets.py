@@ -48,12 +48,14 @@ def read_shards(uris: list[str]):
     project's filesystem: on s3:// the configured endpoint and retry budget, which the copies
     sent to the read tasks keep (a filesystem Ray Data built from the URIs would retry 3 times).
 
-    Every task of the read asks for `READ_CPUS`. `ray.data.read_parquet` cannot promise that in
-    Ray 2.60: its file listing runs first as a `ListFiles` task asking for a whole CPU, whatever
-    `num_cpus` says, and a PDDM trial's driver, workers, decode actors and refresh actor leave
-    only half a CPU of a 2-core machine's 4 logical ones, so its first evaluation waited for
-    that task forever. Ray's Parquet source read through `read_datasource` lists the files on
-    the caller, where the dataset is made (an internal module; pyproject pins ray to 2.60.x)."""
+    Every task that runs when the dataset is iterated asks for `READ_CPUS`. `ray.data.read_parquet`
+    cannot promise that in Ray 2.60: its file listing runs then, as a `ListFiles` task asking for
+    a whole CPU whatever `num_cpus` says, and a PDDM trial's driver, workers, decode actors and
+    refresh actor leave only half a CPU of a 2-core machine's 4 logical ones, so its first
+    evaluation waited for that task forever. Ray's Parquet source read through `read_datasource`
+    lists and samples the files here, when the dataset is made (with Ray's default 1-CPU tasks:
+    callers make their datasets before training takes the CPUs). An internal module; pyproject
+    pins ray to 2.60.x."""
     import ray.data
     from ray.data._internal.datasource.parquet_datasource import ParquetDatasource
 

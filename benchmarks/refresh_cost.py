@@ -8,7 +8,9 @@ and (with --training) the training time lost to refreshes in a real run.
 
 Clustering runs `build_cluster_index` (faiss k-means per class + impostor search) on random
 embeddings with 60 images per class, K=8, M=12; the pools sweep runs `build_hard_pools` (PDDM's
-exact full-set kNN, pool 32) on the same kind of embeddings. The embedding pass runs the model over uint8
+full-set kNN, pool 32) on the same kind of embeddings (or, with --clustered, class-clustered
+ones), exact or with the approximate faiss indexes of --pool-indexes, whose pools are scored
+(recall) against exact pools of 200 sampled classes computed by brute force. The embedding pass runs the model over uint8
 images already decoded (the actor keeps them decoded after its first pass). --training trains
 the `magnet` preset twice - refreshing every `--every` steps, and refreshing never (only the
 initial index) - and compares the time per training step. faiss runs on the GPU when CUDA is
@@ -28,12 +30,18 @@ import numpy as np
 import torch
 
 
-def random_embeddings(n, dim):
-    """n unit vectors in 60-image classes (the size of a CUB class), seeded."""
+def random_embeddings(n, dim, clustered=False):
+    """n unit vectors in 60-image classes (the size of a CUB class), seeded. Uniform on the
+    sphere by default (no structure: the hardest case for an approximate kNN index); with
+    `clustered`, each class is a spread of vectors around its own center, as trained embeddings are."""
     rng = np.random.default_rng(0)
+    labels = np.arange(n) // 60
     embeddings = rng.standard_normal((n, dim)).astype(np.float32)
+    if clustered:
+        centers = rng.standard_normal((int(labels.max()) + 1, dim)).astype(np.float32)
+        embeddings = centers[labels] + 0.7 * embeddings
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings, np.arange(n) // 60
+    return embeddings, labels
 
 
 def clustering_sweep(sizes, dim, use_gpu):
@@ -53,21 +61,60 @@ def clustering_sweep(sizes, dim, use_gpu):
     return rows
 
 
-def pools_sweep(sizes, dim, pool_size, use_gpu, max_exact):
-    from pipeline.refresh.hard_pools import build_hard_pools
+def sampled_exact_pools(embeddings, labels, classes, pool_size):
+    """{class: its exact pool} for the given classes, by brute force over every example
+    (independent of faiss): other-class examples ranked by their distance to the nearest member."""
+    x = torch.from_numpy(embeddings)
+    norms = (x * x).sum(1)
+    pools = {}
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        m = x[members]
+        to_class = (norms[:, None] + norms[members][None] - 2 * x @ m.T).min(1).values.numpy()
+        to_class[labels == c] = np.inf
+        nearest = np.argpartition(to_class, pool_size)[:pool_size]
+        pools[int(c)] = nearest[np.argsort(to_class[nearest], kind="stable")]
+    return pools
+
+
+def pool_recall(index, reference):
+    """Mean over the reference's classes of the share of its exact pool the index's pool has."""
+    position = {int(c): p for p, c in enumerate(index.classes)}
+    shares = [len(np.intersect1d(index.pool(position[c]), exact)) / len(exact) for c, exact in reference.items()]
+    return float(np.mean(shares))
+
+
+def pools_sweep(sizes, dim, pool_size, use_gpu, max_exact, searches=(("Flat", ""),), clustered=False,
+                recall_classes=200):
+    """`build_hard_pools` at each size with each (index description, search parameters); an
+    approximate index's pools are scored against exact pools of `recall_classes` sampled classes."""
+    from pipeline.refresh.hard_pools import EXACT_INDEX, build_hard_pools
 
     rows = []
     for n in sizes:
-        if n > max_exact:
-            # Exact kNN of every example among all is N^2 D: not run, and no figure made up.
-            rows.append({"n": n, "dim": dim, "skipped": f"exact N^2 search above --max-exact-pools {max_exact}"})
+        embeddings, labels = random_embeddings(n, dim, clustered)
+        reference = None
+        for description, params in searches:
+            row = {"n": n, "dim": dim, "data": "clustered" if clustered else "uniform", "index": description,
+                   "search_params": params}
+            if description == EXACT_INDEX and n > max_exact:
+                # Exact kNN of every example among all is N^2 D: not run, and no figure made up.
+                rows.append({**row, "skipped": f"exact N^2 search above --max-exact-pools {max_exact}"})
+                print(json.dumps({"hard_pools": rows[-1]}), flush=True)
+                continue
+            index, knn_seconds = build_hard_pools(
+                embeddings, labels, pool_size, version=1, model_step=0, use_gpu=use_gpu,
+                index_description=description, search_params=params,
+            )
+            row.update({"classes": int(labels.max()) + 1, "pool_size": pool_size, "knn_seconds": round(knn_seconds, 3)})
+            if description != EXACT_INDEX:
+                if reference is None:
+                    num_classes = int(labels.max()) + 1
+                    sample = np.random.default_rng(1).choice(num_classes, min(recall_classes, num_classes), replace=False)
+                    reference = sampled_exact_pools(embeddings, labels, sample, pool_size)
+                row.update({"recall": round(pool_recall(index, reference), 4), "recall_classes": len(reference)})
+            rows.append(row)
             print(json.dumps({"hard_pools": rows[-1]}), flush=True)
-            continue
-        embeddings, labels = random_embeddings(n, dim)
-        _, knn_seconds = build_hard_pools(embeddings, labels, pool_size, version=1, model_step=0, use_gpu=use_gpu)
-        rows.append({"n": n, "dim": dim, "classes": int(labels.max()) + 1, "pool_size": pool_size,
-                     "knn_seconds": round(knn_seconds, 3)})
-        print(json.dumps({"hard_pools": rows[-1]}), flush=True)
     return rows
 
 
@@ -152,6 +199,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,50000,200000", help="training-set sizes to cluster")
     parser.add_argument("--pool-sizes", default="10000,50000", help="training-set sizes for PDDM's pools")
     parser.add_argument("--dims", "--dim", default="128", help="embedding dimensions, comma-separated")
+    parser.add_argument("--pool-indexes", default="Flat",
+                        help="';'-separated faiss indexes for the pools, each DESCRIPTION[:SEARCH_PARAMS], e.g. "
+                             "'Flat;IVF4096,Flat:nprobe=32;HNSW32:efSearch=64'")
+    parser.add_argument("--clustered", action="store_true",
+                        help="pools of class-clustered embeddings instead of uniform ones")
     parser.add_argument("--max-exact-pools", type=int, default=None,
                         help="largest N for the exact pools search (default: 200k on CPU, no limit on GPU)")
     parser.add_argument("--embed", default="tiny_cnn:48:2000,8000;resnet18:224:512",
@@ -175,7 +227,9 @@ def main() -> None:
         if args.sizes:
             clustering_sweep([int(s) for s in args.sizes.split(",")], dim, use_gpu)
         if args.pool_sizes:
-            pools_sweep([int(s) for s in args.pool_sizes.split(",")], dim, 32, use_gpu, max_exact)
+            searches = [tuple((entry.split(":", 1) + [""])[:2]) for entry in args.pool_indexes.split(";") if entry]
+            pools_sweep([int(s) for s in args.pool_sizes.split(",")], dim, 32, use_gpu, max_exact, searches,
+                        args.clustered)
     for group in filter(None, args.embed.split(";")):
         backbone, size, ns = group.split(":")
         embedding_sweep(backbone, int(size), [int(n) for n in ns.split(",")], args.batch_size, device)

@@ -53,16 +53,22 @@ def test_throughput_tiny(tmp_path):
 
 def test_refresh_cost_tiny():
     lines = _run("refresh_cost.py", "--sizes", "600", "--pool-sizes", "600,1000", "--dims", "8",
-                 "--max-exact-pools", "700", "--embed", "tiny_cnn:32:40", "--batch-size", "16")
+                 "--max-exact-pools", "700", "--pool-indexes", "Flat;IVF8,Flat:nprobe=8;IVF8,Flat:nprobe=1",
+                 "--embed", "tiny_cnn:32:40", "--batch-size", "16")
     by_kind: dict[str, list[dict]] = {}
     for line in lines:
         for kind, row in line.items():
             by_kind.setdefault(kind, []).append(row)
     (clustering,) = by_kind["clustering"]
     assert clustering["n"] == 600 and clustering["dim"] == 8 and clustering["clusters"] > 0
-    measured, skipped = by_kind["hard_pools"]
-    assert measured["n"] == 600 and measured["knn_seconds"] >= 0
-    assert skipped["n"] == 1000 and "N^2" in skipped["skipped"]  # said, not extrapolated
+    pools = {(row["n"], row["index"], row["search_params"]): row for row in by_kind["hard_pools"]}
+    assert len(pools) == 6
+    assert pools[600, "Flat", ""]["knn_seconds"] >= 0
+    assert "N^2" in pools[1000, "Flat", ""]["skipped"]  # said, not extrapolated
+    for n in (600, 1000):  # the approximate index runs at any size, scored against exact pools
+        every_list, one_list = pools[n, "IVF8,Flat", "nprobe=8"], pools[n, "IVF8,Flat", "nprobe=1"]
+        assert every_list["recall"] == 1.0 and every_list["recall_classes"] == every_list["classes"]
+        assert 0 < one_list["recall"] < 1.0
     (embedding,) = by_kind["embedding"]
     assert _positive(embedding["images_per_s"]) and _positive(embedding["bare_inference_images_per_s"])
 

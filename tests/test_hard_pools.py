@@ -122,3 +122,94 @@ def test_small_pools_are_drawn_with_replacement_and_missing_pools_refused():
     assert len(ids) == 8 and set(ids[2:5]) <= {5, 6} and list(ids[5:]) == [9, 9, 9]
     with pytest.raises(ValueError, match="class 1 has no hard-negative pool"):
         add_pool_draws(np.array([1]), np.array([1]), tables, 2, rng)
+
+
+def _clustered(n_classes=40, per_class=25, dim=16, seed=3):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    rng.shuffle(labels)
+    centers = rng.standard_normal((n_classes, dim))
+    return (centers[labels] + 0.6 * rng.standard_normal((len(labels), dim))).astype(np.float32), labels
+
+
+def test_an_ivf_search_of_every_list_finds_the_exact_pools():
+    embeddings, labels = _clustered()
+    exact = hard_negative_pools(embeddings, labels, 12)
+    every_list = hard_negative_pools(embeddings, labels, 12, index_description="IVF8,Flat", search_params="nprobe=8")
+    for a, b in zip(exact[:3], every_list[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(exact[3], every_list[3], rtol=1e-5, atol=1e-5)
+
+
+def _overlap(a, b):
+    """Mean over classes of the share of pool a's members that pool b also has."""
+    shares = [len(np.intersect1d(a[1][a[2][p] : a[2][p + 1]], b[1][b[2][p] : b[2][p + 1]])) / (a[2][p + 1] - a[2][p])
+              for p in range(len(a[0]))]
+    return float(np.mean(shares))
+
+
+@pytest.mark.parametrize("description, params", [("IVF16,Flat", "nprobe=1"), ("HNSW4", "efSearch=4")])
+def test_an_approximate_search_keeps_every_pool_full_and_of_other_classes(description, params):
+    embeddings, labels = _clustered()
+    held = labels.copy()
+    held[::7] = -1
+    exact = hard_negative_pools(embeddings, held, 30)
+    approx = hard_negative_pools(embeddings, held, 30, index_description=description, search_params=params)
+    classes, members, offsets, distances = approx
+    np.testing.assert_array_equal(classes, exact[0])
+    np.testing.assert_array_equal(np.diff(offsets), np.diff(exact[2]))  # short pools were filled
+    for p, c in enumerate(classes):
+        pool = members[offsets[p] : offsets[p + 1]]
+        assert len(set(pool)) == len(pool) and not np.any(held[pool] == c) and not np.any(held[pool] < 0)
+        d = distances[offsets[p] : offsets[p + 1]]
+        assert np.all(np.diff(d) >= 0)  # nearest first
+        true = ((embeddings[pool, None, :].astype(np.float64) - embeddings[held == c][None]) ** 2).sum(-1).min(1)
+        # The distance to the nearest member whose search found it: never below the true one.
+        assert np.all(d >= true - 1e-4)
+    assert 0.3 < _overlap(exact, approx) < 1.0  # approximate: most, not all, of the true members
+
+
+def test_the_short_pools_an_approximate_search_leaves_are_rebuilt_exactly(monkeypatch):
+    embeddings, labels = _clustered(seed=4)
+    exact = hard_negative_pools(embeddings, labels, 20)
+    # A search that finds only the query itself leaves every class with an empty pool...
+    monkeypatch.setattr(hard_pools, "_rank_candidates", _keep_first_class_only(hard_pools._rank_candidates))
+    # ...except class 0: the fill rebuilds the rest with the exact search.
+    filled = hard_negative_pools(embeddings, labels, 20, index_description="IVF4,Flat", search_params="nprobe=4")
+    for a, b in zip(exact[:3], filled[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _keep_first_class_only(rank):
+    calls = []
+
+    def ranked(query_class, *args):
+        cls, ids, dist = rank(query_class, *args)
+        calls.append(len(calls))
+        if len(calls) == 1:  # the approximate pass: drop every class but the smallest label
+            keep = cls == cls.min()
+            return cls[keep], ids[keep], dist[keep]
+        return cls, ids, dist
+
+    return ranked
+
+
+def test_bad_pool_index_settings_are_named():
+    embeddings, labels = _clustered()
+    with pytest.raises(ValueError, match="'IVFx'.*cannot build"):
+        hard_negative_pools(embeddings, labels, 5, index_description="IVFx")
+    with pytest.raises(ValueError, match="'efSearch=8' do not apply to a 'IVF8,Flat'"):
+        hard_negative_pools(embeddings, labels, 5, index_description="IVF8,Flat", search_params="efSearch=8")
+    with pytest.raises(ValueError, match="needs at least 2000 training vectors, the pools have 1000"):
+        hard_negative_pools(embeddings, labels, 5, index_description="IVF2000,Flat")
+
+
+def test_an_ivf_index_too_large_for_the_training_split_is_refused_before_training():
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.ray_datasets import check_pool_index_fits
+
+    config = load_config("pddm", ["refresh.pool_index=IVF256,Flat", "refresh.pool_search_params=nprobe=16"])
+    with pytest.raises(ConfigError, match=r"refresh.pool_index: 'IVF256,Flat' .* 255 pooled images but needs at least 256"):
+        check_pool_index_fits(config, 255)
+    check_pool_index_fits(config, 256)
+    check_pool_index_fits(load_config("pddm", ["refresh.pool_index=HNSW32"]), 10)  # nothing to train

@@ -114,6 +114,21 @@ def _coerce(kind, value: Any, path: str):
     raise ConfigError(f"{path}: unsupported setting type {kind}")
 
 
+def _check_pool_index(config: Config) -> None:
+    """The hard pools' faiss index and its search parameters, built once to see faiss accept them."""
+    from pipeline.refresh.hard_pools import pool_search_index  # late import: faiss
+
+    refresh = config.refresh
+    try:
+        pool_search_index(config.model.embedding_dim, refresh.pool_index)
+    except ValueError as err:
+        raise ConfigError(f"refresh.pool_index: {err}") from err
+    try:
+        pool_search_index(config.model.embedding_dim, refresh.pool_index, refresh.pool_search_params)
+    except ValueError as err:
+        raise ConfigError(f"refresh.pool_search_params: {err}") from err
+
+
 def validate(config: Config) -> None:
     """Every value range and cross-field rule; raises ConfigError naming the field."""
     positive = {
@@ -202,6 +217,7 @@ def validate(config: Config) -> None:
             f"refresh.max_plan_ahead_steps: must be >= data.prefetch_batches + 2 = "
             f"{config.data.prefetch_batches + 2}, got {config.refresh.max_plan_ahead_steps}"
         )
+    _check_pool_index(config)
     if not 0.0 <= magnet.sigma2_momentum < 1.0:
         raise ConfigError(f"loss.magnet.sigma2_momentum: must be in [0, 1), got {magnet.sigma2_momentum}")
     if config.sampler.name in ("m_per_class", "hard_pools") and config.sampler.samples_per_class < 2:

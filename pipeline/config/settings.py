@@ -244,6 +244,14 @@ class RefreshConfig:
     max_plan_ahead_steps: int = setting(
         8, "Plan batches at most this many steps ahead of training, so they use a recent index."
     )
+    pool_index: str = setting(
+        "Flat",
+        "faiss index_factory description of the hard pools' kNN search: Flat is exact (N^2, about an "
+        "hour at 1M images on a CPU); IVF4096,Flat or HNSW32 are approximate and far faster at that scale.",
+    )
+    pool_search_params: str = setting(
+        "", "faiss ParameterSpace settings of that search, e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)."
+    )
 
 
 @dataclass

@@ -92,6 +92,8 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
     holdout = seen_holdout_ids(store.labels, config.data.seen_holdout_fraction, config.train.seed)
     if config.sampler.name == "neighbourhoods":
         check_neighbourhoods_fit(config, store.labels, holdout)
+    if config.sampler.name == "hard_pools":
+        check_pool_index_fits(config, len(store) - len(holdout))
     planner = build_planner(config, store.labels, holdout, refresh_actor)
     per_epoch = steps_per_epoch(config, len(store) - len(holdout))
     total = per_epoch * config.train.epochs
@@ -187,4 +189,20 @@ def check_neighbourhoods_fit(config, labels: np.ndarray, holdout: np.ndarray) ->
             f"neighbourhood need {magnet.clusters_per_neighbourhood - 1} impostor clusters of other classes, "
             f"but the training split yields at most {others} (K={magnet.clusters_per_class}, "
             f"{len(clusters)} classes)"
+        )
+
+
+def check_pool_index_fits(config, num_pooled: int) -> None:
+    """Refuse, before training starts, a `refresh.pool_index` that cannot be trained on the
+    training split (an IVF index needs at least one image per list), rather than fail the
+    first refresh."""
+    from pipeline.refresh.hard_pools import training_points_needed
+
+    needed = training_points_needed(config.model.embedding_dim, config.refresh.pool_index)
+    if num_pooled < needed:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"refresh.pool_index: {config.refresh.pool_index!r} trains on the training split's "
+            f"{num_pooled} pooled images but needs at least {needed}; use fewer lists or Flat"
         )

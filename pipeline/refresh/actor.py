@@ -315,7 +315,8 @@ class RefreshActor:
         use_gpu = device.type == "cuda" and faiss_gpu_count() > 0
         if self.pools:
             index, seconds = build_hard_pools(
-                embeddings, labels, self.config.sampler.pool_size, version=version, model_step=step, use_gpu=use_gpu
+                embeddings, labels, self.config.sampler.pool_size, version=version, model_step=step, use_gpu=use_gpu,
+                index_description=self.config.refresh.pool_index, search_params=self.config.refresh.pool_search_params,
             )
             return index, seconds, None
         magnet = self.config.loss.magnet

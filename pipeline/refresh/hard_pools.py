@@ -9,6 +9,15 @@ nearest to x. Every y closer to q* than x is either a member of c or another-cla
 with d(y, c) <= d(y, q*) < d(x, q*) = d(x, c), i.e. one ranked before x in c's pool. So x is
 among the (pool_size + |c|) nearest neighbours of q*, and searching k = pool_size + (largest
 class) neighbours of every example finds every pool member with its true distance.
+
+That search is N^2 D: minutes at 100k images on a CPU, about an hour at 1M. `index_description`
+swaps the exact `Flat` index for any faiss `index_factory` one ("IVF4096,Flat", "HNSW32"), with
+`search_params` for faiss's `ParameterSpace` ("nprobe=32", "efSearch=128"): the same k
+neighbours, found approximately, so a pool may miss some of its true members. A class the
+approximate search leaves short (fewer members than it should have) gets its pool from an exact
+search of its own members, so every class keeps a full pool whichever index is used. An
+approximate pool's distances are to the nearest member whose search found it: never below the
+true distance to the class.
 """
 
 from __future__ import annotations
@@ -47,16 +56,61 @@ class HardPoolIndex:
         return self.members[self.offsets[class_position] : self.offsets[class_position + 1]]
 
 
+EXACT_INDEX = "Flat"
+
+
+def pool_search_index(dim: int, description: str = EXACT_INDEX, search_params: str = ""):
+    """The (untrained, empty) faiss index of the pools' kNN search, its search parameters set.
+
+    Raises ValueError naming the description or the parameters faiss refuses."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, description, faiss.METRIC_L2)
+    except RuntimeError as err:
+        raise ValueError(f"index description {description!r}: faiss cannot build it ({_first_line(err)})") from err
+    if search_params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, search_params)
+        except RuntimeError as err:
+            raise ValueError(
+                f"search parameters {search_params!r} do not apply to a {description!r} index "
+                "(IVF takes nprobe=..., HNSW efSearch=...)"
+            ) from err
+    return index
+
+
+def training_points_needed(dim: int, description: str) -> int:
+    """The fewest vectors the description's index can be trained on (IVF: one per list)."""
+    import faiss
+
+    index = pool_search_index(dim, description)
+    if index.is_trained:
+        return 0
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:  # not IVF (e.g. PQ alone): faiss says at training time
+        return 1
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+
+
 def hard_negative_pools(
-    embeddings: np.ndarray, labels: np.ndarray, pool_size: int, use_gpu: bool = False
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    pool_size: int,
+    use_gpu: bool = False,
+    index_description: str = EXACT_INDEX,
+    search_params: str = "",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(classes, members, offsets, distances): the hard-negative pool of every class.
 
     embeddings [N, D]; labels [N], -1 for ids that take no part (held out): they are neither
     pooled nor searched from. A class gets min(pool_size, examples of other classes) members.
+    `index_description` and `search_params` choose the kNN index (module docstring).
     """
-    import faiss
-
     if pool_size < 1:
         raise ValueError(f"pool_size must be >= 1, got {pool_size}")
     labels = np.asarray(labels)
@@ -66,32 +120,86 @@ def hard_negative_pools(
     if len(classes) < 2:
         raise ValueError("hard-negative pools need at least two classes")
     vectors = np.ascontiguousarray(embeddings[order], dtype=np.float32)
-    index = faiss.IndexFlatL2(vectors.shape[1])
-    if use_gpu and faiss_gpu_count() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(vectors)
     k = int(min(len(order), pool_size + class_sizes.max()))
-    # faiss on GPU returns at most 2048 neighbours per query.
-    if use_gpu and faiss_gpu_count() > 0 and k > 2048:
-        raise ValueError(f"pool_size + largest class = {k} exceeds GPU faiss's 2048 neighbours")
-
+    index = _search_index(vectors, index_description, search_params, use_gpu, k)
     class_starts = np.concatenate([[0], np.cumsum(class_sizes)])
-    pools: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    first = 0
-    while first < len(classes):
-        # Whole classes per search call, so each class's pool is complete within one chunk.
-        last = int(np.searchsorted(class_starts, class_starts[first] + QUERY_ROWS, side="right")) - 1
-        last = max(last, first + 1)
-        rows = slice(class_starts[first], class_starts[last])
-        distances, neighbours = index.search(vectors[rows], k)
-        pools.append(_rank_candidates(labels[order[rows]], neighbours, distances, order, labels, pool_size))
-        first = last
+    pools = _class_pools(index, vectors, class_starts, np.arange(len(classes)), k, order, labels, pool_size)
+    if index_description != EXACT_INDEX:
+        pools = _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size)
     pool_class = np.concatenate([p[0] for p in pools])
     members = np.concatenate([p[1] for p in pools]).astype(np.int64)
     pool_distances = np.concatenate([p[2] for p in pools]).astype(np.float32)
     counts = np.bincount(np.searchsorted(classes, pool_class), minlength=len(classes))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return classes, members, offsets, pool_distances
+
+
+def _search_index(vectors, description, search_params, use_gpu, k):
+    """The kNN index over `vectors`: trained if it needs it, on the GPUs when asked and able."""
+    import faiss
+
+    index = pool_search_index(vectors.shape[1], description, search_params)
+    on_gpu = use_gpu and faiss_gpu_count() > 0
+    if on_gpu:
+        # faiss on GPU returns at most 2048 neighbours per query.
+        if k > 2048:
+            raise ValueError(f"pool_size + largest class = {k} exceeds GPU faiss's 2048 neighbours")
+        try:
+            # Flat and IVF indexes move to the GPU, keeping nprobe; HNSW has no GPU form, so
+            # it searches on the CPU rather than failing the refresh.
+            index = faiss.index_cpu_to_all_gpus(index)
+        except RuntimeError:
+            pass
+    if not index.is_trained:
+        needed = training_points_needed(vectors.shape[1], description)
+        if len(vectors) < needed:
+            raise ValueError(
+                f"index {description!r} needs at least {needed} training vectors, the pools have {len(vectors)}"
+            )
+        index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def _class_pools(search, vectors, class_starts, positions, k, order, labels, pool_size):
+    """[(class, id, distance) arrays] of the pools of the classes at `positions` (ascending,
+    runs of them searched together), each from a k-NN search of its members."""
+    pools: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    first = 0
+    while first < len(positions):
+        # Whole classes per search call, so each class's pool is complete within one chunk;
+        # consecutive positions only, so the rows of one call are one slice.
+        start = class_starts[positions[first]]
+        last = first + 1
+        while (
+            last < len(positions)
+            and positions[last] == positions[last - 1] + 1
+            and class_starts[positions[last] + 1] - start <= QUERY_ROWS
+        ):
+            last += 1
+        rows = slice(start, class_starts[positions[last - 1] + 1])
+        distances, neighbours = search.search(vectors[rows], k)
+        pools.append(_rank_candidates(labels[order[rows]], neighbours, distances, order, labels, pool_size))
+        first = last
+    return pools
+
+
+def _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size):
+    """The pools, with those of classes an approximate search left short rebuilt exactly."""
+    import faiss
+
+    pool_class = np.concatenate([p[0] for p in pools])
+    counts = np.bincount(np.searchsorted(classes, pool_class), minlength=len(classes))
+    short = np.flatnonzero(counts < np.minimum(pool_size, len(order) - class_sizes))
+    if len(short) == 0:
+        return pools
+    exact = faiss.IndexFlatL2(vectors.shape[1])
+    exact.add(vectors)
+    rebuilt = _class_pools(exact, vectors, class_starts, short, k, order, labels, pool_size)
+    keep = ~np.isin(pool_class, classes[short])
+    merged = [np.concatenate([np.concatenate([p[i] for p in pools])[keep], *(r[i] for r in rebuilt)]) for i in range(3)]
+    by_class = np.argsort(merged[0], kind="stable")  # each class's rows stay nearest first
+    return [tuple(m[by_class] for m in merged)]
 
 
 def _rank_candidates(query_class, neighbours, distances, order, labels, pool_size):
@@ -121,11 +229,20 @@ def _rank_candidates(query_class, neighbours, distances, order, labels, pool_siz
 
 
 def build_hard_pools(
-    embeddings: np.ndarray, labels: np.ndarray, pool_size: int, version: int, model_step: int, use_gpu: bool = False
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    pool_size: int,
+    version: int,
+    model_step: int,
+    use_gpu: bool = False,
+    index_description: str = EXACT_INDEX,
+    search_params: str = "",
 ) -> tuple[HardPoolIndex, float]:
     """The pools of one refresh, and the seconds the kNN search and ranking took."""
     start = time.perf_counter()
-    classes, members, offsets, distances = hard_negative_pools(embeddings, labels, pool_size, use_gpu)
+    classes, members, offsets, distances = hard_negative_pools(
+        embeddings, labels, pool_size, use_gpu, index_description, search_params
+    )
     seconds = time.perf_counter() - start
     index = HardPoolIndex(
         version=version, model_step=model_step, classes=classes, members=members, offsets=offsets,

@@ -35,7 +35,16 @@ TINY = [
 
 
 
-def test_pddm_trains_on_refreshed_hard_pools(ray_local, tmp_path, metric_history):
+@pytest.mark.parametrize(
+    "search",
+    [
+        [],  # the exact search
+        # An approximate one: one IVF list of 4 searched, its short pools refilled exactly.
+        ["refresh.pool_index=IVF4,Flat", "refresh.pool_search_params=nprobe=1"],
+    ],
+    ids=["exact", "ivf"],
+)
+def test_pddm_trains_on_refreshed_hard_pools(ray_local, tmp_path, metric_history, search):
     from mlflow import MlflowClient
 
     from pipeline.training.checkpoint import load_training_state
@@ -43,14 +52,16 @@ def test_pddm_trains_on_refreshed_hard_pools(ray_local, tmp_path, metric_history
     from pipeline.training.refresh_link import read_refresh_state
 
     config = load_config(
-        "pddm", TINY + [f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}"]
+        "pddm", TINY + search + [f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}"]
     )
     summary = run_training(config, printer=lambda *a, **k: None)
     client = MlflowClient(summary.tracking_uri)
     run_id = summary.run_id
     assert client.get_run(run_id).info.status == "FINISHED"
     assert summary.metrics["step"] == 16 and 0.0 <= summary.metrics["test/recall@1"] <= 1.0
-    assert client.get_run(run_id).data.params["sampler.name"] == "hard_pools"
+    params = client.get_run(run_id).data.params
+    assert params["sampler.name"] == "hard_pools"
+    assert params["refresh.pool_index"] == config.refresh.pool_index
 
     # The initial pools plus refreshes from trained weights, each timed; batches moved on to
     # newer pools as they appeared.

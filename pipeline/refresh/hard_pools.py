@@ -188,16 +188,16 @@ def _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, ord
     """The pools, with those of classes an approximate search left short rebuilt exactly."""
     import faiss
 
-    pool_class = np.concatenate([p[0] for p in pools])
-    counts = np.bincount(np.searchsorted(classes, pool_class), minlength=len(classes))
+    found = [np.concatenate([p[i] for p in pools]) for i in range(3)]  # class, id, distance
+    counts = np.bincount(np.searchsorted(classes, found[0]), minlength=len(classes))
     short = np.flatnonzero(counts < np.minimum(pool_size, len(order) - class_sizes))
     if len(short) == 0:
         return pools
     exact = faiss.IndexFlatL2(vectors.shape[1])
     exact.add(vectors)
     rebuilt = _class_pools(exact, vectors, class_starts, short, k, order, labels, pool_size)
-    keep = ~np.isin(pool_class, classes[short])
-    merged = [np.concatenate([np.concatenate([p[i] for p in pools])[keep], *(r[i] for r in rebuilt)]) for i in range(3)]
+    keep = ~np.isin(found[0], classes[short])
+    merged = [np.concatenate([found[i][keep], *(r[i] for r in rebuilt)]) for i in range(3)]
     by_class = np.argsort(merged[0], kind="stable")  # each class's rows stay nearest first
     return [tuple(m[by_class] for m in merged)]
 

@@ -10,14 +10,14 @@ with d(y, c) <= d(y, q*) < d(x, q*) = d(x, c), i.e. one ranked before x in c's p
 among the (pool_size + |c|) nearest neighbours of q*, and searching k = pool_size + (largest
 class) neighbours of every example finds every pool member with its true distance.
 
-That search is N^2 D: minutes at 100k images on a CPU, about an hour at 1M. `index_description`
-swaps the exact `Flat` index for any faiss `index_factory` one ("IVF4096,Flat", "HNSW32"), with
-`search_params` for faiss's `ParameterSpace` ("nprobe=32", "efSearch=128"): the same k
-neighbours, found approximately, so a pool may miss some of its true members. A class the
-approximate search leaves short (fewer members than it should have) gets its pool from an exact
-search of its own members, so every class keeps a full pool whichever index is used. An
-approximate pool's distances are to the nearest member whose search found it: never below the
-true distance to the class.
+That search is N^2 D: 18 s for 100k 128-d embeddings on 2 CPU cores, 24 minutes for 1M
+(benchmarks/README.md). `index_description` swaps the exact `Flat` index for any faiss
+`index_factory` one ("IVF4096,Flat", "HNSW32"), with `search_params` for faiss's
+`ParameterSpace` ("nprobe=32", "efSearch=128"): the same k neighbours, found approximately, so a
+pool may miss some of its true members. A class the approximate search leaves short (fewer
+members than it should have) gets its pool from an exact search of its own members, so every
+class keeps a full pool whichever index is used. An approximate pool's distances are to the
+nearest member whose search found it: never below the true distance to the class.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def pool_search_index(dim: int, description: str = EXACT_INDEX, search_params: s
     try:
         index = faiss.index_factory(dim, description, faiss.METRIC_L2)
     except RuntimeError as err:
-        raise ValueError(f"index description {description!r}: faiss cannot build it ({_first_line(err)})") from err
+        raise ValueError(f"index description {description!r}: faiss cannot build it ({_faiss_message(err)})") from err
     if search_params:
         try:
             faiss.ParameterSpace().set_index_parameters(index, search_params)
@@ -93,7 +93,8 @@ def training_points_needed(dim: int, description: str) -> int:
         return 1
 
 
-def _first_line(err: Exception) -> str:
+def _faiss_message(err: Exception) -> str:
+    """The line of a faiss RuntimeError that says what is wrong (its last; the rest is a C++ trace)."""
     return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
 
 

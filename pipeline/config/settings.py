@@ -247,8 +247,8 @@ class RefreshConfig:
     pool_index: str = setting(
         "Flat",
         "faiss index_factory description of the hard pools' kNN search: Flat is exact (N^2, 24 minutes "
-        "at 1M images on 2 CPU cores); IVF4096,Flat or HNSW32 are approximate, 4.5-11x faster there, "
-        "pools partly inexact.",
+        "at 1M images on 2 CPU cores); IVF4096,Flat or HNSW32 are approximate, 3.5-11x faster there "
+        "(depending on the data), pools partly inexact.",
     )
     pool_search_params: str = setting(
         "", "faiss ParameterSpace settings of that search, e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)."

@@ -163,7 +163,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def training_overhead(every, epochs, storage):
+def training_overhead(every, epochs, storage, device):
+    """Seconds per training step of Magnet with the refresh at period `every` (0: once per
+    epoch) against the same run refreshing never after its initial index. On CUDA the run is
+    throughput.py's one-GPU Magnet, whose refresh actor shares the worker's GPU."""
     import ray
 
     from pipeline.config import load_config
@@ -171,11 +174,17 @@ def training_overhead(every, epochs, storage):
 
     results = {}
     for label, period in (("refreshing", every), ("initial_index_only", 10**9)):
-        config = load_config("magnet", [
+        overrides = [
             f"refresh.every_steps={period}", f"train.epochs={epochs}", "eval.every_epochs=1000",
             "data.seen_holdout_fraction=0.0", f"train.storage_path={storage}/{label}",
             f"train.run_name=refresh-bench-{label}",
-        ])
+        ]
+        if device.type == "cuda":
+            from throughput import loss_config
+
+            config = loss_config("gpu", "magnet", overrides, storage)
+        else:
+            config = load_config("magnet", overrides)
         times: list[tuple[int, float]] = []
 
         def printer(text, times=times, **_):
@@ -234,7 +243,7 @@ def main() -> None:
         backbone, size, ns = group.split(":")
         embedding_sweep(backbone, int(size), [int(n) for n in ns.split(",")], args.batch_size, device)
     if args.training:
-        training_overhead(args.every, args.epochs, args.storage)
+        training_overhead(args.every, args.epochs, args.storage, device)
 
 
 if __name__ == "__main__":

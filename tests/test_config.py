@@ -56,6 +56,8 @@ def test_yaml_file(tmp_path):
         (["refresh.pool_index=HNSW32", "refresh.pool_search_params=nprobe=8"], "to a 'HNSW32' index"),
         (["data.seen_holdout_fraction=1.0"], "data.seen_holdout_fraction: must be in [0, 1)"),
         (["eval.seen_knn_k=0"], "eval.seen_knn_k: must be >= 1"),
+        (["train.use_gpu=true", "train.gpus_per_worker=0.5"], "train.gpus_per_worker: must be in (0.5, 1], got 0.5"),
+        (["train.use_gpu=true", "train.gpus_per_worker=2"], "train.gpus_per_worker: must be in (0.5, 1], got 2"),
         (["eval.recall_ks=[1, 0]"], "eval.recall_ks"),
         (["storage.s3_endpoint_url=minio:9000"], "storage.s3_endpoint_url: 'minio:9000' is not an http"),
         (["storage.s3_max_attempts=0"], "storage.s3_max_attempts: must be >= 1"),

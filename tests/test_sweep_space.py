@@ -213,6 +213,22 @@ def test_concurrency_follows_the_clusters_resources(tmp_path):
     assert trial_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
 
 
+def test_a_shared_gpu_counts_the_workers_share_and_the_refresh_actors():
+    from pipeline.training.driver import scaling_config
+
+    # One GPU shared by the worker (0.9) and Magnet's refresh actor (0.1): a trial per GPU.
+    shared = load_config("magnet", ["train.use_gpu=true", "train.num_workers=1", "train.gpus_per_worker=0.9",
+                                    "refresh.num_gpus=0.1"])
+    assert resource_need(shared)["GPU"] == pytest.approx(1.0)
+    assert trial_concurrency([shared], {"CPU": 64.0, "GPU": 2.0}) == 2
+    assert scaling_config(shared).resources_per_worker == {"CPU": 0.5, "GPU": 0.9}
+    # Without GPUs the share asks for nothing; with them the default is a whole GPU each.
+    assert "GPU" not in scaling_config(load_config("local", ["train.gpus_per_worker=0.7"])).resources_per_worker
+    whole = load_config("local", ["train.use_gpu=true", "train.num_workers=2"])
+    assert scaling_config(whole).resources_per_worker["GPU"] == 1.0
+    assert resource_need(whole)["GPU"] == 2.0
+
+
 def _records():
     return [
         TrialRecord("a_00000", "triplet", {"optim.lr": 1e-3, "loss.triplet.margin": 0.1}, 2, 2, 0.50, "completed",

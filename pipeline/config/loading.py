@@ -196,6 +196,9 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"data.seen_holdout_fraction: must be in [0, 1), got {config.data.seen_holdout_fraction}"
         )
+    if config.train.use_gpu and not 0.5 < config.train.gpus_per_worker <= 1.0:
+        # Above half a GPU each, Ray never puts two DDP ranks on one GPU (NCCL refuses that).
+        raise ConfigError(f"train.gpus_per_worker: must be in (0.5, 1], got {config.train.gpus_per_worker}")
     if config.eval.seen_knn_k < 1:
         raise ConfigError(f"eval.seen_knn_k: must be >= 1, got {config.eval.seen_knn_k}")
     magnet = config.loss.magnet

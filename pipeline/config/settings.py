@@ -218,7 +218,12 @@ class TrainConfig:
 
     num_workers: int = setting(2, "Ray Train workers (DDP ranks).")
     cpus_per_worker: float = setting(0.5, "CPUs per worker (fractions let Data and Train share 2 cores).")
-    use_gpu: bool = setting(False, "One GPU per worker; NCCL and bf16 autocast.")
+    use_gpu: bool = setting(False, "Train on GPUs (train.gpus_per_worker each); NCCL and bf16 autocast.")
+    gpus_per_worker: float = setting(
+        1.0,
+        "GPU share of each worker when use_gpu, in (0.5, 1]: below 1 leaves the rest of its GPU to "
+        "the refresh actor (refresh.num_gpus), e.g. 0.9 and 0.1 on a one-GPU machine.",
+    )
     epochs: int = setting(4, "Epochs; an epoch is steps_per_epoch global batches.")
     steps_per_epoch: int = setting(0, "Steps per epoch; 0 = training images / global batch size.")
     log_every_steps: int = setting(10, "Log loss, learning rate and throughput every this many steps.")

@@ -411,7 +411,7 @@ def resource_need(config: Config) -> dict[str, float]:
     streams = config.train.num_workers if config.uses_refresh_actor else 1
     cpus += streams * config.data.decode_actors * config.data.decode_cpus
     cpus += max(READ_CPUS, EVAL_DECODE_CPUS)
-    gpus = float(config.train.num_workers) if config.train.use_gpu else 0.0
+    gpus = config.train.num_workers * config.train.gpus_per_worker if config.train.use_gpu else 0.0
     if config.uses_refresh_actor:
         cpus += config.refresh.num_cpus
         gpus += config.refresh.num_gpus

@@ -213,11 +213,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "plan": plan},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.train.num_workers,
-            use_gpu=config.train.use_gpu,
-            resources_per_worker={"CPU": config.train.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=train_storage,
@@ -281,6 +277,19 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         if failed:
             tracking.finish_run(uri, run_id, None, failed=True)
     return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
+
+
+def scaling_config(config: Config):
+    """Ray Train's workers: CPUs each and, on GPUs, `train.gpus_per_worker` of one each (a
+    fraction leaves room on the same GPU for the refresh actor's `refresh.num_gpus`)."""
+    import ray.train
+
+    resources = {"CPU": config.train.cpus_per_worker}
+    if config.train.use_gpu:
+        resources["GPU"] = config.train.gpus_per_worker
+    return ray.train.ScalingConfig(
+        num_workers=config.train.num_workers, use_gpu=config.train.use_gpu, resources_per_worker=resources
+    )
 
 
 def _trainer_datasets(data) -> dict:

@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
+import tempfile
 import time
 
 import faiss
 import numpy as np
 import torch
+
+STEP_LINE = re.compile(r"epoch\s+\d+ step\s+(\d+)/")
+"""The driver's line for a logging interval (pipeline.progress.format_event), with its step."""
 
 
 def random_embeddings(n, dim, clustered=False):
@@ -172,6 +178,10 @@ def training_overhead(every, epochs, storage, device):
     from pipeline.config import load_config
     from pipeline.training.driver import run_training
 
+    # A new folder per call: under a reused one the runs would resume from an earlier call's
+    # checkpoints (same run names) and time nothing but the steps that call left undone.
+    os.makedirs(storage, exist_ok=True)
+    storage = tempfile.mkdtemp(prefix="refresh-bench-", dir=storage)
     results = {}
     for label, period in (("refreshing", every), ("initial_index_only", 10**9)):
         overrides = [
@@ -188,8 +198,9 @@ def training_overhead(every, epochs, storage, device):
         times: list[tuple[int, float]] = []
 
         def printer(text, times=times, **_):
-            if " step " in text:
-                times.append((int(text.split(" step ")[1].split("/")[0]), time.perf_counter()))
+            logged = STEP_LINE.match(text)  # a logging interval's line, not other text naming a step
+            if logged:
+                times.append((int(logged.group(1)), time.perf_counter()))
 
         run_training(config, printer=printer)
         (s0, t0), (s1, t1) = times[1], times[-1]  # from the first logged interval on: no start-up

@@ -13,9 +13,10 @@ ones), exact or with the approximate faiss indexes of --pool-indexes, whose pool
 (recall) against exact pools of 200 sampled classes computed by brute force. The embedding pass runs the model over uint8
 images already decoded (the actor keeps them decoded after its first pass). --training trains
 the `magnet` preset twice - refreshing every `--every` steps, and refreshing never (only the
-initial index) - and compares the time per training step. faiss runs on the GPU when CUDA is
-present and faiss has GPUs (faiss-gpu); on a CPU the exact pools search is not run above
---max-exact-pools (it grows as N^2), and the line says so.
+initial index) - and compares the time per training step. On CUDA the exact searches (pools,
+impostors) run on faiss-gpu, or on torch's device where faiss has no GPU, and k-means on
+faiss-gpu where present; on a CPU the exact pools search is not run above --max-exact-pools (it
+grows as N^2), and the line says so.
 """
 
 from __future__ import annotations
@@ -236,11 +237,12 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from pipeline.refresh.cluster_index import faiss_gpu_count
+    from pipeline.exact_search import faiss_gpu_count, gpu_backend
 
-    use_gpu = device.type == "cuda" and faiss_gpu_count() > 0
+    use_gpu = device.type == "cuda"
     print(json.dumps({"machine": platform.node(), "device": torch.cuda.get_device_name() if device.type == "cuda"
                       else f"cpu x{torch.get_num_threads()} threads", "faiss_gpus": faiss_gpu_count(),
+                      "exact_search_gpu_backend": gpu_backend(32 + 60),  # pool 32 + a 60-image class
                       "faiss_threads": faiss.omp_get_max_threads()}), flush=True)
     max_exact = args.max_exact_pools or (10**12 if use_gpu else 200_000)
     for dim in (int(d) for d in args.dims.split(",")):

@@ -122,3 +122,17 @@ def restored_environ():
     yield os.environ
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def torch_search_on_cpu(monkeypatch):
+    """Every search asked for on the GPU takes pipeline.exact_search's torch backend, on the
+    CPU: the path a CUDA machine without faiss-gpu runs, checkable on a machine without a GPU."""
+    import torch
+
+    from pipeline import exact_search
+    from pipeline.evaluation import metrics
+
+    for module in (exact_search, metrics):
+        monkeypatch.setattr(module, "gpu_backend", lambda k: "torch")
+    monkeypatch.setattr(exact_search, "torch_device", lambda: torch.device("cpu"))

@@ -48,6 +48,16 @@ def test_pools_are_each_classes_true_nearest_other_class_examples(pool_size):
         assert not np.any(labels[got] == c)
 
 
+def test_pools_from_the_torch_search_are_the_true_pools(torch_search_on_cpu):
+    # The exact search a CUDA machine without faiss-gpu runs (pipeline.exact_search).
+    embeddings, labels = _data(seed=3)
+    classes, members, offsets, distances = hard_negative_pools(embeddings, labels, 11, use_gpu=True)
+    expected = _brute_force(embeddings, labels, 11)
+    for p, c in enumerate(classes):
+        np.testing.assert_array_equal(members[offsets[p] : offsets[p + 1]], expected[int(c)][0])
+        np.testing.assert_allclose(distances[offsets[p] : offsets[p + 1]], expected[int(c)][1], rtol=1e-4, atol=1e-4)
+
+
 def test_held_out_ids_are_neither_pooled_nor_searched_from_and_chunks_change_nothing(monkeypatch):
     embeddings, labels = _data(seed=1)
     held = labels.copy()

@@ -7,6 +7,7 @@ import math
 import faiss
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from pipeline.evaluation import DEFAULT_KS, SOP_KS, kmeans_nmi, retrieval_metrics
@@ -159,7 +160,7 @@ def test_duplicates_exclude_self_by_index():
 def test_search_drops_self_even_when_ranked_past_depth():
     # 50 identical points: faiss may rank the query itself anywhere among the ties.
     embeddings = np.zeros((50, 4), dtype=np.float32)
-    index = _flat_index(embeddings, use_gpu=False)
+    index = _flat_index(embeddings, use_gpu=False, k=6)
     neighbours = _search(index, embeddings[10:30], depth=5, self_offset=10)
     assert neighbours.shape == (20, 5)
     for row, query in zip(neighbours, range(10, 30), strict=True):
@@ -213,7 +214,7 @@ def test_nmi_with_gallery_clusters_queries_and_gallery_together():
 
 
 def test_use_gpu_falls_back_to_cpu_with_a_warning():
-    if faiss.get_num_gpus() > 0:
+    if faiss.get_num_gpus() > 0 or torch.cuda.is_available():
         pytest.skip("a GPU is visible; the fallback only runs without one")
     embeddings, labels = blobs(np.random.default_rng(5), 3, 10)
     with pytest.warns(UserWarning, match="no GPU"):
@@ -223,8 +224,10 @@ def test_use_gpu_falls_back_to_cpu_with_a_warning():
 
 @pytest.mark.gpu
 def test_gpu_matches_cpu():
-    if faiss.get_num_gpus() == 0:
-        pytest.skip("faiss sees no GPU")
+    from pipeline.exact_search import gpu_backend
+
+    if gpu_backend(1) is None:
+        pytest.skip("no GPU visible to faiss or torch")
     rng = np.random.default_rng(6)
     embeddings = rng.normal(size=(2000, 32)).astype(np.float32)
     labels = uneven_labels(rng, 2000, 50)

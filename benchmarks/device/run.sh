@@ -89,19 +89,21 @@ if [ "$mode" = smoke ]; then
     --embed "tiny_cnn:48:256"
   part refresh_training 420 "$PY" benchmarks/refresh_cost.py --sizes "" --pool-sizes "" --embed "" \
     --training --every 0 --epochs 2 --storage /tmp/dml-refresh-bench
-  part eval 60 "$PY" benchmarks/eval_metrics.py --num 5000 --dim 16 --classes 50
+  part eval 60 "$PY" benchmarks/eval_metrics.py --num 5000 --dim 16 --classes 50 --gpu-num 2000 --gpu-classes 40
 else
   # Most important first: the end-to-end throughput against the bare backbone (the >= 95 %
   # goal) and the PML peer; then the refresh's cost in training time on one GPU and the
-  # re-embedding rate; then faiss at scale on this machine's 16 cores (faiss-gpu needs CUDA
-  # 12's cuBLAS, which is too big to carry); then the 1M x 128 evaluation on those cores.
+  # re-embedding rate; then the refresh at scale (the exact pools search on the GPU through
+  # torch, since faiss-gpu needs CUDA 12's cuBLAS, too big to carry; per-class k-means on the
+  # 16 cores); then the 1M x 128 evaluation on the GPU (torch search and k-means).
   part decode 40 "$PY" benchmarks/throughput.py --size gpu --decode-only
   part throughput 240 "$PY" benchmarks/throughput.py --size gpu --losses softtriple,triplet,magnet,pddm \
     --peer-steps 60 --no-decode
   part refresh_training 100 "$PY" benchmarks/refresh_cost.py --sizes "" --pool-sizes "" \
     --embed "resnet50:224:4096" --training --every 0 --epochs 3 --storage /tmp/dml-refresh-bench
-  part refresh_scale 80 "$PY" benchmarks/refresh_cost.py --sizes 100000,1000000 --pool-sizes 100000 \
+  part refresh_scale 80 "$PY" benchmarks/refresh_cost.py --sizes 100000,1000000 --pool-sizes 100000,1000000 \
     --dims 128,512 --embed ""
-  part eval 120 "$PY" benchmarks/eval_metrics.py --num 1000000 --dim 128 --classes 10000
+  part eval 120 "$PY" benchmarks/eval_metrics.py --num 100000 --dim 128 --classes 1000 --no-nmi \
+    --gpu-num 1000000 --gpu-classes 10000
 fi
 log "done"

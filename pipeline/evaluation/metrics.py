@@ -1,8 +1,9 @@
 """Retrieval metrics of the deep-metric-learning literature: Recall@K, MAP@R, R-Precision, NMI.
 
-Distances are squared Euclidean, searched with faiss. Queries are searched in chunks against an
-index holding the gallery, and each chunk is reduced to per-query numbers straight away, so
-memory stays at O(chunk x search depth) and never reaches N x N (or N x k for all N at once).
+Distances are squared Euclidean, searched exactly (faiss; with `use_gpu`, faiss-gpu or torch's
+CUDA device, see pipeline.exact_search). Queries are searched in chunks against an index holding
+the gallery, and each chunk is reduced to per-query numbers straight away, so memory stays at
+O(chunk x search depth) and never reaches N x N (or N x k for all N at once).
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import faiss
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
+from pipeline.exact_search import flat_l2_index, gpu_backend, torch_kmeans
+
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
 """Recall@K cut-offs used for CUB-200-2011, Cars196 and In-Shop."""
 
 SOP_KS: tuple[int, ...] = (1, 10, 100, 1000)
 """Recall@K cut-offs used for Stanford Online Products."""
-
-# faiss GPU k-selection is limited to k <= 2048; deeper searches stay on the CPU.
-_GPU_MAX_K = 2048
 
 
 def retrieval_metrics(
@@ -103,7 +103,7 @@ def knn_accuracy(
     if query_chunk_size < 1:
         raise ValueError(f"query_chunk_size must be >= 1, got {query_chunk_size}")
     depth = min(k, len(gallery))
-    index = _flat_index(gallery, use_gpu=use_gpu and depth <= _GPU_MAX_K)
+    index = _flat_index(gallery, use_gpu=use_gpu, k=depth)
     correct = 0
     for start in range(0, len(queries), query_chunk_size):
         chunk = queries[start : start + query_chunk_size]
@@ -127,17 +127,23 @@ def kmeans_nmi(
     """NMI between labels and a k-means clustering with as many clusters as distinct labels.
 
     Uses faiss k-means on all points (no subsampling) with a fixed seed, then sklearn's
-    `normalized_mutual_info_score` (arithmetic normalisation).
+    `normalized_mutual_info_score` (arithmetic normalisation). With `use_gpu` it runs on faiss-gpu,
+    or where only torch sees the GPU, faiss's k-means loop with torch's search
+    (`pipeline.exact_search.torch_kmeans`: the same algorithm, another initial draw).
     """
     embeddings, labels, _, _ = _validated(embeddings, labels, None, None)
     num_clusters = int(np.unique(labels).size)
+    backend = _gpu_backend(use_gpu, 1)
+    if backend == "torch":
+        assignment = torch_kmeans(embeddings, num_clusters, seed=seed, niter=niter)
+        return float(normalized_mutual_info_score(labels, assignment))
     kmeans = faiss.Kmeans(
         embeddings.shape[1],
         num_clusters,
         niter=niter,
         seed=seed,
         verbose=False,
-        gpu=_gpu_enabled(use_gpu),
+        gpu=backend == "faiss",
         # Test sets such as SOP have ~5 items per class: the defaults would print a warning
         # (too few points per centroid) or subsample large sets; we want plain k-means on all.
         min_points_per_centroid=1,
@@ -164,7 +170,7 @@ def _ranking_metrics(
     num_relevant = _num_relevant(q_labels, g_labels, exclude_self)
     max_ks = min(max(ks), num_candidates)
     deepest = min(max(max_ks, int(num_relevant.max())), num_candidates)
-    index = _flat_index(gallery, use_gpu=use_gpu and deepest + exclude_self <= _GPU_MAX_K)
+    index = _flat_index(gallery, use_gpu=use_gpu, k=deepest + exclude_self)
 
     recall_hits = np.zeros(len(ks), dtype=np.int64)
     map_sum = r_precision_sum = 0.0
@@ -226,23 +232,21 @@ def _num_relevant(q_labels: np.ndarray, g_labels: np.ndarray, exclude_self: bool
     return np.where(found, counts[position], 0) - int(exclude_self)
 
 
-def _flat_index(gallery: np.ndarray, *, use_gpu: bool):
-    """Exact squared-L2 index over the gallery, on the GPU when asked and available."""
-    index = faiss.IndexFlatL2(gallery.shape[1])
-    if _gpu_enabled(use_gpu):
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(gallery)
-    return index
+def _flat_index(gallery: np.ndarray, *, use_gpu: bool, k: int):
+    """Exact squared-L2 index over the gallery for k-NN searches, on a GPU when asked and
+    one is visible."""
+    return flat_l2_index(gallery, use_gpu=_gpu_backend(use_gpu, k) is not None, k=k)
 
 
-def _gpu_enabled(use_gpu: bool) -> bool:
-    """True when the GPU was asked for and faiss can see one; warns when it cannot."""
+def _gpu_backend(use_gpu: bool, k: int) -> str | None:
+    """The GPU search to use (pipeline.exact_search.gpu_backend), or None: not asked, or asked
+    where no GPU is visible, which it warns about."""
     if not use_gpu:
-        return False
-    if faiss.get_num_gpus() == 0:
-        warnings.warn("use_gpu=True but faiss sees no GPU; using the CPU", stacklevel=3)
-        return False
-    return True
+        return None
+    backend = gpu_backend(k)
+    if backend is None:
+        warnings.warn("use_gpu=True but no GPU is visible to faiss or torch; using the CPU", stacklevel=3)
+    return backend
 
 
 def _validated(

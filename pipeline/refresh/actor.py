@@ -33,7 +33,6 @@ from pipeline.refresh.cluster_index import (
     ClusterIndex,
     build_cluster_index,
     cluster_seed_weights,
-    faiss_gpu_count,
 )
 from pipeline.refresh.hard_pools import HardPoolIndex, build_hard_pools
 
@@ -312,7 +311,7 @@ class RefreshActor:
 
         labels = self.store.labels.copy()
         labels[self.holdout_ids] = -1
-        use_gpu = device.type == "cuda" and faiss_gpu_count() > 0
+        use_gpu = device.type == "cuda"  # faiss-gpu, or torch's search where faiss has no GPU
         if self.pools:
             index, seconds = build_hard_pools(
                 embeddings, labels, self.config.sampler.pool_size, version=version, model_step=step, use_gpu=use_gpu,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.exact_search import faiss_gpu_count, flat_l2_index
+
 # Per-class k-means on the GPU only pays off for large classes: a GPU launch costs more than
 # clustering a few hundred points on the CPU.
 GPU_KMEANS_MIN_POINTS = 20_000
@@ -65,12 +67,6 @@ def _faiss():
     return faiss
 
 
-def faiss_gpu_count() -> int:
-    """GPUs faiss can use here (0 with faiss-cpu)."""
-    faiss = _faiss()
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
 def kmeans_assign(points: np.ndarray, k: int, *, seed: int, niter: int = 20, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """faiss k-means of `points` [n, d] into at most k clusters -> (centroids, assignment).
 
@@ -84,7 +80,7 @@ def kmeans_assign(points: np.ndarray, k: int, *, seed: int, niter: int = 20, use
     faiss = _faiss()
     kmeans = faiss.Kmeans(
         dim, k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
-        gpu=bool(use_gpu and n >= GPU_KMEANS_MIN_POINTS),
+        gpu=bool(use_gpu and n >= GPU_KMEANS_MIN_POINTS and faiss_gpu_count() > 0),
     )
     kmeans.train(points)
     _, assignment = kmeans.index.search(points, 1)
@@ -100,7 +96,8 @@ def kmeans_assign(points: np.ndarray, k: int, *, seed: int, niter: int = 20, use
 def nearest_other_class(centroids: np.ndarray, cluster_class: np.ndarray, count: int, use_gpu: bool = False) -> np.ndarray:
     """[num_clusters, count]: for each centroid, the `count` nearest centroids of another class.
 
-    Exact (faiss flat L2). A class owns at most `max_same` clusters, so searching
+    Exact (faiss flat L2, or torch's on a GPU faiss cannot use: pipeline.exact_search). A class
+    owns at most `max_same` clusters, so searching
     count + max_same neighbours always leaves at least `count` of other classes.
     """
     num = len(cluster_class)
@@ -113,14 +110,9 @@ def nearest_other_class(centroids: np.ndarray, cluster_class: np.ndarray, count:
             f"the cluster index has {num} clusters; a class owning {same_counts.max()} of them leaves "
             f"{others_min} clusters of other classes, fewer than the {count} impostors a neighbourhood needs"
         )
-    faiss = _faiss()
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    if use_gpu and faiss_gpu_count() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(centroids)
     k = min(num, count + int(same_counts.max()))
-    _, neighbours = index.search(centroids, k)
+    _, neighbours = flat_l2_index(centroids, use_gpu=use_gpu, k=k).search(centroids, k)
     out = np.empty((num, count), dtype=np.int64)
     for cluster in range(num):
         row = neighbours[cluster]

@@ -11,7 +11,8 @@ among the (pool_size + |c|) nearest neighbours of q*, and searching k = pool_siz
 class) neighbours of every example finds every pool member with its true distance.
 
 That search is N^2 D: 18 s for 100k 128-d embeddings on 2 CPU cores, 24 minutes for 1M
-(benchmarks/README.md). `index_description` swaps the exact `Flat` index for any faiss
+(benchmarks/README.md); on a GPU it runs on faiss-gpu, or torch's CUDA device where faiss has
+no GPU (pipeline.exact_search). `index_description` swaps the exact `Flat` index for any faiss
 `index_factory` one ("IVF4096,Flat", "HNSW32"), with `search_params` for faiss's
 `ParameterSpace` ("nprobe=32", "efSearch=128"): the same k neighbours, found approximately, so a
 pool may miss some of its true members. A class the approximate search leaves short (fewer
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.refresh.cluster_index import faiss_gpu_count
+from pipeline.exact_search import FAISS_GPU_MAX_K, faiss_gpu_count, flat_l2_index
 
 # Queries per faiss search call: bounds the [rows, k] result arrays.
 QUERY_ROWS = 16384
@@ -136,15 +137,18 @@ def hard_negative_pools(
 
 
 def _search_index(vectors, description, search_params, use_gpu, k):
-    """The kNN index over `vectors`: trained if it needs it, on the GPUs when asked and able."""
+    """The kNN index over `vectors`: trained if it needs it, on the GPUs when asked and able
+    (the exact search through pipeline.exact_search: faiss-gpu, else torch's CUDA device)."""
     import faiss
 
+    if description == EXACT_INDEX and not search_params:
+        return flat_l2_index(vectors, use_gpu=use_gpu, k=k)
     index = pool_search_index(vectors.shape[1], description, search_params)
-    on_gpu = use_gpu and faiss_gpu_count() > 0
-    if on_gpu:
-        # faiss on GPU returns at most 2048 neighbours per query.
-        if k > 2048:
-            raise ValueError(f"pool_size + largest class = {k} exceeds GPU faiss's 2048 neighbours")
+    if use_gpu and faiss_gpu_count() > 0:
+        if k > FAISS_GPU_MAX_K:
+            raise ValueError(
+                f"pool_size + largest class = {k} exceeds GPU faiss's {FAISS_GPU_MAX_K} neighbours"
+            )
         try:
             # Flat and IVF indexes move to the GPU, keeping nprobe; HNSW has no GPU form, so
             # it searches on the CPU rather than failing the refresh.

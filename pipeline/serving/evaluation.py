@@ -149,7 +149,7 @@ def evaluate_checkpoint(
                 embed_split(model, config, shard_uris(root, gallery_split), batch_size)
             )
             gallery = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
-        import faiss
+        from pipeline.exact_search import gpu_backend
 
         values = retrieval_metrics(
             embeddings,
@@ -157,7 +157,7 @@ def evaluate_checkpoint(
             **gallery,
             ks=tuple(config.eval.recall_ks),
             compute_nmi=config.eval.nmi,
-            use_gpu=faiss.get_num_gpus() > 0,
+            use_gpu=gpu_backend(1) is not None,
         )
         metrics = {f"{split}/{key}": float(value) for key, value in values.items()}
         tracking.MetricsLogger(uri, run_id).log(metrics, step or 0)

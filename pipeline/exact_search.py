@@ -2,7 +2,8 @@
 
 faiss's `IndexFlatL2` is the search everywhere: on the CPU, or as its GPU index where faiss-gpu
 is installed. But faiss-gpu's wheels are built for CUDA 12 alone, so on a machine whose torch
-is a CUDA 13 build (torch's default builds now) faiss sees no GPU while torch does. There
+is a CUDA 13 build (as on the GPU machines this project is measured on) faiss sees no GPU while
+torch does. There
 `TorchFlatL2` runs the same exact search on torch's CUDA device: blocks of queries against the
 whole set, distances by one matrix product (||q||^2 + ||x||^2 - 2 q.x, as faiss computes them
 for batches) and `torch.topk`. It has `IndexFlatL2`'s `add`/`search`/`ntotal`, so the
@@ -26,7 +27,9 @@ class TorchFlatL2:
     """Exact squared-L2 k-NN index on a torch device, with faiss's `IndexFlatL2` interface.
 
     Memory: the vectors on the device, plus one [rows, ntotal] float32 block of distances per
-    search step, `rows` chosen so the block stays within `block_bytes`.
+    search step, `rows` chosen so the block stays within `block_bytes`. The distances are full
+    float32 while TF32 matrix products stay off (torch's default): a process that turns them on
+    (`torch.set_float32_matmul_precision("high")`) makes the ranking of near ties approximate.
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cuda", block_bytes: int = 1 << 30):

@@ -3,10 +3,9 @@
 faiss's `IndexFlatL2` is the search everywhere: on the CPU, or as its GPU index where faiss-gpu
 is installed. But faiss-gpu's wheels are built for CUDA 12 alone, so on a machine whose torch
 is a CUDA 13 build (as on the GPU machines this project is measured on) faiss sees no GPU while
-torch does. There
-`TorchFlatL2` runs the same exact search on torch's CUDA device: blocks of queries against the
-whole set, distances by one matrix product (||q||^2 + ||x||^2 - 2 q.x, as faiss computes them
-for batches) and `torch.topk`. It has `IndexFlatL2`'s `add`/`search`/`ntotal`, so the
+torch does. There `TorchFlatL2` runs the same exact search on torch's CUDA device: blocks of
+queries against the whole set, distances by one matrix product (||q||^2 + ||x||^2 - 2 q.x, as
+faiss computes them for batches) and `torch.topk`. It has `IndexFlatL2`'s `add`/`search`/`ntotal`, so the
 evaluation, the PDDM pools and Magnet's impostor search take either. faiss-gpu, where present,
 is preferred; torch also takes the searches deeper than faiss-gpu's 2048 neighbours.
 """

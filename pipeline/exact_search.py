@@ -160,6 +160,7 @@ class _TorchAssign:
         return self.x.shape[1]
 
     def get_subset(self, indices) -> torch.Tensor:
+        # A copy: the loop edits its centroids in place (splitting them into empty clusters).
         return self.x[torch.as_tensor(indices, device=self.x.device)].clone()
 
     def assign_to(self, centroids: torch.Tensor, weights=None):

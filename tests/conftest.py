@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests that run real Ray jobs."""
+"""Fixtures shared by the tests: real Ray, MLflow and S3 servers, and the GPU search path on the CPU."""
 
 from __future__ import annotations
 

@@ -127,7 +127,8 @@ def hard_negative_pools(
     class_starts = np.concatenate([[0], np.cumsum(class_sizes)])
     pools = _class_pools(index, vectors, class_starts, np.arange(len(classes)), k, order, labels, pool_size)
     if index_description != EXACT_INDEX:
-        pools = _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size)
+        pools = _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size,
+                                  use_gpu)
     pool_class = np.concatenate([p[0] for p in pools])
     members = np.concatenate([p[1] for p in pools]).astype(np.int64)
     pool_distances = np.concatenate([p[2] for p in pools]).astype(np.float32)
@@ -189,17 +190,14 @@ def _class_pools(search, vectors, class_starts, positions, k, order, labels, poo
     return pools
 
 
-def _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size):
+def _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size, use_gpu):
     """The pools, with those of classes an approximate search left short rebuilt exactly."""
-    import faiss
-
     found = [np.concatenate([p[i] for p in pools]) for i in range(3)]  # class, id, distance
     counts = np.bincount(np.searchsorted(classes, found[0]), minlength=len(classes))
     short = np.flatnonzero(counts < np.minimum(pool_size, len(order) - class_sizes))
     if len(short) == 0:
         return pools
-    exact = faiss.IndexFlatL2(vectors.shape[1])
-    exact.add(vectors)
+    exact = flat_l2_index(vectors, use_gpu=use_gpu, k=k)
     rebuilt = _class_pools(exact, vectors, class_starts, short, k, order, labels, pool_size)
     keep = ~np.isin(found[0], classes[short])
     merged = [np.concatenate([found[i][keep], *(r[i] for r in rebuilt)]) for i in range(3)]

@@ -31,6 +31,23 @@ def ray_local():
 
 
 @pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """Make reaching for Ray (`ray.init`, `ray.is_initialized`) fail the test.
+
+    "Rejected before any cluster resource is taken" is then checked whatever ran earlier: the
+    session's `ray_local` stays up once a Ray test has run, so `ray.is_initialized()` after the
+    call cannot tell whether the code under test started Ray or found it running.
+    """
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the code reached for Ray before rejecting its input")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", refuse)
+
+
+@pytest.fixture
 def metric_history():
     """`metric_history(client, run_id, name)`: a metric's MLflow history in step order."""
 

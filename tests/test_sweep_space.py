@@ -381,7 +381,9 @@ def test_pddm_claims_sweep_runs_the_papers_form_beside_both_triplet_arms():
         ("losses: {triplet: {}}", ["storage.s3_max_attempts=0"], "storage.s3_max_attempts: must be >= 1"),
     ],
 )
-def test_storage_settings_are_fixed_and_checked_before_ray_starts(tmp_path, text, cli, message):
+def test_storage_settings_are_fixed_and_checked_before_ray_starts(
+    tmp_path, text, cli, message, ray_must_not_start,
+):  # fmt: skip
     from pipeline.sweep.runner import run_sweep
 
     spec = load_sweep(_write(tmp_path, "name: x\nfixed: {train.epochs: 2}\n" + text + "\n"))

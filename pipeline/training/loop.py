@@ -26,6 +26,7 @@ from pipeline.models import build_model
 from pipeline.reporting.test_embeddings import save_test_embeddings
 from pipeline.tracking import save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
+from pipeline.training.device_feed import DeviceFeed
 from pipeline.training.evaluate import embed_and_evaluate, seen_knn_accuracy
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
@@ -136,24 +137,17 @@ def train_loop_per_worker(payload: dict) -> None:
         test_images.gallery = _TestImages(config.eval, "gallery")
     if plan.has_seen_holdout:
         test_images.seen = _TestImages(config.eval, "seen")
+    feed = DeviceFeed(batches, device, channels_last=config.model.channels_last)
     window = _Window()
     run_start = time.perf_counter()
     for step in range(start_step, plan.total_steps):
-        wait_start = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
+        step_start = time.perf_counter()
+        loaded = feed.take()
+        if loaded is None:
             raise RuntimeError(f"rank {rank}: the data stream ended at step {step} of {plan.total_steps}")
-        images = torch.from_numpy(batch["images"][0]).to(device, non_blocking=True).float().div_(255)
-        if device.type == "cuda" and config.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.from_numpy(batch["labels"][0]).to(device)
-        extras = {
-            key[len("extra_"):]: torch.from_numpy(value[0]).to(device)
-            for key, value in batch.items() if key.startswith("extra_")
-        }
-        compute_start = time.perf_counter()
+        batch, on_device = loaded
 
-        out = learner(images, labels, **extras)
+        out = learner(on_device.images, on_device.labels, **on_device.extras)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if config.optim.grad_clip:
@@ -161,7 +155,6 @@ def train_loop_per_worker(payload: dict) -> None:
         optimizer.step()
         scheduler.step()
 
-        window.add(out.loss.detach(), compute_start - wait_start, time.perf_counter() - wait_start)
         done = step + 1
         if refresh is not None:
             refresh.after_step(step, batch, out.per_example, inner)
@@ -170,6 +163,13 @@ def train_loop_per_worker(payload: dict) -> None:
                 done % plan.refresh_every_steps == 0 or refresh.actor_needs_weights()
             ):
                 refresh.publish(done, inner)
+        if done < plan.total_steps:
+            # The next sub-batch crosses to the GPU while this step's backward still runs. After
+            # after_step: a planner that follows the model is then held back no further than
+            # when each step fetched its own sub-batch.
+            feed.prefetch()
+        window.add(out.loss.detach(), feed.wait_s, time.perf_counter() - step_start)
+        feed.wait_s = 0.0
         if done % config.train.log_every_steps == 0 or done == plan.total_steps:
             _log_window(window, config, plan, rank, logger, optimizer, done, start_step, run_start, out, device)
             window = _Window()

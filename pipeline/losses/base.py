@@ -22,8 +22,10 @@ class LossOutput:
     """Scalar loss (a mean over the batch unless the method says otherwise)."""
     per_example: torch.Tensor | None = None
     """Detached per-example losses, shape [N], for samplers that follow the loss (Magnet)."""
-    stats: dict[str, float] = field(default_factory=dict)
-    """Scalars worth logging, e.g. the fraction of active triplets."""
+    stats: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    """Scalars worth logging, e.g. the fraction of active triplets: detached 0-d tensors on the
+    loss's device, read with `float()` only when logged (reading one every step would make the
+    CPU wait for the GPU every step)."""
 
 
 class MetricLoss(nn.Module):

@@ -47,7 +47,7 @@ class ContrastiveLoss(MetricLoss):
             loss=loss,
             per_example=per_example.detach(),
             stats={
-                "active_positive_fraction": masked_mean(active_pos, positive).item(),
-                "active_negative_fraction": masked_mean(active_neg, negative).item(),
+                "active_positive_fraction": masked_mean(active_pos, positive),
+                "active_negative_fraction": masked_mean(active_neg, negative),
             },
         )

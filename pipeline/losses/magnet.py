@@ -97,19 +97,19 @@ class MagnetLoss(MetricLoss):
             loss=per_example.mean(),
             per_example=per_example.detach(),
             stats={
-                "sigma2": float(sigma2.detach()),
-                "running_sigma2": float(self.running_sigma2),
-                "active_fraction": float((per_example.detach() > 0).float().mean()),
+                "sigma2": sigma2.detach(),
+                "running_sigma2": self.running_sigma2.clone(),  # the buffer moves on next step
+                "active_fraction": (per_example.detach() > 0).float().mean(),
             },
         )
 
     @torch.no_grad()
     def _update_running_sigma2(self, sigma2: torch.Tensor) -> None:
         value = sigma2.to(self.running_sigma2.dtype)
-        if int(self.sigma2_updates) == 0:
-            self.running_sigma2.copy_(value)
-        else:
-            self.running_sigma2.lerp_(value, 1.0 - self.sigma2_momentum)
+        # The first update takes the value as it is. Chosen on the device: asking the CPU
+        # whether this is the first (`int(self.sigma2_updates)`) would wait for the GPU.
+        first = self.sigma2_updates == 0
+        self.running_sigma2.copy_(torch.where(first, value, self.running_sigma2.lerp(value, 1.0 - self.sigma2_momentum)))
         self.sigma2_updates += 1
 
 

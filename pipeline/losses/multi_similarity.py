@@ -55,8 +55,8 @@ class MultiSimilarityLoss(MetricLoss):
             loss=per_example.mean(),
             per_example=per_example.detach(),
             stats={
-                "mined_anchor_fraction": mined_anchor.to(sim.dtype).mean().item(),
-                "kept_positive_fraction": masked_mean(kept_positive, positive).item(),
-                "kept_negative_fraction": masked_mean(kept_negative, negative).item(),
+                "mined_anchor_fraction": mined_anchor.to(sim.dtype).mean(),
+                "kept_positive_fraction": masked_mean(kept_positive, positive),
+                "kept_negative_fraction": masked_mean(kept_negative, negative),
             },
         )

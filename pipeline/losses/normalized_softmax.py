@@ -44,5 +44,5 @@ class NormalizedSoftmaxLoss(MetricLoss):
         return LossOutput(
             loss=per_example.mean(),
             per_example=per_example.detach(),
-            stats={"proxy_accuracy": accuracy.item()},
+            stats={"proxy_accuracy": accuracy.detach()},
         )

@@ -183,10 +183,10 @@ class PDDMLoss(MetricLoss):
         with torch.no_grad():
             mined_negative_scores = (negative_score + negative_score.T) / 2.0
             stats = {
-                "E_m": float(e_m),
-                "E_e": float(e_e),
-                "positive_score": float(masked_mean(scores, pairs)),
-                "negative_score": float(masked_mean(mined_negative_scores, pairs)),
-                "quadruplets": float(pairs.sum()),
+                "E_m": e_m.detach(),
+                "E_e": e_e.detach(),
+                "positive_score": masked_mean(scores, pairs),
+                "negative_score": masked_mean(mined_negative_scores, pairs),
+                "quadruplets": pairs.sum(),
             }
         return LossOutput(loss=e_m + self.lam * e_e, stats=stats)

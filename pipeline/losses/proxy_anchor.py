@@ -47,5 +47,5 @@ class ProxyAnchorLoss(MetricLoss):
         return LossOutput(
             loss=loss,
             per_example=None,
-            stats={"positive_proxy_fraction": with_positives.to(dtype).mean().item()},
+            stats={"positive_proxy_fraction": with_positives.to(dtype).mean()},
         )

@@ -83,8 +83,8 @@ class SoftTripleLoss(MetricLoss):
             loss=loss,
             per_example=per_example.detach(),
             stats={
-                "cross_entropy": float(cross_entropy.detach()),
-                "R": float(regulariser.detach()),
+                "cross_entropy": cross_entropy.detach(),
+                "R": regulariser.detach(),
             },
         )
 

@@ -54,7 +54,7 @@ class TripletMarginLoss(MetricLoss):
         return LossOutput(
             loss=loss,
             per_example=per_example.detach(),
-            stats={"active_triplet_fraction": active_fraction.item()},
+            stats={"active_triplet_fraction": active_fraction.detach()},
         )
 
     def _batch_hard(self, dist, positive, negative):

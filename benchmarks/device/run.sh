@@ -81,6 +81,10 @@ part() {
   log "$name: rc $rc in $(( $(date +%s) - t0 ))s: $*"
 }
 
+# The tests that only run on a GPU (the device feed's side-stream copy, the torch search on
+# CUDA) first: the timings after them rest on those paths being right. They skip on a CPU.
+part gpu_tests 30 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_device_feed.py tests/test_exact_search.py
+
 if [ "$mode" = smoke ]; then
   part decode 60 "$PY" benchmarks/throughput.py --size cpu --decode-only --tiny
   # On a 2-core VM each training run costs 1-2 minutes of Ray start-up and initial embedding.

@@ -81,9 +81,11 @@ part() {
   log "$name: rc $rc in $(( $(date +%s) - t0 ))s: $*"
 }
 
-# The tests that only run on a GPU (the device feed's side-stream copy, the torch search on
-# CUDA) first: the timings after them rest on those paths being right. They skip on a CPU.
-part gpu_tests 30 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_device_feed.py tests/test_exact_search.py
+# The tests that only run on a GPU first (the device feed's side-stream copy, a training step
+# that never waits for the GPU, the torch search on CUDA): the timings after them rest on those
+# paths. On a CPU they skip.
+part gpu_tests 30 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_device_feed.py tests/test_exact_search.py \
+  tests/test_step_syncs.py
 
 if [ "$mode" = smoke ]; then
   part decode 60 "$PY" benchmarks/throughput.py --size cpu --decode-only --tiny

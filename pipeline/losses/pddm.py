@@ -83,9 +83,11 @@ def mine_quadruplets(
         raise ValueError(f"mode must be one of {QUADRUPLET_MODES}, got {mode!r}")
     positives, negatives = pair_masks(labels)
     pairs = positives.triu(diagonal=1) & negatives.any()
-    if mode == "hardest" and pairs.any():
+    if mode == "hardest":
+        # `& pairs.any()` rather than `if pairs.any()`: with no pair the argmin is a dummy 0 that
+        # the mask drops, and the step never waits for the GPU to answer the `if`.
         lowest = scores.masked_fill(~pairs, float("inf")).flatten().argmin()
-        pairs = torch.zeros_like(pairs).flatten().index_fill(0, lowest, True).view_as(pairs)
+        pairs = torch.zeros_like(pairs).flatten().index_fill(0, lowest, True).view_as(pairs) & pairs.any()
     hardest_negative = scores.masked_fill(~negatives, float("-inf")).argmax(dim=1)
     return pairs, hardest_negative
 

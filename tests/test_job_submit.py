@@ -206,6 +206,11 @@ def _wait_for(condition, what: str, cluster: LocalRayCluster, job: str, timeout:
             return value
         status = cluster.job_status(job)
         if status in ("FAILED", "STOPPED", "SUCCEEDED") or time.monotonic() > deadline:
+            # The job may have ended just after `condition` was asked (and the condition may be
+            # that it succeeded, or something it wrote on its way out): ask once more.
+            value = condition()
+            if value:
+                return value
             raise AssertionError(f"waiting for {what}: job {job} is {status}\n{cluster.job_logs(job)[-5000:]}")
         time.sleep(0.5)
 

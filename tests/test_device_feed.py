@@ -1,4 +1,5 @@
-"""The training loop's device feed: what it yields, in which order, and how far it reads ahead."""
+"""The device feed (what it yields, in which order, how far it reads ahead) and the embedding
+loop built on it (the same embeddings as a plain forward, in order)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training.device_feed import DeviceFeed
+from pipeline.device_feed import DeviceFeed, embed_rows
 
 
 def _rows(count: int, size: int = 3) -> list[dict[str, np.ndarray]]:
@@ -40,14 +41,15 @@ class _Counting:
         return row
 
 
-def _check(row, on_device, device):
-    assert on_device.images.device.type == device.type
-    assert on_device.images.dtype == torch.float32
+def _check(row, tensors, device):
+    # images, labels and the extra_ columns without their prefix; ids and info_ stay in the row
+    assert set(tensors) == {"images", "labels", "clusters"}
+    assert tensors["images"].device.type == device.type
+    assert tensors["images"].dtype == torch.float32
     expected = torch.from_numpy(row["images"][0]).double() / 255
-    torch.testing.assert_close(on_device.images.cpu().double(), expected, rtol=0, atol=1e-7)
-    assert on_device.labels.cpu().tolist() == row["labels"][0].tolist()
-    assert set(on_device.extras) == {"clusters"}  # extra_ columns only, prefix dropped
-    assert on_device.extras["clusters"].cpu().tolist() == row["extra_clusters"][0].tolist()
+    torch.testing.assert_close(tensors["images"].cpu().double(), expected, rtol=0, atol=1e-7)
+    assert tensors["labels"].cpu().tolist() == row["labels"][0].tolist()
+    assert tensors["clusters"].cpu().tolist() == row["extra_clusters"][0].tolist()
 
 
 def test_yields_every_row_in_order_then_none():
@@ -102,9 +104,46 @@ def test_cuda_copies_ahead_on_a_side_stream_and_matches_the_cpu():
     loaded = feed.take()
     for i, row in enumerate(rows):
         feed.prefetch()  # the next copy overlaps this "step"
-        step = loaded[1].images.sum() * 2  # work on the current stream reading the batch
+        step = loaded[1]["images"].sum() * 2  # work on the current stream reading the batch
         _check(row, loaded[1], device)
-        assert loaded[1].images.is_contiguous(memory_format=torch.channels_last)
+        assert loaded[1]["images"].is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(step.cpu(), (torch.from_numpy(row["images"][0]).float() / 255).sum() * 2)
         loaded = feed.take()
         assert (loaded is None) == (i == len(rows) - 1)
+
+
+def _embedding_case(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5)).to(device)
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, size=(n, 3, 6, 6), dtype=np.uint8) for n in (4, 3, 4, 1)]
+    model(torch.zeros(1, 3, 6, 6, device=device))  # materialise the lazy layer
+    return model.eval(), batches
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_embed_rows_gives_each_rows_plain_forward_in_order(autocast):
+    device = torch.device("cpu")
+    model, batches = _embedding_case(device)
+    with torch.no_grad():
+        got = list(embed_rows(model, iter(batches), device, lambda images: images, autocast))
+        assert [row is batch for (row, _), batch in zip(got, batches, strict=True)] == [True] * len(batches)
+        for (_, out), batch in zip(got, batches, strict=True):
+            images = torch.from_numpy(batch).float() / 255
+            with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+                expected = model(images).float()
+            assert out.dtype == np.float32 and out.shape == (len(batch), 5)
+            np.testing.assert_array_equal(out, expected.numpy())
+    assert list(embed_rows(model, iter([]), device, lambda images: images)) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (results read back a batch late)")
+def test_embed_rows_on_cuda_equals_the_forward_run_batch_by_batch():
+    device = torch.device("cuda", torch.cuda.current_device())
+    model, batches = _embedding_case(device)
+    batches = batches * 50  # enough batches that the late read-back and buffer reuse are exercised
+    with torch.no_grad():
+        got = [out for _, out in embed_rows(model, iter(batches), device, lambda images: images)]
+        expected = [model(torch.from_numpy(b).to(device).float() / 255).cpu().numpy() for b in batches]
+    for out, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.device_feed import DeviceFeed
 from pipeline.learner import MetricLearner
 from pipeline.losses import LOSSES, build_loss
 from pipeline.models import build_model
-from pipeline.training.device_feed import DeviceFeed
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 CLASSES, PER_CLASS = 8, 4
@@ -48,8 +48,8 @@ def test_a_training_step_never_waits_for_the_gpu(name):
     feed = DeviceFeed(_rows(4, config.data.image_size), device, channels_last=True)
 
     def step():
-        _, batch = feed.take()
-        out = learner(batch.images, batch.labels, **batch.extras)
+        _, tensors = feed.take()
+        out = learner(tensors.pop("images"), tensors.pop("labels"), **tensors)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

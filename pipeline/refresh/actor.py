@@ -339,13 +339,13 @@ class RefreshActor:
         """Embeddings [N, dim] float32 of every id of the split (eval preprocessing)."""
         import torch
 
-        out = []
-        autocast = device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            for images in self._image_batches():
-                batch = torch.from_numpy(images).to(device, non_blocking=True).float().div_(255)
-                out.append(model(batch).float().cpu().numpy())
-        return np.concatenate(out)
+        from pipeline.device_feed import embed_rows
+
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+        with torch.inference_mode():
+            return np.concatenate([
+                out for _, out in embed_rows(model, self._image_batches(), device, lambda images: images, autocast)
+            ])
 
     def _image_batches(self):
         """Decoded eval-size uint8 batches in id order; kept in memory after the first pass when

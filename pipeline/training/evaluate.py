@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.device_feed import embed_rows
 from pipeline.evaluation.metrics import knn_accuracy, retrieval_metrics
 
 
@@ -14,14 +15,8 @@ def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocas
     was_training = model.training
     model.eval()
     embeddings, labels, ids = [], [], []
-    for batch in batches:
-        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float().div_(255)
-        if autocast_dtype is not None:
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                out = model(images)
-        else:
-            out = model(images)
-        embeddings.append(out.float().cpu().numpy())
+    for batch, out in embed_rows(model, batches, device, lambda batch: batch["image"], autocast_dtype):
+        embeddings.append(out)
         labels.append(np.asarray(batch["label"]))
         ids.append(np.asarray(batch["id"]))
     model.train(was_training)

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import config_from_dict, config_to_yaml
 from pipeline.data.decoding import ReplayCache
+from pipeline.device_feed import DeviceFeed
 from pipeline.distributed import mean_across_ranks
 from pipeline.learner import MetricLearner
 from pipeline.losses import build_loss
@@ -26,7 +27,6 @@ from pipeline.models import build_model
 from pipeline.reporting.test_embeddings import save_test_embeddings
 from pipeline.tracking import save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
-from pipeline.training.device_feed import DeviceFeed
 from pipeline.training.evaluate import embed_and_evaluate, seen_knn_accuracy
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
@@ -145,9 +145,9 @@ def train_loop_per_worker(payload: dict) -> None:
         loaded = feed.take()
         if loaded is None:
             raise RuntimeError(f"rank {rank}: the data stream ended at step {step} of {plan.total_steps}")
-        batch, on_device = loaded
+        batch, tensors = loaded
 
-        out = learner(on_device.images, on_device.labels, **on_device.extras)
+        out = learner(tensors.pop("images"), tensors.pop("labels"), **tensors)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if config.optim.grad_clip:

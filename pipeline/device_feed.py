@@ -1,0 +1,147 @@
+"""Batches put on the device one ahead, and embeddings brought back without waiting.
+
+A copy from ordinary (pageable) host memory to a GPU makes the CPU wait until the GPU has
+finished everything queued before it, and `.cpu()` of a result waits for the result: either
+way the GPU runs idle while the next batch is prepared. Here each batch is pinned and copied
+on a side CUDA stream while the previous one still computes, and results come back through
+pinned memory, read one batch later. On a CPU there is nothing to overlap and both are plain
+conversions. Used by the training step, the refresh actor's re-embedding and evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+Row = Any
+"""One item of the source stream (a dict of numpy columns, or a uint8 image array)."""
+
+
+def sub_batch_columns(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of a training stream row (one whole sub-batch, leading dim 1) that go to the
+    device: `images`, `labels`, and the planner's `extra_<name>` columns as `<name>`."""
+    columns = {"images": row["images"][0], "labels": row["labels"][0]}
+    columns.update({key[len("extra_"):]: value[0] for key, value in row.items() if key.startswith("extra_")})
+    return columns
+
+
+class DeviceFeed:
+    """Yields each row of `rows` with `columns(row)` on `device`; `prefetch()` starts the next
+    row's copy early. The `images` column (uint8) arrives as float in [0, 1], [B, C, H, W]
+    (channels_last memory when asked, on a GPU).
+
+    `wait_s` accumulates the seconds spent waiting for rows: the caller's data wait, which it
+    reads and resets. Pinning and starting copies is not counted: on a GPU it overlaps queued
+    kernels.
+    """
+
+    def __init__(
+        self,
+        rows: Iterable[Row],
+        device: torch.device,
+        columns: Callable[[Row], dict[str, np.ndarray]] = sub_batch_columns,
+        channels_last: bool = False,
+    ):
+        self.rows = iter(rows)
+        self.device = device
+        self.columns = columns
+        self.channels_last = channels_last and device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.wait_s = 0.0
+        self._ahead: tuple[Row, dict[str, torch.Tensor]] | None = None
+        self._ended = False
+
+    def prefetch(self) -> None:
+        """Fetch the next row and start moving it to the device, if not done already."""
+        if self._ahead is None and not self._ended:
+            self._ahead = self._load()
+            self._ended = self._ahead is None
+
+    def take(self) -> tuple[Row, dict[str, torch.Tensor]] | None:
+        """The next row and its tensors on the device; None when the rows have ended.
+
+        The tensors are safe to use on the current CUDA stream.
+        """
+        self.prefetch()
+        loaded, self._ahead = self._ahead, None
+        if loaded is not None and self.copy_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.copy_stream)
+            for tensor in loaded[1].values():
+                # Allocated on the copy stream, used on this one: without this, freeing them
+                # could hand their memory to the next copy while this step still reads it.
+                tensor.record_stream(current)
+        return loaded
+
+    def _load(self) -> tuple[Row, dict[str, torch.Tensor]] | None:
+        start = time.perf_counter()
+        row = next(self.rows, None)
+        self.wait_s += time.perf_counter() - start
+        if row is None:
+            return None
+        if self.copy_stream is None:
+            return row, self._convert(row)
+        with torch.cuda.stream(self.copy_stream):
+            return row, self._convert(row)
+
+    def _convert(self, row: Row) -> dict[str, torch.Tensor]:
+        tensors = {name: self._to_device(array) for name, array in self.columns(row).items()}
+        if "images" in tensors:
+            images = tensors["images"].float().div_(255)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            tensors["images"] = images
+        return tensors
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.copy_stream is None:
+            return tensor.to(self.device)
+        # Pinned host memory makes the copy asynchronous; PyTorch's pinned-memory cache keeps
+        # the buffer until the copy has finished.
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+
+def embed_rows(
+    model: torch.nn.Module,
+    rows: Iterable[Row],
+    device: torch.device,
+    images_of: Callable[[Row], np.ndarray],
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[Row, np.ndarray]]:
+    """(row, float32 embeddings of `images_of(row)`) for every row, in order.
+
+    The next row's images cross to the device while this one's forward runs, and each result
+    is read a batch later, so the loop never waits for the GPU to finish the batch it has just
+    queued. Grad mode and `model.eval()` are the caller's.
+    """
+    feed = DeviceFeed(rows, device, columns=lambda row: {"images": images_of(row)})
+    pending = None
+    while (loaded := feed.take()) is not None:
+        row, tensors = loaded
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = model(tensors["images"])
+        out = out.float()
+        event = None
+        if out.is_cuda:
+            out = out.to("cpu", non_blocking=True)  # into pinned memory: nothing waits here
+            event = torch.cuda.Event()
+            event.record()
+        feed.prefetch()  # after the forward is queued: the wait for the next row overlaps it
+        if pending is not None:
+            yield _arrived(*pending)
+        pending = (row, out, event)
+    if pending is not None:
+        yield _arrived(*pending)
+
+
+def _arrived(row: Row, out: torch.Tensor, event) -> tuple[Row, np.ndarray]:
+    if event is None:
+        return row, out.numpy()
+    event.synchronize()
+    # A copy: the pinned buffer goes back to PyTorch's cache when `out` is freed.
+    return row, out.numpy().copy()

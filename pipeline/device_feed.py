@@ -21,29 +21,20 @@ Row = Any
 """One item of the source stream (a dict of numpy columns, or a uint8 image array)."""
 
 
-def sub_batch_columns(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of a training stream row (one whole sub-batch, leading dim 1) that go to the
-    device: `images`, `labels`, and the planner's `extra_<name>` columns as `<name>`."""
-    columns = {"images": row["images"][0], "labels": row["labels"][0]}
-    columns.update({key[len("extra_"):]: value[0] for key, value in row.items() if key.startswith("extra_")})
-    return columns
-
-
 class DeviceFeed:
     """Yields each row of `rows` with `columns(row)` on `device`; `prefetch()` starts the next
     row's copy early. The `images` column (uint8) arrives as float in [0, 1], [B, C, H, W]
     (channels_last memory when asked, on a GPU).
 
-    `wait_s` accumulates the seconds spent waiting for rows: the caller's data wait, which it
-    reads and resets. Pinning and starting copies is not counted: on a GPU it overlaps queued
-    kernels.
+    The seconds spent waiting for rows are the caller's data wait: `take_wait_s()` hands them
+    over. Pinning and starting copies is not counted: on a GPU it overlaps queued kernels.
     """
 
     def __init__(
         self,
         rows: Iterable[Row],
         device: torch.device,
-        columns: Callable[[Row], dict[str, np.ndarray]] = sub_batch_columns,
+        columns: Callable[[Row], dict[str, np.ndarray]],
         channels_last: bool = False,
     ):
         self.rows = iter(rows)
@@ -51,7 +42,7 @@ class DeviceFeed:
         self.columns = columns
         self.channels_last = channels_last and device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.wait_s = 0.0
+        self._wait_s = 0.0
         self._ahead: tuple[Row, dict[str, torch.Tensor]] | None = None
         self._ended = False
 
@@ -77,10 +68,15 @@ class DeviceFeed:
                 tensor.record_stream(current)
         return loaded
 
+    def take_wait_s(self) -> float:
+        """The seconds spent waiting for rows since the last call."""
+        wait_s, self._wait_s = self._wait_s, 0.0
+        return wait_s
+
     def _load(self) -> tuple[Row, dict[str, torch.Tensor]] | None:
         start = time.perf_counter()
         row = next(self.rows, None)
-        self.wait_s += time.perf_counter() - start
+        self._wait_s += time.perf_counter() - start
         if row is None:
             return None
         if self.copy_stream is None:

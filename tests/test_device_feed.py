@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.decoding import sub_batch_columns
 from pipeline.device_feed import DeviceFeed, embed_rows
 
 
 def _rows(count: int, size: int = 3) -> list[dict[str, np.ndarray]]:
-    """Rows as the training stream yields them: one whole sub-batch per row (leading dim 1)."""
+    """Rows as `TrainBatchDecoder` yields them: one whole sub-batch per row (leading dim 1)."""
     rng = np.random.default_rng(0)
     return [
         {
@@ -54,7 +55,7 @@ def _check(row, tensors, device):
 
 def test_yields_every_row_in_order_then_none():
     rows = _rows(4)
-    feed = DeviceFeed(iter(rows), torch.device("cpu"))
+    feed = DeviceFeed(iter(rows), torch.device("cpu"), sub_batch_columns)
     for row in rows:
         loaded = feed.take()
         assert loaded is not None
@@ -66,7 +67,7 @@ def test_yields_every_row_in_order_then_none():
 
 def test_reads_one_row_ahead_only_when_asked():
     source = _Counting(_rows(3))
-    feed = DeviceFeed(source, torch.device("cpu"))
+    feed = DeviceFeed(source, torch.device("cpu"), sub_batch_columns)
     first = feed.take()
     assert source.read == 1  # take() alone never reads past the row it returns
     feed.prefetch()
@@ -88,19 +89,19 @@ def test_counts_the_time_spent_reading():
             time.sleep(0.05)
             return super().__next__()
 
-    feed = DeviceFeed(Slow(_rows(2)), torch.device("cpu"))
+    feed = DeviceFeed(Slow(_rows(2)), torch.device("cpu"), sub_batch_columns)
     feed.take()
-    assert feed.wait_s >= 0.05
-    feed.wait_s = 0.0
+    assert feed.take_wait_s() >= 0.05
+    assert feed.take_wait_s() == 0.0  # handed over once
     feed.prefetch()
-    assert feed.wait_s >= 0.05
+    assert feed.take_wait_s() >= 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the pinned copy on a side stream)")
 def test_cuda_copies_ahead_on_a_side_stream_and_matches_the_cpu():
     device = torch.device("cuda", torch.cuda.current_device())
     rows = _rows(3, size=64)
-    feed = DeviceFeed(iter(rows), device, channels_last=True)
+    feed = DeviceFeed(iter(rows), device, sub_batch_columns, channels_last=True)
     loaded = feed.take()
     for i, row in enumerate(rows):
         feed.prefetch()  # the next copy overlaps this "step"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.data.decoding import sub_batch_columns
 from pipeline.device_feed import DeviceFeed
 from pipeline.learner import MetricLearner
 from pipeline.losses import LOSSES, build_loss
@@ -45,7 +46,7 @@ def test_a_training_step_never_waits_for_the_gpu(name):
     learner = MetricLearner(build_model(config.model), loss, torch.bfloat16).to(device)
     optimizer = build_optimizer(learner.embedder, learner.loss, config.optim, config.loss.lr)
     scheduler = build_scheduler(optimizer, config.optim, 100)
-    feed = DeviceFeed(_rows(4, config.data.image_size), device, channels_last=True)
+    feed = DeviceFeed(_rows(4, config.data.image_size), device, sub_batch_columns, channels_last=True)
 
     def step():
         _, tensors = feed.take()

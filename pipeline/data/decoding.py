@@ -132,6 +132,15 @@ class TrainBatchDecoder:
         }
 
 
+def sub_batch_columns(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of a `TrainBatchDecoder` row (one whole sub-batch, leading dim 1) that go to
+    the device: `images`, `labels`, and the planner's `extra_<name>` columns as `<name>`. The
+    `ids` and `info_` columns stay on the host (the refresh reads them)."""
+    columns = {"images": row["images"][0], "labels": row["labels"][0]}
+    columns.update({key[len("extra_"):]: value[0] for key, value in row.items() if key.startswith("extra_")})
+    return columns
+
+
 class ReplayCache:
     """Batches streamed once, then replayed from memory if they all fit in `limit_bytes`.
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import config_from_dict, config_to_yaml
-from pipeline.data.decoding import ReplayCache
+from pipeline.data.decoding import ReplayCache, sub_batch_columns
 from pipeline.device_feed import DeviceFeed
 from pipeline.distributed import mean_across_ranks
 from pipeline.learner import MetricLearner
@@ -137,7 +137,7 @@ def train_loop_per_worker(payload: dict) -> None:
         test_images.gallery = _TestImages(config.eval, "gallery")
     if plan.has_seen_holdout:
         test_images.seen = _TestImages(config.eval, "seen")
-    feed = DeviceFeed(batches, device, channels_last=config.model.channels_last)
+    feed = DeviceFeed(batches, device, sub_batch_columns, channels_last=config.model.channels_last)
     window = _Window()
     run_start = time.perf_counter()
     for step in range(start_step, plan.total_steps):
@@ -168,8 +168,7 @@ def train_loop_per_worker(payload: dict) -> None:
             # after_step: a planner that follows the model is then held back no further than
             # when each step fetched its own sub-batch.
             feed.prefetch()
-        window.add(out.loss.detach(), feed.wait_s, time.perf_counter() - step_start)
-        feed.wait_s = 0.0
+        window.add(out.loss.detach(), feed.take_wait_s(), time.perf_counter() - step_start)
         if done % config.train.log_every_steps == 0 or done == plan.total_steps:
             _log_window(window, config, plan, rank, logger, optimizer, done, start_step, run_start, out, device)
             window = _Window()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses.magnet import MagnetLoss, magnet_class_scores
+from pipeline.losses.magnet import MagnetLoss, _batch_clusters, magnet_class_scores
 
 F64 = torch.float64
 
@@ -98,6 +98,32 @@ def test_matches_float64_loop(seed, alpha):
     assert out.loss.item() == pytest.approx(sum(expected) / len(expected), abs=1e-10)
     out32 = MagnetLoss(alpha=alpha)(embeddings.float(), labels, clusters=clusters)
     assert out32.loss.item() == pytest.approx(out.loss.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_several_neighbourhoods_sharing_clusters_match_the_float64_loop(seed):
+    """Batches as several neighbourhoods make them: a cluster drawn by two neighbourhoods is one
+    cluster of the batch, with both draws' members; ids are sparse and in no order."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 10_000, (6,), generator=g)
+    classes = torch.tensor([3, 3, 8, 1, 8, 5])
+    draws = torch.cat([torch.randperm(6, generator=g)[:4] for _ in range(3)])  # 3 x 4 clusters
+    clusters = ids[draws].repeat_interleave(3)  # D = 3
+    labels = classes[draws].repeat_interleave(3)
+    embeddings = torch.randn(len(clusters), 4, generator=g, dtype=F64)
+    out = MagnetLoss(alpha=2.0)(embeddings, labels, clusters=clusters)
+    expected, sigma2 = _reference_magnet(embeddings, labels, clusters, 2.0)
+    torch.testing.assert_close(out.per_example, torch.tensor(expected, dtype=F64), rtol=0, atol=1e-10)
+    assert out.stats["sigma2"] == pytest.approx(sigma2, abs=1e-12)
+
+
+@pytest.mark.parametrize("clusters", [[5, 5, 5], [9, 2, 9, 7, 2, 40], [3, 1, 2, 0], [0, 10**12, 0, 10**12]])
+def test_batch_slots_number_the_clusters_as_torch_unique_does(clusters):
+    clusters = torch.tensor(clusters)
+    ids, inverse = torch.unique(clusters, return_inverse=True)
+    cluster_of, present = _batch_clusters(clusters)
+    assert cluster_of.tolist() == inverse.tolist()
+    assert present.tolist() == [slot < len(ids) for slot in range(len(clusters))]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

@@ -62,24 +62,28 @@ class MagnetLoss(MetricLoss):
         if n < 2:
             raise ValueError("the Magnet loss needs at least 2 examples (sigma2 divides by N - 1)")
 
-        # Batch-local cluster index 0..M-1 of every example; the global ids only group examples.
-        cluster_ids, cluster_of = torch.unique(clusters, return_inverse=True)
-        num_clusters = cluster_ids.numel()
-        cluster_class = _cluster_classes(cluster_of, labels, num_clusters)
+        # Batch-local cluster index of every example, and which of the N slots hold a cluster.
+        # The number of clusters M stays on the device: asking for it (torch.unique) would make
+        # the CPU wait for the backbone's forward, and the GPU then idles while the loss and the
+        # backward are launched. Slots M..N-1 are empty and masked out below.
+        cluster_of, present = _batch_clusters(clusters)
+        cluster_class = _cluster_classes(cluster_of, labels, present)
 
         # Cluster means as a membership-matrix product: unlike index_add (atomic adds on CUDA)
         # a matmul sums in a fixed order, so the loss is bitwise reproducible.
-        membership = F.one_hot(cluster_of, num_clusters).T.to(embeddings.dtype)  # [M, N]
-        means = (membership @ embeddings) / membership.sum(dim=1, keepdim=True)
+        membership = F.one_hot(cluster_of, n).T.to(embeddings.dtype)  # [N slots, N examples]
+        means = (membership @ embeddings) / membership.sum(dim=1, keepdim=True).clamp_min(1.0)
 
-        # Explicit differences rather than the Gram form: N x M x D is small for a neighbourhood
-        # (48 x 12 x 512 by default) and the own-cluster distances are then exact.
-        sq_dist = (embeddings[:, None, :] - means[None, :, :]).pow(2).sum(-1)  # [N, M]
-        own_sq_dist = sq_dist.gather(1, cluster_of[:, None]).squeeze(1)
+        # Own-cluster distances exactly, from the differences ([N, D]); the distances to all
+        # slots ([N, N]) in the Gram form, which only the impostor terms read.
+        own_sq_dist = (embeddings - means[cluster_of]).pow(2).sum(-1)
+        sq_dist = (
+            embeddings.pow(2).sum(-1, keepdim=True) + means.pow(2).sum(-1)[None, :] - 2.0 * embeddings @ means.T
+        ).clamp_min(0.0)
         sigma2 = (own_sq_dist.sum() / (n - 1)).clamp_min(_SIGMA2_FLOOR)
         scaled = sq_dist / (2.0 * sigma2)  # the paper's 1 / (2 sigma^2), not 1 / (2 sigma^4)
 
-        other_class = cluster_class[None, :] != labels[:, None]  # [N, M]
+        other_class = (cluster_class[None, :] != labels[:, None]) & present[None, :]  # [N, N slots]
         has_impostor = other_class.any(dim=1)
         logits = (-scaled).masked_fill(~other_class, float("-inf"))
         # A row with no other-class cluster would be all -inf (log-sum-exp -inf, NaN gradient);
@@ -113,17 +117,42 @@ class MagnetLoss(MetricLoss):
         self.sigma2_updates += 1
 
 
-def _cluster_classes(
-    cluster_of: torch.Tensor, labels: torch.Tensor, num_clusters: int
-) -> torch.Tensor:
-    """Integer class of each batch cluster, read from its members' labels (which must agree)."""
-    lowest = labels.new_full((num_clusters,), torch.iinfo(labels.dtype).max)
-    highest = labels.new_full((num_clusters,), torch.iinfo(labels.dtype).min)
+def _batch_clusters(clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot of each example's cluster [N], which of the N slots hold a cluster [N] bool).
+
+    The slots number the distinct ids in ascending order, as `torch.unique(return_inverse=True)`
+    does, but the output sizes are N whatever the number of clusters, so nothing waits for the
+    device.
+    """
+    sorted_ids, order = torch.sort(clusters)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    slot_of_sorted = torch.cumsum(starts, 0) - 1
+    cluster_of = torch.empty_like(slot_of_sorted).scatter_(0, order, slot_of_sorted)
+    present = torch.arange(clusters.numel(), device=clusters.device) <= slot_of_sorted[-1]
+    return cluster_of, present
+
+
+def _cluster_classes(cluster_of: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Integer class of each slot's cluster, read from its members' labels (which must agree).
+
+    On a GPU a disagreement stops the run with a device-side assertion, which does not make the
+    CPU wait (as `F.one_hot` and indexing check their input on CUDA).
+    """
+    num_slots = present.numel()
+    lowest = labels.new_full((num_slots,), torch.iinfo(labels.dtype).max)
+    highest = labels.new_full((num_slots,), torch.iinfo(labels.dtype).min)
     lowest = lowest.scatter_reduce(0, cluster_of, labels, reduce="amin")
     highest = highest.scatter_reduce(0, cluster_of, labels, reduce="amax")
-    if not torch.equal(lowest, highest):
-        raise ValueError("every member of a cluster must have the cluster's class label")
+    agree = ((lowest == highest) | ~present).all()
+    if agree.is_cuda:
+        torch._assert_async(agree, _MIXED_CLUSTER)
+    elif not agree:
+        raise ValueError(_MIXED_CLUSTER)
     return lowest
+
+
+_MIXED_CLUSTER = "every member of a cluster must have the cluster's class label"
 
 
 def magnet_class_scores(

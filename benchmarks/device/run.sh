@@ -84,7 +84,7 @@ part() {
 # The tests that only run on a GPU first (the device feed's side-stream copy, a training step
 # that never waits for the GPU, the torch search on CUDA): the timings after them rest on those
 # paths. On a CPU they skip.
-part gpu_tests 30 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_device_feed.py tests/test_exact_search.py \
+part gpu_tests 45 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_device_feed.py tests/test_exact_search.py \
   tests/test_step_syncs.py
 
 if [ "$mode" = smoke ]; then

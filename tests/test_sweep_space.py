@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.sweep.records import TrialRecord, best_trial, plot_metric_vs_params, write_table
-from pipeline.sweep.search import LOSS_BRANCH, basic_param_space, build_search
+from pipeline.sweep.search import LOSS_BRANCH, basic_param_space, build_search, planned_trials
 from pipeline.sweep.space import (
     SweepError,
     base_overrides,
@@ -25,6 +25,7 @@ from pipeline.sweep.space import (
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "pipeline" / "sweeps" / "seeds_vs_baselines.yaml"
+CLAIMS_PATH = EXAMPLE.parent / "claims.yaml"
 
 SMALL = """\
 name: small
@@ -156,6 +157,32 @@ def test_random_search_samples_per_loss_settings_within_their_ranges(tmp_path):
     triplet = next(s for s in trials if s["loss.name"] == "triplet")
     assert 0.1 <= triplet["loss.triplet.margin"] <= 0.3 and "loss.contrastive.neg_margin" not in triplet
     assert all(1e-4 <= s["optim.lr"] <= 1e-2 for s in trials)
+
+
+@pytest.mark.parametrize(
+    ("search", "lr", "margin"),
+    [
+        ("grid", "{choice: [1e-3, 2e-3]}", "{choice: [0.1, 0.2, 0.3]}"),
+        ("grid", "{grid: [1e-3, 2e-3, 3e-3]}", "0.2"),
+        ("random", "{loguniform: [1e-4, 1e-2]}", "{uniform: [0.1, 0.3]}"),
+        ("random", "{grid: [1e-3, 2e-3]}", "{choice: [0.1, 0.2]}"),
+        ("optuna", "{loguniform: [1e-4, 1e-2]}", "{choice: [0.1, 0.2]}"),
+    ],
+)
+def test_planned_trials_is_the_number_tune_creates(tmp_path, search, lr, margin):
+    """What tells a sweep stopped between two trials from a finished one; counted here against
+    Tune's own variant generator (which Tune runs `num_samples` times over)."""
+    spec = _small(tmp_path, search=search, lr=lr, margin=margin)
+    if search == "optuna":
+        assert planned_trials(spec) == spec.num_samples == 2
+    else:
+        assert planned_trials(spec) == spec.num_samples * len(_variants(basic_param_space(spec)))
+
+
+@pytest.mark.parametrize("path", [CLAIMS_PATH, EXAMPLE])
+def test_planned_trials_of_the_shipped_sweeps(path):
+    spec = load_sweep(path)
+    assert planned_trials(spec) == spec.num_samples * len(_variants(basic_param_space(spec)))
 
 
 def test_optuna_asks_only_for_the_chosen_losses_settings(tmp_path):

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.sweep import records
-from pipeline.sweep.search import build_scheduler, build_search, check_search_available
+from pipeline.sweep.search import (
+    build_scheduler,
+    build_search,
+    check_search_available,
+    planned_trials,
+)
 from pipeline.sweep.space import (
     TRIAL_DRIVER_CPUS,
     SweepError,
@@ -55,13 +60,15 @@ def _experiment_storage(storage: str):
     return path, filesystem
 
 
-def _unfinished_trials(experiment: str, filesystem) -> int:
-    """Trials of the experiment that had not ended when Tune last saved it. Tune saves it
-    before it stops the trials of an interrupted run, whose results then look ended."""
+def _trials_left(experiment: str, filesystem, planned: int) -> int:
+    """Trials of the `planned` that had not ended when Tune last saved the experiment: those
+    still running (Tune saves before it stops the trials of an interrupted run, whose results
+    then look ended) and those not yet created (a Ctrl+C between two trials)."""
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
-    return sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
+    ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+    return max(planned - ended, 0)
 
 
 def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False,
@@ -176,9 +183,9 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
         )
     results = tuner.fit()
     summary = SweepSummary(spec.name, experiment_path, uri, parent_run_id, interrupted=False)
-    if _unfinished_trials(tune_experiment, tune_filesystem):
+    if _trials_left(tune_experiment, tune_filesystem, planned_trials(spec)):
         # Stopped (Ctrl+C) before every trial ended: Tune saved the experiment, and a resume
-        # runs only the trials that had not ended.
+        # runs only the trials that had not ended, then those not yet created.
         client.set_terminated(parent_run_id, status="KILLED")
         summary.interrupted = True
         return summary

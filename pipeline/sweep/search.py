@@ -47,6 +47,20 @@ def basic_param_space(spec: SweepSpec) -> dict:
     return {LOSS_BRANCH: tune.grid_search(branches), **{k: _tune_domain(d, grid) for k, d in spec.space.items()}}
 
 
+def planned_trials(spec: SweepSpec) -> int:
+    """How many trials the sweep runs in all: `num_samples` for a searcher; for grid and random
+    search, `num_samples` at every point of `basic_param_space`'s grid (the shared grid times
+    the sum of the losses' own grids)."""
+    if spec.search not in ("grid", "random"):
+        return spec.num_samples
+    grid = spec.search == "grid"
+
+    def points(dims: dict[str, Dimension]) -> int:
+        return math.prod(len(d.values) for d in dims.values() if d.kind == "grid" or (grid and d.kind == "choice"))
+
+    return spec.num_samples * points(spec.space) * sum(points(dims) for dims in spec.losses.values())
+
+
 class OptunaSpace:
     """Optuna's define-by-run space: the loss first, then the shared settings and only that
     loss's own (named `<loss>/<key>`, so two losses never share a distribution's name)."""

@@ -18,6 +18,8 @@ _SIGMA2_FLOOR = 1e-12
 distinct point (D=1, or an embedding collapsed at initialisation); the floor keeps the loss finite
 there instead of dividing by zero. It is far below any variance a real batch has."""
 
+_MIXED_CLUSTER = "every member of a cluster must have the cluster's class label"
+
 
 class MagnetLoss(MetricLoss):
     """Magnet loss over a neighbourhood batch: a hinge on each example's own-cluster likelihood.
@@ -150,9 +152,6 @@ def _cluster_classes(cluster_of: torch.Tensor, labels: torch.Tensor, present: to
     elif not agree:
         raise ValueError(_MIXED_CLUSTER)
     return lowest
-
-
-_MIXED_CLUSTER = "every member of a cluster must have the cluster's class label"
 
 
 def magnet_class_scores(

@@ -11,7 +11,9 @@ from pipeline.evaluation.metrics import knn_accuracy, retrieval_metrics
 
 @torch.no_grad()
 def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocast_dtype=None):
-    """Embeddings, labels and ids of every image an iterator of decoded batches yields."""
+    """Embeddings, labels and ids of every image an iterator of decoded batches yields, in id
+    order: Ray Data delivers the batches in any order, and k-means (NMI) and the ranking's ties
+    follow the order of the points."""
     was_training = model.training
     model.eval()
     embeddings, labels, ids = [], [], []
@@ -20,7 +22,9 @@ def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocas
         labels.append(np.asarray(batch["label"]))
         ids.append(np.asarray(batch["id"]))
     model.train(was_training)
-    return np.concatenate(embeddings), np.concatenate(labels), np.concatenate(ids)
+    ids = np.concatenate(ids)
+    order = np.argsort(ids, kind="stable")
+    return np.concatenate(embeddings)[order], np.concatenate(labels)[order], ids[order]
 
 
 def evaluate_retrieval(

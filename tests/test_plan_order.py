@@ -1,4 +1,10 @@
-"""A per-rank stream reaches its rank in plan order, so a planner that holds back (Magnet's
+"""Training streams reach their ranks in plan order.
+
+The shared stream (planners that do not follow the model) is dealt out so that rank r trains on
+plan index s * W + r at step s, whatever order the decode actors finish in: every run of a
+config and seed then trains on the same global batches.
+
+A per-rank stream reaches its rank in plan order, so a planner that holds back (Magnet's
 neighbourhoods, PDDM's pools) never blocks on a far step while the sub-batch training waits
 for queues behind it.
 
@@ -11,14 +17,19 @@ where a PDDM run lost 120 s (`ActorTables.max_wait_s`) on every step after step 
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from short_runs import SHORT_RUN, TINY_BUILT_IN
 
-from pipeline.data.ray_datasets import plan_index_rows
-from pipeline.training.driver import trainer_data_config
+from pipeline.config import load_config
+from pipeline.data.planning import as_planned, build_planner
+from pipeline.data.ray_datasets import build_training_data, plan_index_rows
+from pipeline.evaluation.protocol import resolve_evaluation
+from pipeline.training.driver import resolve_dataset, trainer_data_config
 
 PREFETCH = 4
 WINDOW = PREFETCH + 2  # the smallest refresh.max_plan_ahead_steps the config accepts
@@ -93,10 +104,46 @@ def test_a_per_rank_stream_arrives_in_plan_order_without_stalling_its_planner(ra
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_only_per_rank_streams_are_ordered(ranks):
+def test_every_training_stream_is_ordered(ranks):
     per_rank = trainer_data_config(SimpleNamespace(train=[object()] * ranks))
     names = [f"train_{r}" for r in range(ranks)]
     assert all(per_rank._resolve_execution_options(name).preserve_order for name in names)
     assert per_rank._datasets_to_split == []
     split = trainer_data_config(SimpleNamespace(train=object()))
     assert split._datasets_to_split == ["train"]
+    assert split._resolve_execution_options("train").preserve_order
+
+
+def test_rank_r_trains_on_plan_index_s_w_plus_r_from_the_shared_stream(ray_local, tmp_path):
+    """The driver's own training stream (3 decode actors, so sub-batches finish out of order),
+    split for 2 ranks by Ray Train's `DataConfig.configure`, read by both ranks at once; the run
+    resumes at step 3, as a rerun does from a checkpoint there."""
+    ranks, start_step = 2, 3
+    config = load_config("local", [
+        *SHORT_RUN, *TINY_BUILT_IN, f"data.cache_dir={tmp_path}",
+        "data.decode_actors=3", "data.decode_cpus=0.25", f"train.num_workers={ranks}",
+    ])
+    root, metadata = resolve_dataset(config)
+    config = resolve_evaluation(config, metadata)  # the test split's name, as the driver does
+    data = build_training_data(config, root, start_step=start_step)
+    assert not isinstance(data.train, list)  # m_per_class: the shared stream, not one per rank
+    shards = trainer_data_config(data).configure(
+        {"train": data.train}, world_size=ranks, worker_handles=None, worker_node_ids=None
+    )
+    received: dict[int, list[dict]] = {}
+
+    def read(rank: int) -> None:  # one rank's training loop: one sub-batch a step
+        received[rank] = list(shards[rank]["train"].iter_batches(batch_size=1, batch_format="numpy"))
+
+    threads = [threading.Thread(target=read, args=(rank,)) for rank in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    planner = build_planner(config, data.store.labels, data.holdout_ids)
+    steps = range(start_step, data.total_steps)
+    for rank in range(ranks):
+        indices = [int(row["index"][0]) for row in received[rank]]
+        assert indices == [step * ranks + rank for step in steps], f"rank {rank}"
+        for row, index in zip(received[rank], indices, strict=True):
+            np.testing.assert_array_equal(row["ids"][0], as_planned(planner.plan(index)).ids)

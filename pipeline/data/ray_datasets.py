@@ -2,7 +2,9 @@
 
 Training: a dataset of *plan indices* (one row per sub-batch of the whole run, every epoch
 included) mapped by `TrainBatchDecoder` actors into decoded sub-batches; Ray Train's
-`streaming_split(equal=True)` hands each rank the same number of them. Evaluation: the test
+`streaming_split(equal=True)` deals them out in plan order, rank r taking plan index s * W + r
+at step s (or, for planners that follow the model, each rank has a stream of its own with the
+same indices). Evaluation: the test
 split's shards read and decoded by stateless tasks.
 """
 
@@ -121,8 +123,12 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
             for r in range(ranks)
         ]
     else:
-        # Several small blocks so several decode actors can work at once.
-        train = _decoded_stream(num_sub_batches, 8, decoder_args, config, offset=start_step * config.train.num_workers)
+        # One sub-batch per block, delivered in plan order (`trainer_data_config`): the equal
+        # split then deals the blocks out in turn, so rank r trains on plan index s * W + r at
+        # step s in every run, and the seed alone decides which sub-batches meet in a global
+        # batch. Blocks of several sub-batches, or arrival order, left that to the scheduler
+        # (Recall@1 0.72 and 0.81 for two runs of one config and seed).
+        train = _decoded_stream(num_sub_batches, 1, decoder_args, config, offset=start_step * config.train.num_workers)
     test = read_shards(shard_uris(root, config.data.test_split)).select_columns(
         ["id", "label", "image"]
     ).map_batches(

@@ -301,7 +301,11 @@ def _trainer_datasets(data) -> dict:
 
 def trainer_data_config(data):
     """Ray Train's data config: 'train' split equally across the ranks, or, with a stream per
-    rank, each 'train_<rank>' delivered in plan order.
+    rank, each 'train_<rank>'; either way delivered in plan order.
+
+    In order, the equal split of one-sub-batch blocks deals them out in turn (Ray's
+    OutputSplitter gives each block to the rank that has had the fewest rows, the lowest rank
+    on a tie), so every run of a config and seed trains on the same global batches.
 
     A per-rank stream's planner holds back while its step is more than
     `refresh.max_plan_ahead_steps` ahead of training. Unordered, Ray Data hands the decode actor
@@ -312,10 +316,10 @@ def trainer_data_config(data):
     """
     import ray.train
 
-    if not isinstance(data.train, list):
-        return ray.train.DataConfig(datasets_to_split=["train"])
     ordered = ray.train.DataConfig.default_ingest_options()
     ordered.preserve_order = True
+    if not isinstance(data.train, list):
+        return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ordered})
     return ray.train.DataConfig(
         datasets_to_split=[], execution_options={f"train_{rank}": ordered for rank in range(len(data.train))}
     )

@@ -147,3 +147,5 @@ def test_rank_r_trains_on_plan_index_s_w_plus_r_from_the_shared_stream(ray_local
         assert indices == [step * ranks + rank for step in steps], f"rank {rank}"
         for row, index in zip(received[rank], indices, strict=True):
             np.testing.assert_array_equal(row["ids"][0], as_planned(planner.plan(index)).ids)
+    # A finished run rerun as it was: nothing left to plan, an empty stream.
+    assert build_training_data(config, root, start_step=data.total_steps).train.count() == 0

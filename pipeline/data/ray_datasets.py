@@ -4,8 +4,7 @@ Training: a dataset of *plan indices* (one row per sub-batch of the whole run, e
 included) mapped by `TrainBatchDecoder` actors into decoded sub-batches; Ray Train's
 `streaming_split(equal=True)` deals them out in plan order, rank r taking plan index s * W + r
 at step s (or, for planners that follow the model, each rank has a stream of its own with the
-same indices). Evaluation: the test
-split's shards read and decoded by stateless tasks.
+same indices). Evaluation: the test split's shards read and decoded by stateless tasks.
 """
 
 from __future__ import annotations
@@ -114,21 +113,19 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
         # streaming_split cannot be combined with that: to keep the ranks equal it holds
         # sub-batches back until more are planned, and the planner waits for steps that
         # need those very sub-batches. So each rank gets its own stream instead - plan
-        # indices rank, rank + W, ... - decoded by its own actors. One sub-batch per block:
-        # a map task releases its output only when it ends, so a task holding two sub-batches
-        # could wait to plan the second for a step that needs the first.
+        # indices rank, rank + W, ... - decoded by its own actors.
         ranks = config.train.num_workers
         train = [
-            _decoded_stream(total - start_step, 1, decoder_args, config, offset=start_step * ranks + r, stride=ranks)
+            _decoded_stream(total - start_step, decoder_args, config, offset=start_step * ranks + r, stride=ranks)
             for r in range(ranks)
         ]
     else:
-        # One sub-batch per block, delivered in plan order (`trainer_data_config`): the equal
-        # split then deals the blocks out in turn, so rank r trains on plan index s * W + r at
-        # step s in every run, and the seed alone decides which sub-batches meet in a global
-        # batch. Blocks of several sub-batches, or arrival order, left that to the scheduler
-        # (Recall@1 0.72 and 0.81 for two runs of one config and seed).
-        train = _decoded_stream(num_sub_batches, 1, decoder_args, config, offset=start_step * config.train.num_workers)
+        # Delivered in plan order (`trainer_data_config`), the equal split deals the one-sub-
+        # batch blocks out in turn: rank r trains on plan index s * W + r at step s in every
+        # run, and the seed alone decides which sub-batches meet in a global batch. Blocks of
+        # several sub-batches, or arrival order, left that to the scheduler (Recall@1 0.72 and
+        # 0.81 for two runs of one config and seed).
+        train = _decoded_stream(num_sub_batches, decoder_args, config, offset=start_step * config.train.num_workers)
     test = read_shards(shard_uris(root, config.data.test_split)).select_columns(
         ["id", "label", "image"]
     ).map_batches(
@@ -163,12 +160,16 @@ def plan_index_rows(count: int, blocks: int):
     return ray.data.read_datasource(rows, num_cpus=READ_CPUS, override_num_blocks=blocks)
 
 
-def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
-    """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them),
-    `per_block` per block. `plan_index_rows` generates the rows lazily, nothing is stored."""
+def _decoded_stream(count: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
+    """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them), one
+    per block. `plan_index_rows` generates the rows lazily, nothing is stored.
+
+    One per block: a map task releases its output only when it ends, so a task holding two
+    sub-batches could wait to plan the second for a step that needs the first (a planner that
+    follows the model), and the equal split deals out blocks, not rows."""
     import ray.data
 
-    return plan_index_rows(count, max(1, count // per_block)).map_batches(
+    return plan_index_rows(count, max(1, count)).map_batches(  # a finished run rerun: no rows
         TrainBatchDecoder,
         fn_constructor_kwargs={**decoder_args, "index_offset": offset, "index_stride": stride},
         batch_size=1,

@@ -20,11 +20,16 @@ import time
 
 
 def measure_input_pipeline(config, root: str, sub_batches: int) -> dict:
-    """Consume `sub_batches` decoded sub-batches straight from the Ray Data stream."""
+    """Consume `sub_batches` decoded sub-batches from the Ray Data stream as one rank reads it
+    (Ray Train's ingest with the driver's data config: in plan order), with no model."""
     from pipeline.data.ray_datasets import build_training_data
+    from pipeline.training.driver import trainer_data_config
 
     data = build_training_data(config, root)
-    iterator = iter(data.train.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=4))
+    [shard] = trainer_data_config(data).configure(
+        {"train": data.train}, world_size=1, worker_handles=None, worker_node_ids=None
+    )
+    iterator = iter(shard["train"].iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=4))
     next(iterator)  # start-up (actor creation, first decode) is not throughput
     start = time.perf_counter()
     images = 0

@@ -2,9 +2,9 @@
 
 Training: a dataset of *plan indices* (one row per sub-batch of the whole run, every epoch
 included) mapped by `TrainBatchDecoder` actors into decoded sub-batches; Ray Train's
-`streaming_split(equal=True)` deals them out in plan order, rank r taking plan index s * W + r
-at step s (or, for planners that follow the model, each rank has a stream of its own with the
-same indices). Evaluation: the test split's shards read and decoded by stateless tasks.
+`streaming_split(equal=True)` deals them out in plan order, the same way in every run (or, for
+planners that follow the model, each rank has a stream of its own: plan indices r, r + W, ...).
+Evaluation: the test split's shards read and decoded by stateless tasks.
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ def steps_per_epoch(config, num_examples: int) -> int:
     return config.train.steps_per_epoch or max(1, num_examples // config.global_batch_size)
 
 
+SHARED_STREAM_BLOCK = 8
+"""Sub-batches per block of the shared training stream. One per block would deal exactly plan
+index s * W + r to rank r at step s, but the input pipeline alone then ran 840-1,130 images/s
+against 2,100-2,300 with 8 (dev VM, `benchmarks/input_pipeline.py --sub-batches 240`)."""
+
+
 def build_training_data(config, root: str, refresh_actor: str = "", start_step: int = 0) -> TrainingData:
     """Read the splits with Ray Data and build the planned training stream and the eval stream.
 
@@ -113,19 +119,23 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
         # streaming_split cannot be combined with that: to keep the ranks equal it holds
         # sub-batches back until more are planned, and the planner waits for steps that
         # need those very sub-batches. So each rank gets its own stream instead - plan
-        # indices rank, rank + W, ... - decoded by its own actors.
+        # indices rank, rank + W, ... - decoded by its own actors. One sub-batch per block:
+        # a map task releases its output only when it ends, so a task holding two sub-batches
+        # could wait to plan the second for a step that needs the first.
         ranks = config.train.num_workers
         train = [
-            _decoded_stream(total - start_step, decoder_args, config, offset=start_step * ranks + r, stride=ranks)
+            _decoded_stream(total - start_step, 1, decoder_args, config, offset=start_step * ranks + r, stride=ranks)
             for r in range(ranks)
         ]
     else:
-        # Delivered in plan order (`trainer_data_config`), the equal split deals the one-sub-
-        # batch blocks out in turn: rank r trains on plan index s * W + r at step s in every
-        # run, and the seed alone decides which sub-batches meet in a global batch. Blocks of
-        # several sub-batches, or arrival order, left that to the scheduler (Recall@1 0.72 and
-        # 0.81 for two runs of one config and seed).
-        train = _decoded_stream(num_sub_batches, decoder_args, config, offset=start_step * config.train.num_workers)
+        # Blocks of SHARED_STREAM_BLOCK sub-batches, so several decode actors work at once.
+        # Delivered in plan order (`trainer_data_config`), the equal split deals the blocks
+        # out in turn, the same way in every run: the seed alone decides which sub-batches
+        # meet in a global batch. In arrival order the scheduler decided that (Recall@1 0.72
+        # and 0.81 for two runs of one config and seed).
+        train = _decoded_stream(
+            num_sub_batches, SHARED_STREAM_BLOCK, decoder_args, config, offset=start_step * config.train.num_workers
+        )
     test = read_shards(shard_uris(root, config.data.test_split)).select_columns(
         ["id", "label", "image"]
     ).map_batches(
@@ -160,16 +170,12 @@ def plan_index_rows(count: int, blocks: int):
     return ray.data.read_datasource(rows, num_cpus=READ_CPUS, override_num_blocks=blocks)
 
 
-def _decoded_stream(count: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
-    """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them), one
-    per block. `plan_index_rows` generates the rows lazily, nothing is stored.
-
-    One per block: a map task releases its output only when it ends, so a task holding two
-    sub-batches could wait to plan the second for a step that needs the first (a planner that
-    follows the model), and the equal split deals out blocks, not rows."""
+def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
+    """Decoded sub-batches of plan indices offset, offset + stride, ... (`count` of them),
+    `per_block` per block. `plan_index_rows` generates the rows lazily, nothing is stored."""
     import ray.data
 
-    return plan_index_rows(count, max(1, count)).map_batches(  # a finished run rerun: no rows
+    return plan_index_rows(count, max(1, count // per_block)).map_batches(  # a finished run rerun: no rows
         TrainBatchDecoder,
         fn_constructor_kwargs={**decoder_args, "index_offset": offset, "index_stride": stride},
         batch_size=1,

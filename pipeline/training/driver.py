@@ -303,9 +303,10 @@ def trainer_data_config(data):
     """Ray Train's data config: 'train' split equally across the ranks, or, with a stream per
     rank, each 'train_<rank>'; either way delivered in plan order.
 
-    In order, the equal split of one-sub-batch blocks deals them out in turn (Ray's
+    In order, the equal split deals the blocks out the same way in every run (Ray's
     OutputSplitter gives each block to the rank that has had the fewest rows, the lowest rank
-    on a tie), so every run of a config and seed trains on the same global batches.
+    on a tie; without locality hints, which `preserve_order` turns off), so every run of a
+    config and seed trains on the same global batches.
 
     A per-rank stream's planner holds back while its step is more than
     `refresh.max_plan_ahead_steps` ahead of training. Unordered, Ray Data hands the decode actor

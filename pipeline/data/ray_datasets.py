@@ -81,8 +81,8 @@ def steps_per_epoch(config, num_examples: int) -> int:
 
 SHARED_STREAM_BLOCK = 8
 """Sub-batches per block of the shared training stream. One per block would deal exactly plan
-index s * W + r to rank r at step s, but the input pipeline alone then ran 840-1,130 images/s
-against 2,100-2,300 with 8 (dev VM, `benchmarks/input_pipeline.py --sub-batches 240`)."""
+index s * W + r to rank r at step s, but the input pipeline alone then ran 700-920 images/s
+against 2,100-2,310 with 8 (dev VM, `benchmarks/input_pipeline.py --sub-batches 240`)."""
 
 
 def build_training_data(config, root: str, refresh_actor: str = "", start_step: int = 0) -> TrainingData:

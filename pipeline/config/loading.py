@@ -177,6 +177,7 @@ def validate(config: Config) -> None:
         "refresh.num_gpus": config.refresh.num_gpus,
         "refresh.cache_max_mb": config.refresh.cache_max_mb,
         "refresh.max_restarts": config.refresh.max_restarts,
+        "refresh.lag_steps": config.refresh.lag_steps,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -219,6 +220,14 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"refresh.max_plan_ahead_steps: must be >= data.prefetch_batches + 2 = "
             f"{config.data.prefetch_batches + 2}, got {config.refresh.max_plan_ahead_steps}"
+        )
+    lag = config.refresh.lag_steps
+    if config.uses_refresh_actor and lag != 0 and lag <= config.refresh.max_plan_ahead_steps:
+        # A planner runs up to max_plan_ahead_steps ahead of training; the weights it plans from
+        # must already be published then, or it would wait for steps that wait for it.
+        raise ConfigError(
+            f"refresh.lag_steps: must be 0 (newest index) or > refresh.max_plan_ahead_steps = "
+            f"{config.refresh.max_plan_ahead_steps}, got {lag}"
         )
     _check_pool_index(config)
     if not 0.0 <= magnet.sigma2_momentum < 1.0:

@@ -249,6 +249,13 @@ class RefreshConfig:
     max_plan_ahead_steps: int = setting(
         8, "Plan batches at most this many steps ahead of training, so they use a recent index."
     )
+    lag_steps: int = setting(
+        0,
+        "0 = plan from the newest finished index (training never waits for a refresh; Magnet and PDDM "
+        "runs are then not reproducible). L > max_plan_ahead_steps = plan step s from the index of the "
+        "last weights published at or before step s - L, with the per-example losses up to that step: "
+        "a config and seed then decide every batch, and training waits when that refresh is late.",
+    )
     pool_index: str = setting(
         "Flat",
         "faiss index_factory description of the hard pools' kNN search: Flat is exact (N^2, 24 minutes "

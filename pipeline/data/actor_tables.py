@@ -11,6 +11,13 @@ import time
 from dataclasses import dataclass, field
 
 
+def lagged_source_step(step: int, lag_steps: int, every_steps: int) -> int:
+    """The step whose weights plan training step `step` when planning lags `lag_steps` behind:
+    the last refresh step (a multiple of `every_steps`) at or before `step - lag_steps`, and 0
+    (the initial model) before the first."""
+    return max(0, (step - lag_steps) // every_steps * every_steps) if step >= lag_steps else 0
+
+
 @dataclass
 class ActorTables:
     """The newest planning tables of the refresh actor named `actor_name`.
@@ -19,6 +26,11 @@ class ActorTables:
     `current_tables` therefore returns only while `step` is at most `max_ahead_steps` steps
     ahead of the newest step the ranks reported to the actor, waiting otherwise (this waits in
     the decode actor, while training consumes the batches already made).
+
+    With `lag_steps` > 0 (`refresh.lag_steps`) the tables are not the newest but those of the
+    index built from the weights of `lagged_source_step(step, ...)`, with the per-example losses
+    up to that step: which index plans a step is then fixed by the config, not by when each
+    refresh finishes, and the planner waits for that index if it is late.
     """
 
     actor_name: str
@@ -31,6 +43,13 @@ class ActorTables:
     """Longest wait for training to catch up; then plan anyway (never a deadlock)."""
     unanswered_s: float = 2.0
     """A request unanswered this long means the actor is down (restarting): stop holding back."""
+    lag_steps: int = 0
+    """0 = plan from the newest index; else plan step s from the index of a fixed earlier step."""
+    every_steps: int = 1
+    """The run's refresh period in steps (where lagged planning finds its indexes)."""
+    lag_wait_s: float = 1800.0
+    """Longest wait for a lagged index that has not been built yet; then plan from the newest."""
+    _lagged: dict = field(default_factory=dict, init=False, repr=False)
     _tables: object = field(default=None, init=False, repr=False)
     _pending: object = field(default=None, init=False, repr=False)
     _last_poll: float = field(default=0.0, init=False, repr=False)
@@ -41,7 +60,8 @@ class ActorTables:
     def __getstate__(self):
         # Pickled to the decode actors by name only; each one looks the actor up itself.
         state = dict(self.__dict__)
-        state.update(_tables=None, _pending=None, _last_poll=0.0, _latest_step=0, _actor_down=False, _actor=None)
+        state.update(_tables=None, _pending=None, _last_poll=0.0, _latest_step=0, _actor_down=False, _actor=None,
+                     _lagged={})
         return state
 
     def current_tables(self, step: int = 0):
@@ -68,6 +88,33 @@ class ActorTables:
             # Training is behind: check for its progress often, without spinning.
             time.sleep(0.02)
             self._poll(0.1)
+        if self.lag_steps:
+            return self._lagged_tables(lagged_source_step(step, self.lag_steps, self.every_steps))
+        return self._tables
+
+    def _lagged_tables(self, source_step: int):
+        """The tables of the index built from the weights of `source_step`, waiting while it is
+        being built; the newest tables if it never will be (the actor restarted, or the run
+        resumed past it) or if it is `lag_wait_s` late."""
+        import ray
+
+        if source_step in self._lagged:
+            return self._lagged[source_step]
+        deadline = time.monotonic() + self.lag_wait_s
+        while time.monotonic() < deadline:
+            try:
+                reply = ray.get(self._actor.tables_at.remote(source_step), timeout=max(self.unanswered_s, 10.0))
+            except Exception:  # noqa: BLE001 - down or restarting: its new incarnation answers later
+                reply = None
+            if reply is not None and reply["tables"] is not None:
+                # Decode actors plan steps nearly in order: a few recent indexes are enough.
+                while len(self._lagged) >= 4:
+                    del self._lagged[min(self._lagged)]
+                self._lagged[source_step] = reply["tables"]
+                return reply["tables"]
+            time.sleep(0.05)
+        print(f"planner: the index of step {source_step} is {self.lag_wait_s:.0f} s late; planning from the newest")
+        self._poll(0.0)
         return self._tables
 
     def _poll(self, interval: float) -> None:

@@ -166,11 +166,13 @@ def seen_holdout_ids(labels: np.ndarray, fraction: float, seed: int) -> np.ndarr
     return np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
 
 
-def build_planner(config, labels: np.ndarray, exclude: np.ndarray | None = None, refresh_actor: str = "") -> BatchPlanner:
+def build_planner(config, labels: np.ndarray, exclude: np.ndarray | None = None, refresh_actor: str = "",
+                  refresh_every_steps: int = 1) -> BatchPlanner:
     """The planner named by `sampler.name`, over the training labels (indexed by id).
 
     `exclude` are ids never planned (the seen-class hold-out); `refresh_actor` names the
-    refresh actor that model-following planners (neighbourhoods, hard_pools) read their index from.
+    refresh actor that model-following planners (neighbourhoods, hard_pools) read their index
+    from, and `refresh_every_steps` is its resolved period (where lagged planning looks).
     """
     sampler, seed = config.sampler, config.train.seed
     if sampler.name == "m_per_class":
@@ -180,7 +182,10 @@ def build_planner(config, labels: np.ndarray, exclude: np.ndarray | None = None,
     if sampler.name in ("neighbourhoods", "hard_pools"):
         from pipeline.data.actor_tables import ActorTables
 
-        source = ActorTables(refresh_actor, max_ahead_steps=config.refresh.max_plan_ahead_steps)
+        source = ActorTables(
+            refresh_actor, max_ahead_steps=config.refresh.max_plan_ahead_steps,
+            lag_steps=config.refresh.lag_steps, every_steps=refresh_every_steps,
+        )
     if sampler.name == "neighbourhoods":
         from pipeline.data.neighbourhoods import NeighbourhoodPlanner
 

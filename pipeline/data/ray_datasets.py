@@ -101,8 +101,8 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
         check_neighbourhoods_fit(config, store.labels, holdout)
     if config.sampler.name == "hard_pools":
         check_pool_index_fits(config, len(store) - len(holdout))
-    planner = build_planner(config, store.labels, holdout, refresh_actor)
     per_epoch = steps_per_epoch(config, len(store) - len(holdout))
+    planner = build_planner(config, store.labels, holdout, refresh_actor, config.refresh.every_steps or per_epoch)
     total = per_epoch * config.train.epochs
     start_step = min(start_step, total)  # a finished run rerun as it was: nothing left to plan
     num_sub_batches = (total - start_step) * config.train.num_workers

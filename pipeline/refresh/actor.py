@@ -14,6 +14,11 @@ before step 1.
 If the actor dies, Ray restarts it (`max_restarts`); the new incarnation tells rank 0 (through
 the replies to `record_losses`) that it needs weights, and rebuilds the index from the latest
 ones while the planners go on with the last tables they hold.
+
+With `refresh.lag_steps` > 0 (lagged planning) the actor builds every published step's index,
+in step order, keeps the recent ones, and serves each with the seed weights of the per-example
+losses recorded up to its step (`tables_at`): which batches a step gets then follows from the
+config and seed alone, not from when each refresh finished.
 """
 
 from __future__ import annotations
@@ -75,8 +80,22 @@ class RefreshActor:
         self.example_loss = np.full(self.num_examples, np.nan, dtype=np.float32)
         self.loss_stamp = 0
         self._weights_cache: tuple[int, int, np.ndarray] | None = None  # (version, loss_stamp, weights)
-        self.pending: tuple[int, object, float, int] | None = None  # (step, weights ref, sigma2, min_version)
+        # Weights waiting for a refresh, (step, weights ref, sigma2, min_version) in step order:
+        # only the newest one, or with lagged planning every one.
+        self.pending: list[tuple[int, object, float, int]] = []
         self.building = False
+        self.building_step: int | None = None
+        self.lag = int(self.config.refresh.lag_steps)
+        self.num_ranks = int(self.config.train.num_workers)
+        # Lagged planning: the indexes built so far by model step, their tables (with the seed
+        # weights of the losses up to their step), the losses not yet folded into
+        # `locked_loss`, and the newest step each rank reported.
+        self.built: dict[int, ClusterIndex | HardPoolIndex] = {}
+        self.lagged_tables: dict[int, PlanTables | PoolTables] = {}
+        self.loss_log: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        self.locked_loss = self.example_loss.copy()
+        self.rank_steps: dict[int, int] = {}
+        self.rank_base_step = 0
         self.latest_step = 0
         self.seen_accuracy: dict[int, float] = {}
         self.history: list[dict] = []
@@ -91,7 +110,7 @@ class RefreshActor:
                 self._log_restored()
             else:
                 # The first index comes from the initial model, which every rank builds identically.
-                self.pending = (0, None, 1.0, 0)
+                self.pending = [(0, None, 1.0, 0)]
         self.thread = threading.Thread(target=self._serve, name="refresh", daemon=True)
         self.thread.start()
 
@@ -99,24 +118,37 @@ class RefreshActor:
 
     def publish_weights(self, step: int, weights: list, sigma2: float = 1.0, min_version: int = 0) -> None:
         """Rank 0's weights at `step` (`weights` = [ObjectRef of the state_dict], wrapped in a
-        list so Ray does not fetch it into this call). Replaces any not yet started."""
+        list so Ray does not fetch it into this call). Replaces any not yet started, unless
+        planning is lagged: then every step's weights are built, once each."""
+        entry = (int(step), weights[0], float(sigma2), int(min_version))
         with self.cond:
-            if self.pending is None or step >= self.pending[0]:
-                self.pending = (step, weights[0], float(sigma2), int(min_version))
+            if not self.lag:
+                if not self.pending or step >= self.pending[-1][0]:
+                    self.pending = [entry]
+            elif step not in self.built and step != self.building_step and all(p[0] != step for p in self.pending):
+                self.pending = sorted([*self.pending, entry], key=lambda p: p[0])
             self.cond.notify_all()
 
-    def record_losses(self, step: int, ids: np.ndarray, losses: np.ndarray, index_version: int = 0) -> dict:
-        """Per-example losses of a trained sub-batch, planned from index `index_version`; the
-        reply tells rank 0 whether we need weights (after a restart)."""
+    def record_losses(self, step: int, ids: np.ndarray, losses: np.ndarray, index_version: int = 0,
+                      rank: int = 0) -> dict:
+        """Per-example losses of a trained sub-batch of rank `rank`, reported as of `step` and
+        planned from index `index_version`; the reply tells rank 0 whether we need weights
+        (after a restart)."""
+        ids = np.asarray(ids, dtype=np.int64)
         losses = np.asarray(losses, dtype=np.float32)
         with self.cond:
             self._note_version_in_use(index_version)
-            self.example_loss[np.asarray(ids, dtype=np.int64)] = losses
+            self.example_loss[ids] = losses
             self.loss_stamp += 1
             self.latest_step = max(self.latest_step, int(step))
+            if self.lag:
+                self.rank_steps[int(rank)] = max(self.rank_steps.get(int(rank), 0), int(step))
+                if len(ids) and not self.pools:
+                    self.loss_log.append((int(step), int(rank), ids, losses))
+                self.cond.notify_all()
             return {
                 "incarnation": self.incarnation,
-                "needs_weights": self.index is None and self.pending is None,
+                "needs_weights": self.index is None and not self.pending,
                 "version": self.version,
             }
 
@@ -147,14 +179,76 @@ class RefreshActor:
             weights = self._seed_weights()
             stamp = self.loss_stamp
         if index.tag != have_tag:
-            reply["tables"] = PlanTables(
-                version=index.version, model_step=index.model_step, tag=index.tag, members=index.members,
-                offsets=index.offsets, cluster_class=index.cluster_class, impostors=index.impostors,
-                weights=weights, weights_stamp=stamp,
-            )
+            reply["tables"] = self._tables_of(index, weights, stamp)
         elif stamp != have_stamp:
             reply["weights"] = (index.tag, weights, stamp)
         return reply
+
+    def tables_at(self, step: int) -> dict:
+        """Lagged planning: `tables` of the index built from the weights of `step`, with the
+        seed weights of the losses the ranks reported up to `step`; None while that index is
+        being built or awaited, or those losses have not all arrived (ask again).
+
+        An index that will never be built (the actor restarted, or the run resumed, after
+        `step`) is replaced by the first one built after it, the same one in every such run,
+        `exact` False; by the newest one if none is built or coming (a refresh failed)."""
+        with self.cond:
+            if self.error is not None and self.index is None:
+                raise RuntimeError(f"the refresh actor could not build an index: {self.error}")
+            if step in self.built:
+                return {"tables": self._lagged_tables_upto(step), "exact": True}
+            queued = [p[0] for p in self.pending] + ([self.building_step] if self.building else [])
+            known = [*self.built, *queued]
+            if (
+                self.index is None
+                or step in queued
+                # Not published yet: training has not got there. Rank 0 publishes a step's
+                # weights right after that step, well before any rank reports two steps later.
+                or (step > max(known, default=-1) and step >= self.latest_step - 1 and self.error is None)
+            ):
+                return {"tables": None, "exact": True}
+            later = min((s for s in known if s > step), default=None)
+            if later is not None:
+                tables = self._lagged_tables_upto(later) if later in self.built else None
+                return {"tables": tables, "exact": False}
+            weights = None if self.pools else self._seed_weights()
+            return {"tables": self._tables_of(self.index, weights, self.loss_stamp), "exact": False}
+
+    def _lagged_tables_upto(self, step: int):
+        # Under the lock. Fixes the tables of every built index up to `step` in step order, each
+        # with the losses reported up to its own step; None until every rank has reported
+        # `step` (losses travel a step late and fire-and-forget).
+        if step in self.lagged_tables:
+            return self.lagged_tables[step]
+        if not self.pools and min(self.rank_steps.get(r, self.rank_base_step) for r in range(self.num_ranks)) < step:
+            return None
+        magnet = self.config.loss.magnet
+        for built_step in sorted(s for s in self.built if s <= step and s not in self.lagged_tables):
+            index = self.built[built_step]
+            weights = None
+            if not self.pools:
+                # In (step, rank) order, so an example two ranks trained on ends the same way.
+                due = sorted((r for r in self.loss_log if r[0] <= built_step), key=lambda r: (r[0], r[1]))
+                self.loss_log = [r for r in self.loss_log if r[0] > built_step]
+                for _, _, ids, losses in due:
+                    self.locked_loss[ids] = losses
+                weights = cluster_seed_weights(self.locked_loss, index.assignment, index.num_clusters,
+                                               magnet.seed_floor)
+            self.lagged_tables[built_step] = self._tables_of(index, weights, built_step)
+        return self.lagged_tables[step]
+
+    def _tables_of(self, index, weights, stamp):
+        """What planners read of `index`: PoolTables, or PlanTables with seed `weights`."""
+        if self.pools:
+            return PoolTables(
+                version=index.version, model_step=index.model_step, tag=index.tag,
+                classes=index.classes, members=index.members, offsets=index.offsets,
+            )
+        return PlanTables(
+            version=index.version, model_step=index.model_step, tag=index.tag, members=index.members,
+            offsets=index.offsets, cluster_class=index.cluster_class, impostors=index.impostors,
+            weights=weights, weights_stamp=stamp,
+        )
 
     def wait_for_index(self, min_step: int, timeout_s: float = 600.0) -> dict | None:
         """Block until an index built from weights of step >= `min_step` exists; its summary.
@@ -163,7 +257,7 @@ class RefreshActor:
         with self.cond:
             while self.index is None or self.index.model_step < min_step:
                 left = deadline - time.monotonic()
-                coming = self.building or (self.pending is not None and self.pending[0] >= min_step)
+                coming = self.building or any(p[0] >= min_step for p in self.pending)
                 if left <= 0 or self.error is not None or not coming:
                     return None
                 self.cond.wait(timeout=min(left, 1.0))
@@ -222,7 +316,10 @@ class RefreshActor:
         loss = np.array(state["example_loss"], dtype=np.float32)
         if len(loss) == self.num_examples:
             self.example_loss = loss
+            self.locked_loss = loss.copy()
             self.loss_stamp += 1
+        # Losses of steps before the checkpoint will not be reported again.
+        self.rank_base_step = max(self.rank_base_step, self.latest_step)
         self.cond.notify_all()
 
     def _log_restored(self) -> None:
@@ -246,11 +343,11 @@ class RefreshActor:
         model = build_model(self.config.model).to(device).eval()
         while True:
             with self.cond:
-                while self.pending is None:
+                while not self.pending:
                     self.cond.wait()
-                step, ref, sigma2, min_version = self.pending
-                self.pending = None
+                step, ref, sigma2, min_version = self.pending.pop(0)
                 self.building = True
+                self.building_step = step
                 start_step = self.latest_step
             try:
                 self._refresh(model, device, step, ref, sigma2, min_version, start_step)
@@ -264,6 +361,7 @@ class RefreshActor:
             finally:
                 with self.cond:
                     self.building = False
+                    self.building_step = None
                     self.cond.notify_all()
 
     def _refresh(self, model, device, step, ref, sigma2, min_version, start_step) -> None:
@@ -279,9 +377,21 @@ class RefreshActor:
         with self.cond:
             version = max(self.version, min_version) + 1
         index, index_seconds, accuracy = self._build_index(embeddings, version, step, sigma2, device)
+        if self.lag:
+            # Cluster ids carry the tag, and the loss orders clusters by id: a tag drawn from the
+            # step keeps lagged runs identical (steps, like random tags, tell indexes apart).
+            index.tag = int(np.random.default_rng([self.config.train.seed, step, 7]).integers(2**31))
         with self.cond:
+            if self.lag:
+                self.built[step] = index
+                # Planners run at most lag + max_plan_ahead steps behind the newest publication.
+                keep = (self.lag + self.config.refresh.max_plan_ahead_steps) // max(1, self.config.refresh.every_steps) + 3
+                for old in sorted(self.built)[:-keep]:
+                    self.built.pop(old)
+                    self.lagged_tables.pop(old, None)
             if self.index is not None and self.index.model_step > step:
-                # A checkpoint's newer index was restored while this one was being built.
+                # A checkpoint's newer index was restored while this one was being built (or,
+                # lagged, a later step's weights arrived and were built first).
                 self.cond.notify_all()
                 return
             if version <= self.version:  # renumber: a restore took this number meanwhile
@@ -323,6 +433,8 @@ class RefreshActor:
             embeddings, labels, clusters_per_class=magnet.clusters_per_class,
             num_impostors=magnet.clusters_per_neighbourhood - 1, version=version, model_step=step,
             seed=self.config.train.seed, use_gpu=use_gpu,
+            # Lagged runs vary k-means by the step: version numbers depend on restarts.
+            seed_round=step if self.lag else None,
         )
         accuracy = None
         if len(self.holdout_ids):

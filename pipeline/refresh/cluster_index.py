@@ -132,11 +132,15 @@ def build_cluster_index(
     seed: int = 0,
     use_gpu: bool = False,
     niter: int = 20,
+    seed_round: int | None = None,
 ) -> tuple[ClusterIndex, float]:
     """Cluster every class of `embeddings` [N, d] (ids are row positions; label -1 = skip).
 
-    Returns the index and the seconds spent in clustering (k-means plus the impostor search).
+    k-means is seeded by `seed`, the class and `seed_round` (default: `version`), so each
+    refresh starts from other points. Returns the index and the seconds spent in clustering
+    (k-means plus the impostor search).
     """
+    seed_round = version if seed_round is None else seed_round
     start = time.perf_counter()
     labels = np.asarray(labels, dtype=np.int64)
     assignment = np.full(len(labels), -1, dtype=np.int64)
@@ -146,7 +150,7 @@ def build_cluster_index(
         ids = np.flatnonzero(labels == cls)
         # A different k-means seed per class and refresh, so restarts are not correlated.
         centroids, local = kmeans_assign(
-            embeddings[ids], clusters_per_class, seed=int(seed * 1_000_003 + cls + version * 7919) % (2**31),
+            embeddings[ids], clusters_per_class, seed=int(seed * 1_000_003 + cls + seed_round * 7919) % (2**31),
             niter=niter, use_gpu=use_gpu,
         )
         assignment[ids] = local + next_cluster

@@ -131,6 +131,10 @@ def train_loop_per_worker(payload: dict) -> None:
     # the difference (never short), as it always was before the driver knew the resume step.
     if start_step:
         _emit(plan, rank, {"kind": "text", "text": f"resumed from step {start_step}"})
+        if refresh is not None and rank == 0 and config.refresh.lag_steps:
+            # Lagged planning reads the index of given steps' weights: the resumed ones are
+            # the only weights of this step there will be.
+            refresh.publish(start_step, inner)
 
     test_images = _TestImages(config.eval)
     if plan.gallery_split:

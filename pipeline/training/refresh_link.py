@@ -59,7 +59,7 @@ class RefreshLink:
     def _send(self, step, ids, losses, event, version) -> None:
         if event is not None:
             event.synchronize()  # a step later: long finished
-        ref = self.actor.record_losses.remote(step, ids, losses.numpy(), version)
+        ref = self.actor.record_losses.remote(step, ids, losses.numpy(), version, self.rank)
         if self.rank == 0:
             self.reply = ref
 

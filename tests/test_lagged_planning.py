@@ -58,27 +58,6 @@ MAGNET = [
     "eval.batch_size=64",
 ]
 
-PDDM = [
-    "data.synthetic.num_classes=24",
-    "data.synthetic.images_per_class=16",
-    "data.synthetic.image_size=32",
-    "data.image_size=24",
-    "data.eval_resize=28",
-    "sampler.classes_per_batch=4",
-    "sampler.samples_per_class=3",
-    "sampler.pool_size=8",
-    "sampler.pool_draws_per_class=2",
-    "train.epochs=1",
-    "train.steps_per_epoch=16",
-    "train.log_every_steps=1",
-    "train.max_failures=0",
-    "data.prefetch_batches=2",
-    "refresh.max_plan_ahead_steps=4",
-    "refresh.every_steps=3",
-    "refresh.lag_steps=5",
-    "eval.batch_size=64",
-]
-
 
 def _train(tmp_path: Path, preset: str, settings: list[str], name: str):
     from pipeline.training.driver import run_training
@@ -94,14 +73,13 @@ def _weights(summary) -> dict:
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize(("preset", "settings"), [("magnet", MAGNET), ("pddm", PDDM)], ids=["magnet", "pddm"])
-def test_two_lagged_runs_of_one_config_and_seed_end_with_the_same_weights(
-    ray_local, tmp_path, metric_history, preset, settings
-):
+def test_two_lagged_magnet_runs_of_one_config_and_seed_end_with_the_same_weights(ray_local, tmp_path, metric_history):
+    # PDDM's lagged pools are checked in tests/test_pddm_pools.py (the same pair for PDDM passed
+    # at 6fba06a; it was dropped to keep the suite under 25 minutes).
     from mlflow import MlflowClient
 
-    first = _train(tmp_path, preset, settings, "first")
-    second = _train(tmp_path, preset, settings, "second")
+    first = _train(tmp_path, "magnet", MAGNET, "first")
+    second = _train(tmp_path, "magnet", MAGNET, "second")
 
     # The refresh actor rebuilt its index during both runs, at times that differ from run to
     # run; the batches did not follow those times.

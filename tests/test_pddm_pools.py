@@ -39,10 +39,11 @@ TINY = [
     "search",
     [
         [],  # the exact search
-        # An approximate one: one IVF list of 4 searched, its short pools refilled exactly.
-        ["refresh.pool_index=IVF4,Flat", "refresh.pool_search_params=nprobe=1"],
+        # An approximate one: one IVF list of 4 searched, its short pools refilled exactly;
+        # and lagged planning (the pools of the last refresh at least 5 steps back).
+        ["refresh.pool_index=IVF4,Flat", "refresh.pool_search_params=nprobe=1", "refresh.lag_steps=5"],
     ],
-    ids=["exact", "ivf"],
+    ids=["exact", "ivf-lagged"],
 )
 def test_pddm_trains_on_refreshed_hard_pools(ray_local, tmp_path, metric_history, search):
     from mlflow import MlflowClient
@@ -72,6 +73,13 @@ def test_pddm_trains_on_refreshed_hard_pools(ray_local, tmp_path, metric_history
     assert max(m.step for m in metric_history(client, run_id, "refresh/model_step")) > 0
     used = [m.value for m in metric_history(client, run_id, "refresh/index_version_used")]
     assert len(used) == 16 and used[-1] > used[0], used
+    if config.refresh.lag_steps:
+        # Lagged: every step used the pools of exactly the step lagged_source_step names
+        # (two such runs end bit-identical: tests/test_lagged_planning.py, for Magnet).
+        from pipeline.data.actor_tables import lagged_source_step
+
+        staleness = {int(m.step) - 1: m.value for m in metric_history(client, run_id, "refresh/staleness_steps")}
+        assert staleness == {s: s - lagged_source_step(s, 5, 3) for s in range(16)}, staleness
     # PDDM mined quadruplets from those batches and trained its unit.
     assert metric_history(client, run_id, "train/loss")
 

@@ -22,3 +22,22 @@ TINY_BUILT_IN = [
     "data.synthetic.image_size=32",
 ]
 """A built-in dataset of 24 classes x 12 images of 32 px (12 unseen test classes)."""
+
+SHORT_MAGNET = [
+    "data.synthetic.num_classes=24",
+    "data.synthetic.images_per_class=16",
+    "data.synthetic.image_size=32",
+    "data.image_size=24",
+    "data.eval_resize=28",
+    "data.seen_holdout_fraction=0.2",
+    "loss.magnet.clusters_per_class=2",
+    "loss.magnet.clusters_per_neighbourhood=4",
+    "loss.magnet.examples_per_cluster=3",
+    "train.log_every_steps=1",
+    "train.max_failures=0",
+    "data.prefetch_batches=2",
+    "refresh.max_plan_ahead_steps=4",
+    "eval.batch_size=64",
+]
+"""On top of the `magnet` preset: 24 classes x 16 images of 32 px, neighbourhoods of 4 clusters
+x 3 images, a planner at most 4 steps ahead; the tests add the run length and refresh period."""

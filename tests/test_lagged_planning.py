@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from short_runs import SHORT_MAGNET
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.actor_tables import lagged_source_step
@@ -38,24 +39,12 @@ def test_a_lag_the_planners_could_not_keep_is_refused(setting, message):
 
 
 MAGNET = [
-    "data.synthetic.num_classes=24",
+    *SHORT_MAGNET,
     "data.synthetic.images_per_class=32",
-    "data.synthetic.image_size=32",
-    "data.image_size=24",
-    "data.eval_resize=28",
-    "data.seen_holdout_fraction=0.2",
-    "loss.magnet.clusters_per_class=2",
-    "loss.magnet.clusters_per_neighbourhood=4",
-    "loss.magnet.examples_per_cluster=3",
     "train.epochs=2",
     "train.steps_per_epoch=12",
-    "train.log_every_steps=1",
-    "train.max_failures=0",
-    "data.prefetch_batches=2",
-    "refresh.max_plan_ahead_steps=4",
     "refresh.every_steps=3",
     "refresh.lag_steps=5",
-    "eval.batch_size=64",
 ]
 
 

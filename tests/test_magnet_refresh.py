@@ -8,29 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from short_runs import SHORT_MAGNET
 
 from pipeline.config import load_config
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "data.synthetic.num_classes=24",
-    "data.synthetic.images_per_class=16",
-    "data.synthetic.image_size=32",
-    "data.image_size=24",
-    "data.eval_resize=28",
-    "data.seen_holdout_fraction=0.2",
-    "loss.magnet.clusters_per_class=2",
-    "loss.magnet.clusters_per_neighbourhood=4",
-    "loss.magnet.examples_per_cluster=3",
-    "train.log_every_steps=1",
-    "train.max_failures=0",
-    "data.prefetch_batches=2",
-    "refresh.max_plan_ahead_steps=4",
-    "eval.batch_size=64",
-]
-
-
+TINY = SHORT_MAGNET
 
 
 def _config(tmp_path, extra):

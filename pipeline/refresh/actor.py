@@ -145,7 +145,7 @@ class RefreshActor:
                 self.rank_steps[int(rank)] = max(self.rank_steps.get(int(rank), 0), int(step))
                 if len(ids) and not self.pools:
                     self.loss_log.append((int(step), int(rank), ids, losses))
-                self.cond.notify_all()
+                # No notify: nothing waits for losses (planners poll `tables_at`).
             return {
                 "incarnation": self.incarnation,
                 "needs_weights": self.index is None and not self.pending,

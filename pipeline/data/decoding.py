@@ -10,11 +10,17 @@ recipe (random resized crop + horizontal flip for training, resize + center crop
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
+
+# torch and torchvision are imported where images are decoded, not here: Ray Data's split
+# coordinator and executor unpickle this module's classes and functions without running them,
+# and importing torchvision (models included) took them 2.4 s of a run's start on a 2-core VM.
 
 
 @dataclass
@@ -59,11 +65,16 @@ class EncodedImageStore:
 
 def decode_rgb(data: bytes) -> torch.Tensor:
     """PNG or JPEG bytes -> uint8 tensor [3, H, W]."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def train_transform(image_size: int, crop_scale_min: float) -> v2.Transform:
     """Random resized crop and horizontal flip, on uint8 tensors."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
@@ -74,6 +85,8 @@ def train_transform(image_size: int, crop_scale_min: float) -> v2.Transform:
 
 def eval_transform(image_size: int, resize: int) -> v2.Transform:
     """Resize the short side, then center crop."""
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
 
 
@@ -89,6 +102,7 @@ class TrainBatchDecoder:
         """Input row `id` is plan index `index_offset + index_stride * id` (one rank's stream
         when the ranks have a stream each)."""
         import ray
+        import torch
 
         torch.set_num_threads(1)
         self.planner = planner
@@ -100,6 +114,8 @@ class TrainBatchDecoder:
         self.index_stride = index_stride
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         from pipeline.data.planning import as_planned
 
         images, labels, ids = [], [], []

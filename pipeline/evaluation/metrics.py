@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import faiss
 import numpy as np
-from sklearn.metrics import normalized_mutual_info_score
 
 from pipeline.exact_search import flat_l2_index, gpu_backend, torch_kmeans
 
@@ -136,7 +135,7 @@ def kmeans_nmi(
     backend = _gpu_backend(use_gpu, 1)
     if backend == "torch":
         assignment = torch_kmeans(embeddings, num_clusters, seed=seed, niter=niter)
-        return float(normalized_mutual_info_score(labels, assignment))
+        return _nmi(labels, assignment)
     kmeans = faiss.Kmeans(
         embeddings.shape[1],
         num_clusters,
@@ -151,7 +150,16 @@ def kmeans_nmi(
     )
     kmeans.train(embeddings)
     _, assignment = kmeans.index.search(embeddings, 1)
-    return float(normalized_mutual_info_score(labels, assignment[:, 0]))
+    return _nmi(labels, assignment[:, 0])
+
+
+def _nmi(labels: np.ndarray, assignment: np.ndarray) -> float:
+    # sklearn is imported here, not with this module: every Train worker (and the Train
+    # controller, which unpickles the worker function) imports this module, and sklearn took
+    # about 1 s of each process's start on a 2-core VM.
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(labels, assignment))
 
 
 def _ranking_metrics(

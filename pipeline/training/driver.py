@@ -15,7 +15,7 @@ from pipeline.config import Config, config_digest, config_to_dict, config_to_yam
 from pipeline.data.format import DatasetMetadata, read_metadata, shard_uris, validate_dataset
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
-from pipeline.training.loop import RunPlan, train_loop_per_worker
+from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
 
 
 @dataclass

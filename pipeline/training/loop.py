@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from pipeline.config import config_from_dict, config_to_yaml
+from pipeline.config import config_to_yaml
 from pipeline.data.decoding import ReplayCache, sub_batch_columns
 from pipeline.device_feed import DeviceFeed
 from pipeline.distributed import mean_across_ranks
@@ -30,51 +28,23 @@ from pipeline.training.checkpoint import load_training_state, save_checkpoint
 from pipeline.training.evaluate import embed_and_evaluate, seen_knn_accuracy
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
+from pipeline.training.worker_entry import RunPlan, train_rows
 
 FINAL_FLUSH_S = 10.0
 """How long rank 0 waits for the tracking server to take the run's last metrics; what it does
 not take travels in the final checkpoint and the driver resends it."""
 
 
-@dataclass
-class RunPlan:
-    """What the driver decided that every worker needs to know (picklable)."""
-
-    run_id: str
-    tracking_uri: str
-    num_classes: int
-    steps_per_epoch: int
-    total_steps: int
-    progress_queue: object = None
-    refresh_actor: str = ""
-    """Name of the run's refresh actor; empty when the batches do not follow the model."""
-    refresh_every_steps: int = 0
-    """Rank 0 publishes its weights for a refresh every this many steps."""
-    seen_holdout_ids: np.ndarray | None = None
-    """Training-split ids held out of training for the seen-class accuracy (dataset "seen" is
-    the whole training split, decoded for evaluation); None when nothing is held out."""
-    stream_start_step: int = 0
-    """The step whose sub-batches the training stream starts with (the driver's resume step)."""
-    gallery_split: str = ""
-    """When set, test images are queries ranked against this split (dataset "gallery")."""
-
-    @property
-    def has_seen_holdout(self) -> bool:
-        """Whether part of the training classes is held out for the seen-class accuracy."""
-        return self.seen_holdout_ids is not None and len(self.seen_holdout_ids) > 0
-
-
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
 
-def train_loop_per_worker(payload: dict) -> None:
-    """Ray Train entry point: `payload` holds the resolved config dict and the `RunPlan`."""
+def run_worker(config, plan: RunPlan, rows=None) -> None:
+    """One Train worker's whole run (called by `worker_entry.train_loop_per_worker`). `rows`
+    is this rank's training stream if the caller already started it, else it starts here."""
     import ray.train
     import ray.train.torch
 
-    config = config_from_dict(payload["config"])
-    plan: RunPlan = payload["plan"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     _write_pid_if_asked(rank)
@@ -116,11 +86,7 @@ def train_loop_per_worker(payload: dict) -> None:
         if start_step:
             logger = _NewStepsOnly(logger)
     config_yaml = config_to_yaml(config)
-    # Planners that follow the model give each rank its own stream (see ray_datasets).
-    stream = f"train_{rank}" if plan.refresh_actor else "train"
-    batches = iter(ray.train.get_dataset_shard(stream).iter_batches(
-        batch_size=1, batch_format="numpy", prefetch_batches=config.data.prefetch_batches
-    ))
+    batches = iter(train_rows(config, plan, rank) if rows is None else rows)
     if start_step < plan.stream_start_step:
         raise RuntimeError(
             f"Ray Train resumed from step {start_step}, but the driver found a checkpoint of step "

@@ -20,21 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-SHORT = [
-    "data.synthetic.num_classes=24",
-    "data.synthetic.images_per_class=12",
-    "data.synthetic.image_size=32",
-    "data.image_size=24",
-    "data.eval_resize=28",
-    "sampler.classes_per_batch=4",
-    "sampler.samples_per_class=3",
-    "train.epochs=2",
-    "train.steps_per_epoch=4",
-    "train.log_every_steps=2",
-    "train.max_failures=0",
-    "eval.batch_size=64",
-]
-"""The tests' short run (tests/short_runs.py: TINY_BUILT_IN + SHORT_RUN)."""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from short_runs import SHORT_RUN, TINY_BUILT_IN  # noqa: E402 - the tests' own definition
+
+SHORT = TINY_BUILT_IN + SHORT_RUN
+"""The tests' short run: 24 classes x 12 images, 2 workers, 2 epochs of 4 steps."""
 
 
 def one_run(preset: str, settings: list[str], root: Path, name: str) -> dict:

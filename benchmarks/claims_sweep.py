@@ -6,7 +6,8 @@ When the first of those runs was made, a Magnet or PDDM trial never trained with
 stream's read tasks asked for a whole CPU each, and the trial's driver (1 CPU), its two workers
 (1), one decode actor per rank (2 x 0.5) and the refresh actor (0.5) left nothing for them
 ("Cluster resources are not enough to run any task from TaskPoolMapOperator[ReadRange]"). They
-now ask for 0.25 (`pipeline.data.ray_datasets.plan_index_rows`), as do the test split's reads
+then asked for 0.25 (`pipeline.data.ray_datasets.plan_index_rows`; now the read runs inside the
+decode actors, fused with them, and asks for nothing more), as do the test split's reads
 (`read_shards`, whose `ListFiles` task had asked for a whole CPU and stalled a PDDM trial's first
 evaluation), and `jobs.sweep` alone ran a Magnet sweep and the 9-trial claims_pddm sweep
 (triplet and PDDM) on 2 cores, one trial at a time.

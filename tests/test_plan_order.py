@@ -10,7 +10,8 @@ for queues behind it.
 
 The stream here has the shape of the real one (`plan_index_rows`, one row per block, then a
 decode actor that holds back like `ActorTables`), with a task of random length in between,
-so read results finish out of order as they do on a busy cluster. It goes through Ray Train's
+so results reach the actor out of order as they may on a busy cluster (the real stream fuses
+its read into the decode actors, which then make their plan indices themselves). It goes through Ray Train's
 own `DataConfig.configure` with the driver's `trainer_data_config`. Found in the claims sweep,
 where a PDDM run lost 120 s (`ActorTables.max_wait_s`) on every step after step 23.
 """
@@ -23,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from short_runs import SHORT_RUN, TINY_BUILT_IN
+from short_runs import SHORT_MAGNET, SHORT_RUN, TINY_BUILT_IN
 
 from pipeline.config import load_config
 from pipeline.data.planning import as_planned, build_planner
@@ -158,3 +159,25 @@ def test_every_run_deals_the_shared_stream_to_the_ranks_the_same_way(ray_local, 
     assert deals[0] == deals[1], "two runs paired other sub-batches in a global batch"
     # A finished run rerun as it was: nothing left to plan, an empty stream.
     assert build_training_data(config, root, start_step=data.total_steps).train.count() == 0
+
+
+@pytest.mark.parametrize("preset", ["local", "magnet"])
+def test_the_decode_actors_make_their_own_plan_indices(ray_local, tmp_path, capsys, preset):
+    """The plan-index read is fused into the decode actors, in the shared stream and in the
+    per-rank ones: no read task, and no Python process for it, per block. On 2 cores the
+    separate read tasks (one per sub-batch in a per-rank stream) started processes that
+    crowded the decode actors' own start-up: a Magnet run's first step came 51.8 s after its
+    start, 33.5 s with the read fused (`benchmarks/README.md`)."""
+    settings = SHORT_MAGNET if preset == "magnet" else [*SHORT_RUN, *TINY_BUILT_IN]
+    config = load_config(preset, [*settings, f"data.cache_dir={tmp_path}", "train.steps_per_epoch=4"])
+    root, metadata = resolve_dataset(config)
+    config = resolve_evaluation(config, metadata)
+    data = build_training_data(config, root, refresh_actor="not-started")  # planned lazily: no actor needed
+    streams = data.train if isinstance(data.train, list) else [data.train]
+    assert len(streams) == (config.train.num_workers if preset == "magnet" else 1)
+    for stream in streams:
+        capsys.readouterr()
+        stream.explain()
+        plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+        assert "ActorPoolMapOperator[ReadRange->MapBatches(TrainBatchDecoder)]" in plan, plan
+        assert "TaskPoolMapOperator" not in plan, plan

@@ -157,9 +157,9 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
     )
 
 
-def plan_index_rows(count: int, blocks: int):
+def plan_index_rows(count: int, blocks: int, num_cpus: float = READ_CPUS):
     """`ray.data.range(count)` in `blocks` blocks (column `id`), whose read tasks ask for
-    `READ_CPUS` only. `ray.data.range`'s own ask for a whole CPU each, which a Magnet trial's
+    `num_cpus`. `ray.data.range`'s own ask for a whole CPU each, which a Magnet trial's
     driver, workers, decode actors and refresh actor leave no room for on a 2-core machine's 4
     logical CPUs: the trial then never starts training."""
     # Ray's own range source (an internal module; pyproject pins ray to 2.60.x).
@@ -167,7 +167,7 @@ def plan_index_rows(count: int, blocks: int):
     from ray.data._internal.datasource.range_datasource import RangeDatasource
 
     rows = RangeDatasource(n=count, block_format="arrow", column_name="id")
-    return ray.data.read_datasource(rows, num_cpus=READ_CPUS, override_num_blocks=blocks)
+    return ray.data.read_datasource(rows, num_cpus=num_cpus, override_num_blocks=blocks)
 
 
 def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offset: int = 0, stride: int = 1):
@@ -175,10 +175,13 @@ def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offs
     `per_block` per block. `plan_index_rows` generates the rows lazily, nothing is stored."""
     import ray.data
 
-    return plan_index_rows(count, max(1, count // per_block)).map_batches(  # a finished run rerun: no rows
+    # The read asks for what the decoder does, and the decoder takes whole blocks: then Ray Data
+    # fuses the two, and the decode actors make the rows themselves.
+    rows = plan_index_rows(count, max(1, count // per_block), num_cpus=config.data.decode_cpus)
+    return rows.map_batches(  # a finished run rerun: no rows
         TrainBatchDecoder,
         fn_constructor_kwargs={**decoder_args, "index_offset": offset, "index_stride": stride},
-        batch_size=1,
+        batch_size=None,
         compute=ray.data.ActorPoolStrategy(size=config.data.decode_actors),
         num_cpus=config.data.decode_cpus,
     )

@@ -166,8 +166,8 @@ def test_the_decode_actors_make_their_own_plan_indices(ray_local, tmp_path, caps
     """The plan-index read is fused into the decode actors, in the shared stream and in the
     per-rank ones: no read task, and no Python process for it, per block. On 2 cores the
     separate read tasks (one per sub-batch in a per-rank stream) started processes that
-    crowded the decode actors' own start-up: a Magnet run's first step came 51.8 s after its
-    start, 33.5 s with the read fused (`benchmarks/README.md`)."""
+    crowded the decode actors' own start-up: a short Magnet run's first step came 38.1 s after
+    its start, 29.3 s with the read fused (medians of 6; benchmarks/README.md)."""
     settings = SHORT_MAGNET if preset == "magnet" else [*SHORT_RUN, *TINY_BUILT_IN]
     config = load_config(preset, [*settings, f"data.cache_dir={tmp_path}", "train.steps_per_epoch=4"])
     root, metadata = resolve_dataset(config)

@@ -11,7 +11,8 @@ embeddings with 60 images per class, K=8, M=12; the pools sweep runs `build_hard
 full-set kNN, pool 32) on the same kind of embeddings (or, with --clustered, class-clustered
 ones), exact or with the approximate faiss indexes of --pool-indexes, whose pools are scored
 (recall) against exact pools of 200 sampled classes computed by brute force. The embedding pass runs the model over uint8
-images already decoded (the actor keeps them decoded after its first pass). --training trains
+images already decoded (the actor keeps them decoded after its first pass, when they fit in
+`refresh.cache_max_mb`); --decode measures that first pass, with each thread count. --training trains
 the `magnet` preset twice - refreshing every `--every` steps, and refreshing never (only the
 initial index) - and compares the time per training step. On CUDA the exact searches (pools,
 impostors) run on faiss-gpu, or on torch's device where faiss has no GPU, and k-means on
@@ -165,6 +166,31 @@ def embedding_sweep(backbone, image_size, sizes, batch_size, device):
     return rows
 
 
+def decode_sweep(count, threads_list, batch_size, image_size=224, resize=256):
+    """The refresh actor's first pass before its embedding: decode + eval resize and crop of
+    every training image (`decoded_batches`, what `RefreshActor._decode_all` runs), images/s
+    with each thread count. Photo-like JPEGs of 341x256, what the converters store by default
+    (256 px short side); 100 distinct images, cycled."""
+    from throughput import textured_jpeg
+
+    from pipeline.data.decoding import decode_rgb, decoded_batches, eval_transform
+
+    images = [textured_jpeg(341, 256, seed) for seed in range(min(count, 100))]
+    transform = eval_transform(image_size, resize)
+
+    def decode(i):
+        return transform(decode_rgb(images[i % len(images)])).numpy()
+
+    for threads in threads_list:
+        start = time.perf_counter()
+        decoded = sum(len(batch) for batch in decoded_batches(decode, count, batch_size, threads))
+        seconds = time.perf_counter() - start
+        print(json.dumps({"first_pass_decode": {
+            "n": decoded, "threads": threads, "stored": "341x256 JPEG", "eval": f"{resize} -> {image_size}",
+            "seconds": round(seconds, 3), "images_per_s": round(decoded / seconds, 1),
+        }}), flush=True)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -230,6 +256,9 @@ def main() -> None:
     parser.add_argument("--embed", default="tiny_cnn:48:2000,8000;resnet18:224:512",
                         help="backbone:image_size:n1,n2 groups, ';'-separated")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--decode", default="2000:1,2",
+                        help="N:THREADS,... - the actor's first-pass decode of N images with each thread count "
+                             "(refresh.num_cpus sets the actor's); empty to skip")
     parser.add_argument("--training", action="store_true", help="also measure training time lost")
     parser.add_argument("--every", type=int, default=27, help="refresh period of the --training run")
     parser.add_argument("--epochs", type=int, default=2)
@@ -255,6 +284,9 @@ def main() -> None:
     for group in filter(None, args.embed.split(";")):
         backbone, size, ns = group.split(":")
         embedding_sweep(backbone, int(size), [int(n) for n in ns.split(",")], args.batch_size, device)
+    if args.decode:
+        count, threads = args.decode.split(":")
+        decode_sweep(int(count), [int(t) for t in threads.split(",")], args.batch_size)
     if args.training:
         training_overhead(args.every, args.epochs, args.storage, device)
 

@@ -54,7 +54,7 @@ def test_throughput_tiny(tmp_path):
 def test_refresh_cost_tiny():
     lines = _run("refresh_cost.py", "--sizes", "600", "--pool-sizes", "600,1000", "--dims", "8",
                  "--max-exact-pools", "700", "--pool-indexes", "Flat;IVF8,Flat:nprobe=8;IVF8,Flat:nprobe=1",
-                 "--embed", "tiny_cnn:32:40", "--batch-size", "16")
+                 "--embed", "tiny_cnn:32:40", "--batch-size", "16", "--decode", "40:1,2")
     by_kind: dict[str, list[dict]] = {}
     for line in lines:
         for kind, row in line.items():
@@ -71,6 +71,8 @@ def test_refresh_cost_tiny():
         assert 0 < one_list["recall"] < 1.0
     (embedding,) = by_kind["embedding"]
     assert _positive(embedding["images_per_s"]) and _positive(embedding["bare_inference_images_per_s"])
+    decodes = {row["threads"]: row for row in by_kind["first_pass_decode"]}
+    assert set(decodes) == {1, 2} and all(row["n"] == 40 and _positive(row["images_per_s"]) for row in decodes.values())
 
 
 def test_eval_metrics_agrees_with_pml():

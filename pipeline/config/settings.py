@@ -241,7 +241,7 @@ class RefreshConfig:
     the hard-negative pools (sampler hard_pools)."""
 
     every_steps: int = setting(0, "Publish weights for a refresh every this many steps; 0 = once per epoch.")
-    num_cpus: float = setting(0.5, "CPUs reserved by the actor (its torch threads: at least 1).")
+    num_cpus: float = setting(0.5, "CPUs reserved by the actor (its torch and decode threads: at least 1).")
     num_gpus: float = setting(0.0, "GPU (or fraction) for the actor; faiss uses it when faiss-gpu is installed.")
     batch_size: int = setting(256, "Images per embedding batch.")
     cache_max_mb: int = setting(2048, "Keep the decoded training images in the actor if they fit.")

@@ -185,6 +185,29 @@ class ReplayCache:
         self.kept = kept
 
 
+def decoded_batches(decode_one, count: int, batch_size: int, threads: int):
+    """`np.stack([decode_one(i) for i in batch])` for the ids 0 .. count - 1 in batches of
+    `batch_size`, in id order, decoded by `threads` threads.
+
+    torchvision's decoders and resizes release the GIL, so threads decode in parallel (the
+    refresh actor's first pass over the training split, which a Magnet run's first step waits
+    for). The next batch is decoded while the caller works on this one, and no further: at most
+    two batches are held, whatever the split's size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = range(0, count, batch_size)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
+
+        def submit(start: int) -> list:
+            return [pool.submit(decode_one, i) for i in range(start, min(start + batch_size, count))]
+
+        ahead = submit(0) if count else []
+        for start in starts:
+            current = ahead
+            ahead = submit(start + batch_size) if start + batch_size < count else []
+            yield np.stack([future.result() for future in current])
+
+
 def decode_eval_batch(batch: dict[str, np.ndarray], image_size: int, resize: int) -> dict[str, np.ndarray]:
     """Ray Data function: encoded rows in, resized and center-cropped uint8 images out."""
     transform = eval_transform(image_size, resize)

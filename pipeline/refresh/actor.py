@@ -467,17 +467,18 @@ class RefreshActor:
     def _decode_all(self):
         import ray
 
-        from pipeline.data.decoding import decode_rgb, eval_transform
+        from pipeline.data.decoding import decode_rgb, decoded_batches, eval_transform
 
         data = self.config.data
         transform = eval_transform(data.image_size, data.eval_resize)
         columns = [t.column("image") for t in ray.get(self.store.block_refs)]
-        batch = self.config.refresh.batch_size
-        for start in range(0, self.num_examples, batch):
-            yield np.stack([
-                transform(decode_rgb(columns[self.store.block_of[i]][int(self.store.row_of[i])].as_py())).numpy()
-                for i in range(start, min(start + batch, self.num_examples))
-            ])
+
+        def decode(i: int) -> np.ndarray:
+            return transform(decode_rgb(columns[self.store.block_of[i]][int(self.store.row_of[i])].as_py())).numpy()
+
+        # As many decode threads as the CPUs the actor holds (as its torch threads).
+        threads = max(1, int(self.config.refresh.num_cpus))
+        yield from decoded_batches(decode, self.num_examples, self.config.refresh.batch_size, threads)
 
     def _note_version_in_use(self, version: int) -> None:
         # Called under the lock. A restarted actor starts counting at 0, but the planners and

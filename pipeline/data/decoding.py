@@ -190,8 +190,8 @@ def decoded_batches(decode_one, count: int, batch_size: int, threads: int):
     `batch_size`, in id order, decoded by `threads` threads.
 
     torchvision's decoders and resizes release the GIL, so threads decode in parallel (the
-    refresh actor's first pass over the training split, which a Magnet run's first step waits
-    for). The next batch is decoded while the caller works on this one, and no further: at most
+    refresh actor's first pass over the training split, which on a large split is what a
+    Magnet run's first step waits for). The next batch is decoded while the caller works on this one, and no further: at most
     two batches are held, whatever the split's size."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -6,10 +6,9 @@
 Each repeat is a whole run on one Ray instance started here: the tests' short run (`local`
 shrunk to 8 steps on the built-in 24-class set, what most tests run) or their short Magnet run
 (the `magnet` preset, 2 epochs of 4 steps; its first sub-batches wait for the refresh actor's
-first index). What a short
-run costs is mostly start-up: the Train controller, the workers, Ray Data's split coordinator
-and decode actors, each a process importing what it unpickles. Prints one JSON line per run
-and a summary line (medians).
+first index). What a short run costs is mostly start-up: the Train controller, the workers, Ray
+Data's split coordinator and decode actors, each a process importing what it unpickles. Prints
+one JSON line per run and a summary line (medians).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ recipe (random resized crop + horizontal flip for training, resize + center crop
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -191,20 +192,16 @@ def decoded_batches(decode_one, count: int, batch_size: int, threads: int):
 
     torchvision's decoders and resizes release the GIL, so threads decode in parallel (the
     refresh actor's first pass over the training split, which on a large split is what a
-    Magnet run's first step waits for). The next batch is decoded while the caller works on this one, and no further: at most
-    two batches are held, whatever the split's size."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    starts = range(0, count, batch_size)
+    Magnet run's first step waits for). The next batch is decoded while the caller works on
+    this one, and no further: at most two batches are held, whatever the split's size."""
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
 
         def submit(start: int) -> list:
             return [pool.submit(decode_one, i) for i in range(start, min(start + batch_size, count))]
 
-        ahead = submit(0) if count else []
-        for start in starts:
-            current = ahead
-            ahead = submit(start + batch_size) if start + batch_size < count else []
+        ahead = submit(0)
+        for start in range(0, count, batch_size):
+            current, ahead = ahead, submit(start + batch_size)
             yield np.stack([future.result() for future in current])
 
 

@@ -9,6 +9,7 @@ recipe (random resized crop + horizontal flip for training, resize + center crop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -49,8 +50,9 @@ class EncodedImageStore:
         raw_labels = np.zeros(num, dtype=np.int64)
         for b, table in enumerate(tables):
             ids = table.column("id").to_numpy()
-            if ids.size and (ids.min() < 0 or ids.max() >= num):
-                raise ValueError(f"example ids must be dense 0..{num - 1}; found {ids.min()}..{ids.max()}")
+            outside = ids[(ids < 0) | (ids >= num)]
+            if outside.size:
+                raise ValueError(f"example ids must be dense 0..{num - 1}; found id {outside[0]}")
             block_of[ids] = b
             row_of[ids] = np.arange(len(ids))
             raw_labels[ids] = table.column("label").to_numpy()
@@ -62,6 +64,18 @@ class EncodedImageStore:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def encoded_images(self) -> Callable[[int], bytes]:
+        """Fetch the image columns from the object store once; return `id -> encoded bytes`."""
+        import ray
+
+        columns = [table.column("image") for table in ray.get(self.block_refs)]
+        block_of, row_of = self.block_of, self.row_of
+
+        def encoded(i: int) -> bytes:
+            return columns[block_of[i]][int(row_of[i])].as_py()
+
+        return encoded
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -102,13 +116,12 @@ class TrainBatchDecoder:
                  index_offset: int = 0, index_stride: int = 1):
         """Input row `id` is plan index `index_offset + index_stride * id` (one rank's stream
         when the ranks have a stream each)."""
-        import ray
         import torch
 
         torch.set_num_threads(1)
         self.planner = planner
         self.store = store
-        self.images = [t.column("image") for t in ray.get(store.block_refs)]
+        self.encoded = store.encoded_images()
         self.transform = train_transform(image_size, crop_scale_min)
         self.seed = seed
         self.index_offset = index_offset
@@ -133,10 +146,7 @@ class TrainBatchDecoder:
                 extras.setdefault(f"info_{name}", []).append(np.int64(value))
             # Augmentation is seeded by the plan index: the same sub-batch whichever actor makes it.
             torch.manual_seed(self.seed * 1_000_003 + int(index))
-            decoded = [
-                self.transform(decode_rgb(self.images[self.store.block_of[i]][int(self.store.row_of[i])].as_py()))
-                for i in plan_ids
-            ]
+            decoded = [self.transform(decode_rgb(self.encoded(i))) for i in plan_ids]
             images.append(torch.stack(decoded).numpy())
             labels.append(self.store.labels[plan_ids])
             ids.append(plan_ids)

@@ -465,16 +465,14 @@ class RefreshActor:
         yield from self._images.batches(self._decode_all)
 
     def _decode_all(self):
-        import ray
-
         from pipeline.data.decoding import decode_rgb, decoded_batches, eval_transform
 
         data = self.config.data
         transform = eval_transform(data.image_size, data.eval_resize)
-        columns = [t.column("image") for t in ray.get(self.store.block_refs)]
+        encoded = self.store.encoded_images()
 
         def decode(i: int) -> np.ndarray:
-            return transform(decode_rgb(columns[self.store.block_of[i]][int(self.store.row_of[i])].as_py())).numpy()
+            return transform(decode_rgb(encoded(i))).numpy()
 
         # As many decode threads as the CPUs the actor holds (as its torch threads).
         threads = max(1, int(self.config.refresh.num_cpus))

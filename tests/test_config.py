@@ -36,6 +36,17 @@ def test_yaml_file(tmp_path):
     assert config.loss.name == "normalized_softmax" and config.sampler.name == "shuffle"
 
 
+def test_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML's safe_load) reads 1e-3 as the string '1e-3'.
+    config = load_config("local", ["optim.lr=1e-3", "loss.lr=2E-2", "optim.weight_decay=5e-05"])
+    assert (config.optim.lr, config.loss.lr, config.optim.weight_decay) == (1e-3, 2e-2, 5e-5)
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 3e-4\nloss:\n  lr: 1e+1\n")
+    config = load_config(str(path))
+    assert (config.optim.lr, config.loss.lr) == (3e-4, 10.0)
+    assert load_config("local", ["data.cache_dir=1e3x"]).data.cache_dir == "1e3x"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -64,6 +75,13 @@ def test_yaml_file(tmp_path):
         (["train.storage_path=s3://KEY:SECRET@bucket/runs"], "train.storage_path: the URI carries credentials"),
         (["train=3"], "train: expected a section"),
         (["nonsense"], "expected KEY=VALUE"),
+        (["eval.recall_ks=[1, 2"], "override 'eval.recall_ks=[1, 2': the value is not valid YAML"),
+        (["data.decode_cpus=-1"], "data.decode_cpus: must be >= 0, got -1"),
+        (["optim.momentum=-5"], "optim.momentum: must be in [0, 1), got -5"),
+        (["optim.momentum=1"], "optim.momentum: must be in [0, 1), got 1"),
+        (["loss.softtriple.gamma=0"], "loss.softtriple.gamma: must be > 0, got 0"),
+        (["loss.pddm.lam=-0.5"], "loss.pddm.lam: must be >= 0, got -0.5"),
+        (["loss.contrastive.neg_margin=-1"], "loss.contrastive.neg_margin: must be >= 0, got -1"),
     ],
 )
 def test_errors_name_the_field(overrides, message):

@@ -10,6 +10,7 @@ from pipeline.config.loading import (
     describe,
     flatten,
     load_config,
+    parse_yaml,
 )
 from pipeline.config.settings import Config
 
@@ -24,4 +25,5 @@ __all__ = [
     "describe",
     "flatten",
     "load_config",
+    "parse_yaml",
 ]

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,23 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 class ConfigError(ValueError):
     """A config that cannot run: the message names the field and what is wrong."""
+
+
+class _NumberLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates and weight decays are written so."""
+
+
+_NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, except that `1e-4` is a number (as in YAML 1.2).
+    Presets, config files, `--set` values and sweep files are all read this way."""
+    return yaml.load(text, Loader=_NumberLoader)
 
 
 def available_presets() -> list[str]:
@@ -35,7 +53,11 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | None =
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. loss.triplet.margin=0.2")
-        _set_path(raw, key.strip().split("."), yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = parse_yaml(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {err}") from err
+        _set_path(raw, key.strip().split("."), value)
     config = _build(Config, raw, "")
     validate(config)
     return config
@@ -52,7 +74,7 @@ def _read_yaml(preset_or_path: str) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -160,6 +182,14 @@ def validate(config: Config) -> None:
         "loss.magnet.seed_floor": config.loss.magnet.seed_floor,
         "refresh.batch_size": config.refresh.batch_size,
         "refresh.max_plan_ahead_steps": config.refresh.max_plan_ahead_steps,
+        "data.synthetic.image_size": config.data.synthetic.image_size,
+        "loss.multi_similarity.alpha": config.loss.multi_similarity.alpha,
+        "loss.multi_similarity.beta": config.loss.multi_similarity.beta,
+        "loss.proxy_anchor.alpha": config.loss.proxy_anchor.alpha,
+        "loss.softtriple.centers_per_class": config.loss.softtriple.centers_per_class,
+        "loss.softtriple.la": config.loss.softtriple.la,
+        "loss.softtriple.gamma": config.loss.softtriple.gamma,
+        "loss.pddm.hidden_dim": config.loss.pddm.hidden_dim,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -178,6 +208,18 @@ def validate(config: Config) -> None:
         "refresh.cache_max_mb": config.refresh.cache_max_mb,
         "refresh.max_restarts": config.refresh.max_restarts,
         "refresh.lag_steps": config.refresh.lag_steps,
+        "data.decode_cpus": config.data.decode_cpus,
+        "eval.cache_max_mb": config.eval.cache_max_mb,
+        "loss.normalized_softmax.margin": config.loss.normalized_softmax.margin,
+        "loss.contrastive.pos_margin": config.loss.contrastive.pos_margin,
+        "loss.contrastive.neg_margin": config.loss.contrastive.neg_margin,
+        "loss.multi_similarity.epsilon": config.loss.multi_similarity.epsilon,
+        "loss.proxy_anchor.margin": config.loss.proxy_anchor.margin,
+        "loss.softtriple.tau": config.loss.softtriple.tau,
+        "loss.softtriple.margin": config.loss.softtriple.margin,
+        "loss.pddm.alpha": config.loss.pddm.alpha,
+        "loss.pddm.beta": config.loss.pddm.beta,
+        "loss.pddm.lam": config.loss.pddm.lam,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -187,6 +229,8 @@ def validate(config: Config) -> None:
             f"data.eval_resize: {config.data.eval_resize} is smaller than data.image_size "
             f"{config.data.image_size}; the center crop would not fit"
         )
+    if not 0.0 <= config.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum: must be in [0, 1), got {config.optim.momentum}")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {config.data.crop_scale_min}")
     if not 0.0 < config.data.synthetic.test_fraction < 1.0:

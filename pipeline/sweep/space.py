@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config, parse_yaml
 
 SEARCHES = ("grid", "random", "optuna", "hyperopt")
 SAMPLED_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -123,17 +123,6 @@ _TOP_LEVEL = {
 }
 
 
-class _SweepLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; a search space is full of such numbers."""
-
-
-_SweepLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and structurally check a sweep file (config paths are checked by
     `candidate_configs`)."""
@@ -142,7 +131,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise SweepError(f"sweep file {path} does not exist")
     text = path.read_text()
     try:
-        raw = yaml.load(text, Loader=_SweepLoader) or {}
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as err:
         raise SweepError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

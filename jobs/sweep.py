@@ -20,11 +20,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.sweep.runner import run_sweep
     from pipeline.sweep.space import SweepError, load_sweep
+    from pipeline.training.driver import RunRefused
 
     try:
         spec = load_sweep(args.space)
         summary = run_sweep(spec, args.overrides, resume=args.resume, verbose=args.verbose)
-    except (SweepError, ConfigError) as err:
+    except (SweepError, ConfigError, RunRefused) as err:  # all before Ray starts
         print(f"sweep error: {err}", file=sys.stderr)
         return 2
 

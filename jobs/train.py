@@ -26,9 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline.tracking import ui_command
-    from pipeline.training.driver import run_training
+    from pipeline.training.driver import RunRefused, run_training
 
-    summary = run_training(config, verbose=args.verbose)
+    try:
+        summary = run_training(config, verbose=args.verbose)
+    except RunRefused as err:  # before Ray started: the message names the setting or file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print("\ntest metrics (unseen classes):")
     for key, value in summary.metrics.items():
         if key.startswith("test/") and not key.startswith(("test/num_", "test/eval_")):

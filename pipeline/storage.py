@@ -205,6 +205,14 @@ def filesystem_for(path_or_uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem
     return pafs.FileSystem.from_uri(text)
 
 
+def check_file_exists(uri: str, where: str) -> None:
+    """Raise ValueError naming `where` unless `uri` (a local path or URI) is a file; an
+    unreachable store raises pyarrow's OSError, which names the bucket and key."""
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ValueError(f"{where}: no file at {uri}")
+
+
 def filesystem_for_files(paths_or_uris) -> tuple[pafs.FileSystem, list[str]]:
     """One filesystem for files in one store (all local, or all in one bucket) and their paths
     inside it: what `ray.data.read_parquet(paths, filesystem=...)` wants. Ray Data would

@@ -96,11 +96,7 @@ def build_training_data(config, root: str, refresh_actor: str = "", start_step: 
         ["id", "label", "image"]
     )
     store = EncodedImageStore.from_dataset(train_read)
-    holdout = seen_holdout_ids(store.labels, config.data.seen_holdout_fraction, config.train.seed)
-    if config.sampler.name == "neighbourhoods":
-        check_neighbourhoods_fit(config, store.labels, holdout)
-    if config.sampler.name == "hard_pools":
-        check_pool_index_fits(config, len(store) - len(holdout))
+    holdout = check_training_split(config, store.labels)
     per_epoch = steps_per_epoch(config, len(store) - len(holdout))
     planner = build_planner(config, store.labels, holdout, refresh_actor, config.refresh.every_steps or per_epoch)
     total = per_epoch * config.train.epochs
@@ -185,6 +181,21 @@ def _decoded_stream(count: int, per_block: int, decoder_args: dict, config, offs
         compute=ray.data.ActorPoolStrategy(size=config.data.decode_actors),
         num_cpus=config.data.decode_cpus,
     )
+
+
+def check_training_split(config, labels: np.ndarray) -> np.ndarray:
+    """Refuse a sampler or index the training split cannot serve (ValueError naming the
+    setting); returns the seen-class hold-out ids. Needs only the split's labels in id order,
+    so the driver runs it before Ray starts (`pipeline.training.driver.preflight`)."""
+    holdout = seen_holdout_ids(labels, config.data.seen_holdout_fraction, config.train.seed)
+    if config.sampler.name == "neighbourhoods":
+        check_neighbourhoods_fit(config, labels, holdout)
+    if config.sampler.name == "hard_pools":
+        check_pool_index_fits(config, len(labels) - len(holdout))
+    # The planners check the batch against the split (classes per batch, examples); they only
+    # reach the refresh actor when they plan, so building one here starts nothing.
+    build_planner(config, labels, holdout)
+    return holdout
 
 
 def check_neighbourhoods_fit(config, labels: np.ndarray, holdout: np.ndarray) -> None:

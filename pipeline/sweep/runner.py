@@ -103,7 +103,7 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
 
     from pipeline import tracking
     from pipeline.sweep.progress import SweepProgress
-    from pipeline.training.driver import _init_ray, resolve_dataset
+    from pipeline.training.driver import _init_ray, preflight
 
     candidates = candidate_configs(spec, overrides)
     configs = [c for per_loss in candidates.values() for c in per_loss]
@@ -120,11 +120,9 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     if exists and not resume:
         raise SweepError(f"a sweep named {spec.name!r} already ran at {experiment_path}: pass "
                          "--resume to go on with it, or give the sweep another name")
-    seen = []
-    for config in configs:  # every dataset a trial can train on exists and is valid
-        if config.data not in seen:
-            seen.append(config.data)
-            resolve_dataset(config)
+    checked: list = []
+    for config in configs:  # every dataset a trial can train on is valid and fits its sampler
+        preflight(config, checked)
     located = [
         override("train.storage_path", f"{experiment_path}/train_runs"),
         override("tracking.tracking_uri", uri),

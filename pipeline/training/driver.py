@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
-from pipeline.data.format import DatasetMetadata, read_metadata, shard_uris, validate_dataset
+from pipeline.data.format import (
+    DatasetMetadata,
+    read_metadata,
+    read_split,
+    shard_uris,
+    validate_dataset,
+)
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
 from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
@@ -55,6 +61,51 @@ def resolve_dataset(config: Config) -> tuple[str, DatasetMetadata]:
                 + ("; it was left empty and the dataset names no query split" if left else "")
             )
     validate_dataset(root)
+    return root, metadata
+
+
+class RunRefused(ValueError):
+    """A run refused before Ray started and before anything was written: the message names the
+    setting, or the dataset file, that is wrong."""
+
+
+def preflight(config: Config, checked: list | None = None) -> tuple[str, DatasetMetadata]:
+    """Everything a run needs that can be checked without Ray: the storage settings, the
+    dataset and its splits, the sampler against the training split, and the pretrained
+    weights' file. Returns `resolve_dataset`'s (root, metadata); raises RunRefused.
+
+    `checked` (a list, kept by a caller checking many configs: a sweep) remembers the
+    datasets already read, so each is read once."""
+    import numpy as np
+
+    from pipeline import storage
+    from pipeline.data.ray_datasets import check_training_split
+
+    checked = [] if checked is None else checked
+    try:
+        storage.check_settings(config)
+        known = [found for data, found in checked if data == config.data]
+        if known:
+            root, metadata, labels = known[0]
+        else:
+            try:
+                root, metadata = resolve_dataset(config)
+                raw = read_split(root, config.data.train_split, ["label"]).column("label").to_numpy()
+            except OSError as err:  # an unreachable store or an unreadable file: pyarrow names it
+                raise ValueError(f"data.root: {err}") from err
+            # Remapped to 0..C-1 in class order, as the training stream's store does.
+            labels = np.unique(raw, return_inverse=True)[1]
+            checked.append((config.data, (root, metadata, labels)))
+        check_training_split(config, labels)
+        if config.model.pretrained:
+            try:
+                storage.check_file_exists(config.model.pretrained, "model.pretrained")
+            except OSError as err:
+                raise ValueError(f"model.pretrained: {err}") from err
+    except RunRefused:
+        raise
+    except ValueError as err:
+        raise RunRefused(str(err)) from err
     return root, metadata
 
 
@@ -135,13 +186,16 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
 
     # The S3 endpoint and retries, for this process and (worker_env) the Ray workers; a bad
     # setting or a URI carrying credentials stops here, before anything is written.
-    worker_env = storage.export_settings(config)
+    try:
+        worker_env = storage.export_settings(config)
+    except ValueError as err:
+        raise RunRefused(str(err)) from err
     if not verbose:
         import mlflow  # noqa: F401  (its import sets its own log level; lower it afterwards)
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    root, metadata = resolve_dataset(config)
+    root, metadata = preflight(config)
     # Named from the config as given, so the name follows from the config alone (jobs and
     # tests that resume or watch a run compute it without reading the dataset).
     name = run_name_for(config)
@@ -163,86 +217,86 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             **(run_tags or {}),
         },
     )
-    printer(f"run {name}: dataset {metadata.name} ({root}), MLflow run {run_id}", flush=True)
-    _record_conversion_summary(uri, run_id, root, printer)
-
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
-
-    _init_ray(verbose)
-    if not verbose:  # Data's per-execution INFO lines would interleave with the progress lines
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = verbose
-    data_context.print_on_execution_start = verbose
-
-    from pipeline.data.ray_datasets import build_training_data
-    from pipeline.refresh.actor import refresh_actor_name
-
-    actor_name = refresh_actor_name(name) if config.uses_refresh_actor else ""
-    from pipeline.training.checkpoint import registered_checkpoint
-
-    # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
-    # data plan and the refresh actor start where that checkpoint left off.
-    resume_from = registered_checkpoint(_storage_path(config), name)
-    start_step = 0 if resume_from is None else resume_from[2]
-    data = build_training_data(config, root, actor_name, start_step=start_step)
-    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
-    plan = RunPlan(
-        run_id=run_id,
-        tracking_uri=uri,
-        num_classes=data.num_train_classes,
-        steps_per_epoch=data.steps_per_epoch,
-        total_steps=data.total_steps,
-        progress_queue=queue,
-        refresh_actor=actor_name,
-        refresh_every_steps=config.refresh.every_steps or data.steps_per_epoch,
-        seen_holdout_ids=data.holdout_ids if len(data.holdout_ids) else None,
-        stream_start_step=data.start_step,
-        gallery_split=gallery,
-    )
-    printer(
-        f"{config.train.num_workers} workers, global batch {config.global_batch_size}, "
-        f"{data.steps_per_epoch} steps/epoch x {config.train.epochs} epochs on "
-        f"{data.num_train_examples} images of {data.num_train_classes} classes",
-        flush=True,
-    )
-    train_storage, train_filesystem = _train_storage(config)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "plan": plan},
-        scaling_config=scaling_config(config),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=train_storage,
-            storage_filesystem=train_filesystem,
-            worker_runtime_env={"env_vars": worker_env},
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-            callbacks=list(callbacks),
-        ),
-        datasets={
-            **_trainer_datasets(data),
-            **({"gallery": _eval_split_dataset(config, root, gallery)} if gallery else {}),
-            # The seen-class accuracy classifies the held-out training images by their
-            # neighbours among the rest, so rank 0 embeds the whole training split.
-            **({"seen": _eval_split_dataset(config, root, config.data.train_split)} if len(data.holdout_ids) else {}),
-        },
-        dataset_config=trainer_data_config(data),
-    )
-
     from pipeline.progress import ProgressPrinter
     from pipeline.reporting.run_report import record_finished_run
     from pipeline.training.checkpoint import load_metrics
 
+    # From here on a run exists in MLflow: whatever stops it is recorded there as FAILED.
     failed = True
     checkpoint_path = None
     metrics: dict = {}
     not_logged: list[str] = []
     refresh_actor = None
     try:
+        printer(f"run {name}: dataset {metadata.name} ({root}), MLflow run {run_id}", flush=True)
+        _record_conversion_summary(uri, run_id, root, printer)
+
+        import ray.data
+        import ray.train
+        from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
+
+        _init_ray(verbose)
+        if not verbose:  # Data's per-execution INFO lines would interleave with the progress lines
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+        data_context = ray.data.DataContext.get_current()
+        data_context.enable_progress_bars = verbose
+        data_context.print_on_execution_start = verbose
+
+        from pipeline.data.ray_datasets import build_training_data
+        from pipeline.refresh.actor import refresh_actor_name
+
+        actor_name = refresh_actor_name(name) if config.uses_refresh_actor else ""
+        from pipeline.training.checkpoint import registered_checkpoint
+
+        # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
+        # data plan and the refresh actor start where that checkpoint left off.
+        resume_from = registered_checkpoint(_storage_path(config), name)
+        start_step = 0 if resume_from is None else resume_from[2]
+        data = build_training_data(config, root, actor_name, start_step=start_step)
+        queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        plan = RunPlan(
+            run_id=run_id,
+            tracking_uri=uri,
+            num_classes=data.num_train_classes,
+            steps_per_epoch=data.steps_per_epoch,
+            total_steps=data.total_steps,
+            progress_queue=queue,
+            refresh_actor=actor_name,
+            refresh_every_steps=config.refresh.every_steps or data.steps_per_epoch,
+            seen_holdout_ids=data.holdout_ids if len(data.holdout_ids) else None,
+            stream_start_step=data.start_step,
+            gallery_split=gallery,
+        )
+        printer(
+            f"{config.train.num_workers} workers, global batch {config.global_batch_size}, "
+            f"{data.steps_per_epoch} steps/epoch x {config.train.epochs} epochs on "
+            f"{data.num_train_examples} images of {data.num_train_classes} classes",
+            flush=True,
+        )
+        train_storage, train_filesystem = _train_storage(config)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": config_to_dict(config), "plan": plan},
+            scaling_config=scaling_config(config),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=train_storage,
+                storage_filesystem=train_filesystem,
+                worker_runtime_env={"env_vars": worker_env},
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
+                failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+                callbacks=list(callbacks),
+            ),
+            datasets={
+                **_trainer_datasets(data),
+                **({"gallery": _eval_split_dataset(config, root, gallery)} if gallery else {}),
+                # The seen-class accuracy classifies the held-out training images by their
+                # neighbours among the rest, so rank 0 embeds the whole training split.
+                **({"seen": _eval_split_dataset(config, root, config.data.train_split)} if len(data.holdout_ids) else {}),
+            },
+            dataset_config=trainer_data_config(data),
+        )
         if actor_name:
             resume_state = saved_refresh_state(resume_from)
             # Held here for the whole run: a restarted actor is constructed again from it.

@@ -1,0 +1,84 @@
+"""What the dataset decides about a run is checked before Ray starts: a missing dataset or
+split, a sampler the training split cannot fill, a refresh index it cannot train, missing
+pretrained weights. The train job prints one line naming the setting or file and exits 2,
+nothing is written (no MLflow store, no run), and a sweep refuses the same way."""
+
+from __future__ import annotations
+
+import pytest
+from short_runs import TINY_BUILT_IN
+
+from jobs.sweep import main as sweep_main
+from jobs.train import main as train_main
+from pipeline.config import load_config
+from pipeline.training.driver import RunRefused, preflight
+
+# The tiny built-in dataset: 12 training classes x 12 images.
+REFUSED = [
+    ("local", ["data.root={tmp}/nowhere"], "{tmp}/nowhere/metadata.json: no such file (not a dataset root?)"),
+    ("local", ["data.test_split=tset"], "data.test_split: {cache}"),
+    ("local", ["sampler.classes_per_batch=20"],
+     "sampler.classes_per_batch: 20 classes per batch but the training split has only 12 classes"),
+    ("local", ["loss.name=normalized_softmax", "sampler.name=shuffle", "sampler.batch_size=500"],
+     "sampler.batch_size: 500 exceeds the 144 training examples"),
+    ("magnet", ["loss.magnet.clusters_per_neighbourhood=100"],
+     "loss.magnet.clusters_per_neighbourhood: 100 clusters per neighbourhood need 99 impostor clusters"),
+    ("pddm", ["refresh.pool_index=IVF4096,Flat"],
+     "refresh.pool_index: 'IVF4096,Flat' trains on the training split's 144 pooled images but needs"),
+    ("local", ["model.pretrained={tmp}/resnet.pth"], "model.pretrained: no file at {tmp}/resnet.pth"),
+]
+
+
+def _overrides(tmp_path, extra: list[str]) -> list[str]:
+    settings = [*TINY_BUILT_IN, f"data.cache_dir={tmp_path}/data", f"train.storage_path={tmp_path}/runs"]
+    return settings + [item.format(tmp=tmp_path) for item in extra]
+
+
+@pytest.mark.parametrize(("preset", "extra", "message"), REFUSED)
+def test_the_train_job_refuses_before_ray_and_writes_nothing(
+    tmp_path, capsys, ray_must_not_start, preset, extra, message,
+):  # fmt: skip
+    args = ["--preset", preset]
+    for item in _overrides(tmp_path, extra):
+        args += ["--set", item]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path, cache=tmp_path / "data") in err
+    assert not (tmp_path / "runs").exists()  # no MLflow store, no run, no checkpoint folder
+
+
+def test_a_run_the_dataset_can_serve_passes(tmp_path):
+    weights = tmp_path / "resnet.pth"
+    weights.write_bytes(b"checked for presence only here")
+    for preset in ("local", "magnet", "pddm"):
+        config = load_config(preset, _overrides(tmp_path, [f"model.pretrained={weights}"]))
+        root, metadata = preflight(config)
+        assert metadata.splits["train"].num_images == 144 and root.startswith(str(tmp_path / "data"))
+
+
+def test_a_sweep_checks_each_dataset_once_and_every_trial_against_it(tmp_path):
+    configs = [
+        load_config("local", _overrides(tmp_path, [f"train.seed={seed}"])) for seed in range(3)
+    ] + [load_config("local", _overrides(tmp_path, ["sampler.classes_per_batch=20"]))]
+    checked: list = []
+    for config in configs[:3]:
+        preflight(config, checked)
+    assert len(checked) == 1  # the three configs share their dataset
+    with pytest.raises(RunRefused, match="sampler.classes_per_batch: 20 classes per batch"):
+        preflight(configs[3], checked)
+
+
+def test_the_sweep_job_refuses_a_trial_the_dataset_cannot_serve(tmp_path, capsys, ray_must_not_start):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "name: too_many_classes\nfixed: {train.epochs: 1}\nsearch: grid\nasha: false\n"
+        "space: {sampler.classes_per_batch: {grid: [4, 20]}}\nlosses: {triplet: {}}\n"
+    )
+    args = [str(space)]
+    for item in _overrides(tmp_path, []):
+        args += ["--set", item]
+    assert sweep_main(args) == 2
+    err = capsys.readouterr().err
+    assert "sweep error: sampler.classes_per_batch: 20 classes per batch" in err
+    assert not (tmp_path / "runs" / "mlflow.db").exists()

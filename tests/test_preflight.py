@@ -82,3 +82,18 @@ def test_the_sweep_job_refuses_a_trial_the_dataset_cannot_serve(tmp_path, capsys
     err = capsys.readouterr().err
     assert "sweep error: sampler.classes_per_batch: 20 classes per batch" in err
     assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_a_run_that_fails_after_its_mlflow_run_exists_is_marked_failed(tmp_path, ray_must_not_start):
+    """Past the preflight the run exists in MLflow; here `ray.init` then fails (the fixture), and
+    the run must say FAILED rather than stay RUNNING forever."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    config = load_config("local", _overrides(tmp_path, []))
+    with pytest.raises(AssertionError, match="reached for Ray"):
+        train_main(["--preset", "local", *[a for item in _overrides(tmp_path, []) for a in ("--set", item)]])
+    client = MlflowClient(tracking.tracking_uri(config))
+    runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]

@@ -75,6 +75,16 @@ def test_refresh_cost_tiny():
     assert set(decodes) == {1, 2} and all(row["n"] == 40 and _positive(row["images_per_s"]) for row in decodes.values())
 
 
+def test_decode_memory_tiny():
+    lines = _run("decode_memory.py", "--classes-per-batch", "4", "--samples-per-class", "2", "--image-size", "32",
+                 "--classes", "8", "--images-per-class", "2", "--repeats", "1")
+    assert [line["sub_batches_per_call"] for line in lines] == [1, 8]
+    one, block = lines
+    assert one["images_per_sub_batch"] == block["images_per_sub_batch"] == 8
+    assert block["output_bytes"] == pytest.approx(8 * one["output_bytes"], rel=0.01)
+    assert all(line["peak_rise_mb"] >= 0 and _positive(line["seconds"]) for line in lines)
+
+
 def test_eval_metrics_agrees_with_pml():
     (report,) = _run("eval_metrics.py", "--num", "800", "--dim", "8", "--classes", "16",
                      "--compare-pml", "--gpu-num", "1000")

@@ -4,6 +4,7 @@ the evaluate job's MLflow record. The checkpoint is written without Ray (a fresh
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -136,7 +137,7 @@ def test_index_search_matches_brute_force_and_returns_ids():
 
 
 @pytest.mark.ray
-def test_export_and_evaluate_jobs(ray_local, trained, tmp_path):
+def test_export_and_evaluate_jobs(ray_local, trained, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from jobs.evaluate import main as evaluate_main
@@ -180,9 +181,18 @@ def test_export_and_evaluate_jobs(ray_local, trained, tmp_path):
     np.testing.assert_allclose(distances, np.take_along_axis(exact, order, 1), atol=1e-5)
     np.testing.assert_array_equal(found, exported_ids[order])
 
-    # The evaluate job finds the run by name, evaluates the test split and records it.
+    # The evaluate job finds the run by name, evaluates the test split and records it. With a
+    # slow tracking server its metrics still arrive before the job returns (and its process ends).
+    log_batch = MlflowClient.log_batch
+
+    def slow_log_batch(self, *args, **kwargs):
+        time.sleep(2.0)
+        return log_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", slow_log_batch)
     storage = f"train.storage_path={trained['root'] / 'runs'}"
     assert evaluate_main([trained["run_dir"].name, "--set", storage]) == 0
+    monkeypatch.undo()
     client = MlflowClient(config.tracking.tracking_uri)
     runs = client.search_runs(
         [client.get_experiment_by_name(config.tracking.experiment).experiment_id],

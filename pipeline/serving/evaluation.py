@@ -31,6 +31,12 @@ class EvaluationSummary:
     tracking_uri: str
     metrics: dict
     """`<split>/<metric>` -> value, e.g. `test/recall@1`."""
+    not_logged: tuple[str, ...] = ()
+    """What the tracking server did not get (metrics, run status); empty = all."""
+
+
+RECORD_RETRY_S = 60.0
+"""How long the metrics and the run's status are retried while the tracking server is away."""
 
 
 def storage_path_of(overrides: list[str]) -> str:
@@ -137,6 +143,7 @@ def evaluate_checkpoint(
         flush=True,
     )
     failed = True
+    not_logged: list[str] = []
     try:
         start_ray(verbose)
         batch_size = config.eval.batch_size
@@ -160,8 +167,16 @@ def evaluate_checkpoint(
             use_gpu=gpu_backend(1) is not None,
         )
         metrics = {f"{split}/{key}": float(value) for key, value in values.items()}
-        tracking.MetricsLogger(uri, run_id).log(metrics, step or 0)
+        logger = tracking.MetricsLogger(uri, run_id)
+        logger.log(metrics, step or 0)
+        # Sent before the run is closed: the logger's thread would otherwise send them after
+        # (or, when the job's process exits first, never).
+        not_logged += logger.close(timeout_s=RECORD_RETRY_S).describe()
         failed = False
     finally:
-        tracking.finish_run(uri, run_id, None, failed=failed)
-    return EvaluationSummary(name, run_id, uri, metrics)
+        not_logged += tracking.finish_run(uri, run_id, None, failed=failed, retry_s=RECORD_RETRY_S)
+    if not_logged:
+        printer(f"MLflow ({uri}) did not get everything for run {run_id}:", flush=True)
+        for line in not_logged:
+            printer(f"  {line}", flush=True)
+    return EvaluationSummary(name, run_id, uri, metrics, tuple(not_logged))

@@ -37,6 +37,7 @@ def test_refreshes_run_alongside_training_and_are_recorded(ray_local, tmp_path, 
     summary = run_training(config, printer=lambda *a, **k: None)
     client = MlflowClient(summary.tracking_uri)
     run_id = summary.run_id
+    assert summary.not_logged == ()  # the refresh actor's metrics included
 
     # The initial index plus at least two refreshes, each timed (embedding and clustering apart).
     count = metric_history(client, run_id, "refresh/count")
@@ -149,3 +150,39 @@ def test_resumed_run_goes_on_from_the_checkpointed_index(ray_local, tmp_path, me
     used = [m for m in after("refresh/index_version_used")]
     assert [m.step for m in used] == list(range(9, 17))
     assert min(m.value for m in used) > saved_version, (used, saved_version)
+
+
+def test_the_actor_hands_back_the_metrics_mlflow_did_not_get(ray_local, tmp_path):
+    """At the end of training the driver has the actor send its queued metrics before killing
+    it (`close_metrics`); what the tracking server never took is named, not lost unseen."""
+    import socket
+
+    import numpy as np
+    import ray
+
+    from pipeline.config import config_to_dict
+    from pipeline.data.decoding import EncodedImageStore
+    from pipeline.data.format import read_split
+    from pipeline.refresh.actor import RefreshActor
+    from pipeline.training.driver import resolve_dataset
+
+    config = _config(tmp_path, [])
+    root, _ = resolve_dataset(config)
+    table = read_split(root, "train", ["image", "label"])
+    classes, labels = np.unique(table.column("label").to_numpy(), return_inverse=True)
+    count = table.num_rows
+    store = EncodedImageStore([ray.put(table.select(["image"]))], np.zeros(count, np.int32), np.arange(count),
+                              labels, classes)
+    with socket.socket() as sock:  # a port nothing listens on: an MLflow server that is down
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    actor = ray.remote(RefreshActor).options(max_concurrency=4).remote(
+        config_to_dict(config), store, np.zeros(0, np.int64), "run-id", down
+    )
+    try:
+        assert ray.get(actor.wait_for_index.remote(0, 120.0))["version"] >= 1
+        lines = ray.get(actor.close_metrics.remote(1.0))
+        assert any(line.startswith("metric refresh/count: 1 values at steps 0") for line in lines), lines
+        assert ray.get(actor.close_metrics.remote(1.0)) == []  # closed once; nothing more to send
+    finally:
+        ray.kill(actor, no_restart=True)

@@ -284,6 +284,13 @@ class RefreshActor:
                 "error": self.error,
             }
 
+    def close_metrics(self, timeout_s: float = 60.0) -> list[str]:
+        """Send the refresh metrics still queued (for at most `timeout_s`) and log no more; one
+        line per metric MLflow did not get. Called by the driver when training has ended, before
+        it kills the actor, which would take the unsent metrics with it."""
+        logger, self.logger = self.logger, None
+        return [] if logger is None else logger.close(timeout_s=timeout_s).describe()
+
     def get_state(self) -> dict | None:
         """Index and losses as plain arrays, saved with each checkpoint."""
         with self.cond:
@@ -411,8 +418,10 @@ class RefreshActor:
             else:
                 record["num_clusters"] = index.num_clusters
             self.history.append(record)
+            # Queued (never blocks) before the index is announced: whoever sees the index, the
+            # driver closing the actor's metrics included, finds its metrics queued.
+            self._log(record)
             self.cond.notify_all()
-        self._log(record)
 
     def _build_index(self, embeddings, version, step, sigma2, device):
         """(index, seconds, seen-class accuracy or None) of this run's kind: the hard-negative
@@ -497,7 +506,8 @@ class RefreshActor:
         return weights
 
     def _log(self, record: dict) -> None:
-        if self.logger is None:
+        logger = self.logger  # `close_metrics` may take it away meanwhile
+        if logger is None:
             return
         metrics = {
             "refresh/count": len(self.history),
@@ -516,6 +526,6 @@ class RefreshActor:
         if record["seen_accuracy"] is not None:
             metrics["refresh/seen_magnet_accuracy"] = record["seen_accuracy"]
         try:
-            self.logger.log(metrics, record["model_step"])
+            logger.log(metrics, record["model_step"])
         except Exception as err:  # noqa: BLE001 - a busy tracking store must not stop refreshes
             print(f"refresh actor: could not log to MLflow: {err}")

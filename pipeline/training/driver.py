@@ -65,8 +65,8 @@ def resolve_dataset(config: Config) -> tuple[str, DatasetMetadata]:
 
 
 class RunRefused(ValueError):
-    """A run refused before Ray started and before anything was written: the message names the
-    setting, or the dataset file, that is wrong."""
+    """A run refused before Ray started and before the run was created (no MLflow run, no
+    checkpoint folder): the message names the setting, or the dataset file, that is wrong."""
 
 
 def preflight(config: Config, checked: list | None = None) -> tuple[str, DatasetMetadata]:
@@ -315,15 +315,17 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             )
         with ProgressPrinter(queue, printer):
             result = trainer.fit()
+        if refresh_actor is not None:  # its last refreshes' metrics, before the run is closed
+            not_logged += close_refresh_metrics(refresh_actor, uri, run_id, printer)
         if result.checkpoint is not None:
             checkpoint_path = result.checkpoint.path
             if train_filesystem is not None:  # a path inside the bucket: give the URI
                 checkpoint_path = "s3://" + checkpoint_path
             with result.checkpoint.as_directory() as directory:
                 metrics = load_metrics(directory)
-                not_logged = record_finished_run(config, root, uri, run_id, directory, printer)
+                not_logged += record_finished_run(config, root, uri, run_id, directory, printer)
         else:
-            not_logged = tracking.finish_run(uri, run_id, None, failed=False)
+            not_logged += tracking.finish_run(uri, run_id, None, failed=False)
         failed = False
     finally:
         if refresh_actor is not None:
@@ -331,6 +333,28 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         if failed:
             tracking.finish_run(uri, run_id, None, failed=True)
     return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
+
+
+REFRESH_METRICS_FLUSH_S = 60.0
+"""How long the refresh actor may take to send its queued metrics when training has ended."""
+
+
+def close_refresh_metrics(actor, uri: str, run_id: str, printer=print) -> list[str]:
+    """Have the refresh actor send its queued metrics (`RefreshActor.close_metrics`) before it is
+    killed; prints and returns one line per metric MLflow did not get."""
+    import ray
+
+    from pipeline.tracking import describe_error
+
+    try:
+        lines = ray.get(actor.close_metrics.remote(REFRESH_METRICS_FLUSH_S), timeout=REFRESH_METRICS_FLUSH_S + 30)
+    except Exception as err:  # noqa: BLE001 - a dead or stuck actor must not cost the run its record
+        lines = [f"refresh metrics: not sent ({describe_error(err)})"]
+    if lines:
+        printer(f"MLflow ({uri}) did not get every refresh metric of run {run_id}:", flush=True)
+        for line in lines:
+            printer(f"  {line}", flush=True)
+    return lines
 
 
 def scaling_config(config: Config):

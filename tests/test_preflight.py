@@ -1,7 +1,7 @@
 """What the dataset decides about a run is checked before Ray starts: a missing dataset or
 split, a sampler the training split cannot fill, a refresh index it cannot train, missing
 pretrained weights. The train job prints one line naming the setting or file and exits 2,
-nothing is written (no MLflow store, no run), and a sweep refuses the same way."""
+no run is created (no MLflow store, no checkpoint folder), and a sweep refuses the same way."""
 
 from __future__ import annotations
 

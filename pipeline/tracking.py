@@ -338,6 +338,15 @@ def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, failed: bool, 
     return not_recorded
 
 
+def print_not_recorded(lines: list[str], uri: str, run_id: str, printer=print, what: str = "everything") -> None:
+    """Print what MLflow did not get (`finish_run`'s and `UnloggedMetrics.describe`'s lines)
+    under one heading; nothing when it got all."""
+    if lines:
+        printer(f"MLflow ({uri}) did not get {what} for run {run_id}:", flush=True)
+        for line in lines:
+            printer(f"  {line}", flush=True)
+
+
 def _retried(step, deadline: float) -> str:
     """Run `step` until it succeeds or `deadline` passes (at least once); '' or its last error."""
     delay = 1.0

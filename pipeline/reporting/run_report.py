@@ -218,8 +218,5 @@ def record_finished_run(
             artifacts={"plots": plot_dir} if any(Path(plot_dir).iterdir()) else None,
             retry_s=retry_s,
         )
-    if not_logged:
-        printer(f"MLflow ({uri}) did not get everything for run {run_id}:", flush=True)
-        for line in not_logged:
-            printer(f"  {line}", flush=True)
+    tracking.print_not_recorded(not_logged, uri, run_id, printer)
     return not_logged

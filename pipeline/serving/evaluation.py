@@ -175,8 +175,5 @@ def evaluate_checkpoint(
         failed = False
     finally:
         not_logged += tracking.finish_run(uri, run_id, None, failed=failed, retry_s=RECORD_RETRY_S)
-    if not_logged:
-        printer(f"MLflow ({uri}) did not get everything for run {run_id}:", flush=True)
-        for line in not_logged:
-            printer(f"  {line}", flush=True)
+    tracking.print_not_recorded(not_logged, uri, run_id, printer)
     return EvaluationSummary(name, run_id, uri, metrics, tuple(not_logged))

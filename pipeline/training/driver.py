@@ -70,9 +70,10 @@ class RunRefused(ValueError):
 
 
 def preflight(config: Config, checked: list | None = None) -> tuple[str, DatasetMetadata]:
-    """Everything a run needs that can be checked without Ray: the storage settings, the
-    dataset and its splits, the sampler against the training split, and the pretrained
-    weights' file. Returns `resolve_dataset`'s (root, metadata); raises RunRefused.
+    """Everything a run needs that can be checked without Ray, past its config (`load_config`)
+    and storage settings (`storage.export_settings`): the dataset and its splits, the sampler
+    against the training split, and the pretrained weights' file. Returns `resolve_dataset`'s
+    (root, metadata); raises RunRefused.
 
     `checked` (a list, kept by a caller checking many configs: a sweep) remembers the
     datasets already read, so each is read once."""
@@ -83,7 +84,6 @@ def preflight(config: Config, checked: list | None = None) -> tuple[str, Dataset
 
     checked = [] if checked is None else checked
     try:
-        storage.check_settings(config)
         known = [found for data, found in checked if data == config.data]
         if known:
             root, metadata, labels = known[0]
@@ -102,8 +102,6 @@ def preflight(config: Config, checked: list | None = None) -> tuple[str, Dataset
                 storage.check_file_exists(config.model.pretrained, "model.pretrained")
             except OSError as err:
                 raise ValueError(f"model.pretrained: {err}") from err
-    except RunRefused:
-        raise
     except ValueError as err:
         raise RunRefused(str(err)) from err
     return root, metadata
@@ -344,16 +342,13 @@ def close_refresh_metrics(actor, uri: str, run_id: str, printer=print) -> list[s
     killed; prints and returns one line per metric MLflow did not get."""
     import ray
 
-    from pipeline.tracking import describe_error
+    from pipeline.tracking import describe_error, print_not_recorded
 
     try:
         lines = ray.get(actor.close_metrics.remote(REFRESH_METRICS_FLUSH_S), timeout=REFRESH_METRICS_FLUSH_S + 30)
     except Exception as err:  # noqa: BLE001 - a dead or stuck actor must not cost the run its record
         lines = [f"refresh metrics: not sent ({describe_error(err)})"]
-    if lines:
-        printer(f"MLflow ({uri}) did not get every refresh metric of run {run_id}:", flush=True)
-        for line in lines:
-            printer(f"  {line}", flush=True)
+    print_not_recorded(lines, uri, run_id, printer, what="every refresh metric")
     return lines
 
 

@@ -90,6 +90,14 @@ def test_errors_name_the_field(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("overrides", [["loss.name=magnet", "sampler.name=neighbourhoods"],
+                                       ["loss.name=pddm", "sampler.name=hard_pools"]])
+def test_the_gpu_preset_takes_magnet_and_pddm_as_they_are(overrides):
+    # Its data.prefetch_batches (8) needs refresh.max_plan_ahead_steps >= 10 with a refresh actor.
+    config = load_config("gpu", overrides)
+    assert config.uses_refresh_actor and config.refresh.max_plan_ahead_steps >= config.data.prefetch_batches + 2
+
+
 def test_unknown_preset_lists_presets():
     with pytest.raises(ConfigError, match="unknown preset 'nope'; presets: .*local"):
         load_config("nope")

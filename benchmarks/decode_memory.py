@@ -85,12 +85,13 @@ def main() -> None:
             start = time.perf_counter()
             rise, out = peak_rise(lambda n=sub_batches: decoder({"id": np.arange(n)}))
             seconds = time.perf_counter() - start
+            output_bytes = sum(v.nbytes for v in out.values())
             print(json.dumps({
                 "sub_batches_per_call": sub_batches,
                 "images_per_sub_batch": planner.batch_size,
                 "image_size": args.image_size,
-                "output_bytes": sum(v.nbytes for v in out.values()),
-                "output_mb": round(sum(v.nbytes for v in out.values()) / 2**20, 1),
+                "output_bytes": output_bytes,
+                "output_mb": round(output_bytes / 2**20, 1),
                 "peak_rise_mb": round(rise / 2**20, 1),
                 "seconds": round(seconds, 2),
                 "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",

@@ -162,17 +162,15 @@ def test_the_actor_hands_back_the_metrics_mlflow_did_not_get(ray_local, tmp_path
 
     from pipeline.config import config_to_dict
     from pipeline.data.decoding import EncodedImageStore
-    from pipeline.data.format import read_split
+    from pipeline.data.format import shard_uris
+    from pipeline.data.ray_datasets import read_shards
     from pipeline.refresh.actor import RefreshActor
     from pipeline.training.driver import resolve_dataset
 
     config = _config(tmp_path, [])
     root, _ = resolve_dataset(config)
-    table = read_split(root, "train", ["image", "label"])
-    classes, labels = np.unique(table.column("label").to_numpy(), return_inverse=True)
-    count = table.num_rows
-    store = EncodedImageStore([ray.put(table.select(["image"]))], np.zeros(count, np.int32), np.arange(count),
-                              labels, classes)
+    # The training split's store as a run builds it (`build_training_data`).
+    store = EncodedImageStore.from_dataset(read_shards(shard_uris(root, "train")).select_columns(["id", "label", "image"]))
     with socket.socket() as sock:  # a port nothing listens on: an MLflow server that is down
         sock.bind(("127.0.0.1", 0))
         down = f"http://127.0.0.1:{sock.getsockname()[1]}"

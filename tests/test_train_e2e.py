@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from short_runs import SHORT_RUN, TINY_BUILT_IN
 
 from pipeline.config import load_config
-from pipeline.training.checkpoint import load_embedding_model
+from pipeline.training.checkpoint import (
+    CheckpointRecordUnreadable,
+    load_embedding_model,
+    registered_checkpoint,
+)
 
 pytestmark = pytest.mark.ray
 
 TINY = TINY_BUILT_IN + SHORT_RUN
-
 
 
 def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
@@ -83,6 +90,28 @@ def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
         out = model(torch.rand(2, 3, 24, 24))
     assert out.shape == (2, config.model.embedding_dim)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+    # Ray Train's record names the final checkpoint: what a rerun resumes from.
+    run_folder = Path(summary.checkpoint_path).parent
+    storage, name = str(run_folder.parent), run_folder.name
+    found = registered_checkpoint(storage, name)
+    assert (Path(found[1]).name, found[2]) == (Path(summary.checkpoint_path).name, 8)
+
+    # A job rewrites that record in place after every report; a reader can find it empty (the
+    # CI failure of a test that polls a running job). The read is retried until it is whole...
+    snapshot = run_folder / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    written = snapshot.read_bytes()
+    snapshot.write_bytes(b"")
+    rewrite = threading.Timer(0.8, snapshot.write_bytes, args=(written,))
+    rewrite.start()
+    try:
+        assert registered_checkpoint(storage, name, attempts=10, retry_seconds=0.2)[2] == 8
+    finally:
+        rewrite.join()
+    # ... and a record that stays unreadable is an error that names it, not "no checkpoint".
+    snapshot.write_bytes(written[: len(written) // 2])
+    with pytest.raises(CheckpointRecordUnreadable, match=f"{snapshot}: .* could not be read in 2 tries"):
+        registered_checkpoint(storage, name, attempts=2, retry_seconds=0.01)
 
 
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):

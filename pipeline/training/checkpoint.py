@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -56,26 +57,53 @@ def load_embedding_model(directory: str):
     return model, config
 
 
-def registered_checkpoint(storage_path: str, run_name: str):
+class CheckpointRecordUnreadable(RuntimeError):
+    """Ray Train's checkpoint record of a run stayed unreadable through every retry."""
+
+
+def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5,
+                          retry_seconds: float = 0.5):
     """(filesystem, directory, step) of the run's latest checkpoint in Ray Train's own record
     (its checkpoint manager's snapshot) - the one Ray Train resumes a rerun from - or None.
 
     A checkpoint that reached storage but was not registered when the driver died (a job
     stopped between the upload and the report) is not in that record, and Ray Train does not
-    resume from it: neither may the driver, which plans the data from the resume step."""
+    resume from it: neither may the driver, which plans the data from the resume step.
+
+    A run that is still training rewrites the record in place after every report (not
+    atomically), and deletes checkpoints past `num_to_keep` just after: a read can find the
+    file empty or half written, or name a checkpoint that is gone a moment later. Such a read
+    is retried up to `attempts` times, `retry_seconds` apart; a record that stays unreadable
+    (corrupt, or written by another Ray version) raises `CheckpointRecordUnreadable`."""
     import ray.train
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 
     from pipeline.storage import filesystem_for
 
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
     filesystem, root = filesystem_for(storage_path.rstrip("/") + "/" + run_name)
     # Reading the record makes Ray log a paragraph about resuming; the driver says it itself.
     quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        result = ray.train.Result.from_path(root, storage_filesystem=filesystem)
-    except RuntimeError:  # no run folder, or nothing registered yet
-        return None
+        for attempt in range(1, attempts + 1):
+            try:
+                result = ray.train.Result.from_path(root, storage_filesystem=filesystem)
+                break
+            except CheckpointManagerInitializationError as error:
+                if attempt == attempts:
+                    raise CheckpointRecordUnreadable(
+                        f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}: Ray Train's checkpoint record of run "
+                        f"{run_name!r} could not be read in {attempts} tries ({error}); if no "
+                        f"job is writing it, it is corrupt or from another Ray version: move "
+                        f"the run folder away or pick another run name"
+                    ) from error
+                time.sleep(retry_seconds)
+            except RuntimeError:  # no run folder, or nothing registered yet
+                return None
     finally:
         quiet.setLevel(level)
     if result.checkpoint is None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -23,17 +26,25 @@ pytestmark = pytest.mark.ray
 TINY = TINY_BUILT_IN + SHORT_RUN
 
 
-def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
-    from mlflow import MlflowClient
-
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tmp_path_factory):
+    """(config, summary, printed lines) of one triplet run of 2 epochs x 4 steps."""
     from pipeline.training.driver import run_training
 
+    root = tmp_path_factory.mktemp("finished_run")
     config = load_config(
         "local",
-        TINY + [f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}"],
+        TINY + [f"data.cache_dir={root / 'data'}", f"train.storage_path={root / 'runs'}"],
     )
     lines: list[str] = []
     summary = run_training(config, printer=lambda text, **_: lines.append(text))
+    return config, summary, lines
+
+
+def test_training_run_is_recorded_in_mlflow(finished_run, tmp_path):
+    from mlflow import MlflowClient
+
+    config, summary, lines = finished_run
 
     # The driver printed readable progress from rank 0 and per-epoch evaluation.
     assert any("step      8/8" in line for line in lines), lines
@@ -91,11 +102,30 @@ def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
     assert out.shape == (2, config.model.embedding_dim)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
 
-    # Ray Train's record names the final checkpoint: what a rerun resumes from.
-    run_folder = Path(summary.checkpoint_path).parent
+
+def test_ray_trains_record_names_the_checkpoint_to_resume_and_serve(finished_run, tmp_path):
+    """Ray Train's record of a run (read on a copy of the run folder: it names checkpoints
+    relative to it) is what a rerun resumes from and what evaluate/export use for a run."""
+    from pipeline.serving.checkpoints import CheckpointNotFound, locate_checkpoint
+    from pipeline.training.checkpoint import METRICS_FILE, MODEL_FILE, latest_checkpoint
+
+    _, summary, _ = finished_run
+    final = Path(summary.checkpoint_path).name
+    run_folder = tmp_path / "runs" / Path(summary.checkpoint_path).parent.name
+    shutil.copytree(Path(summary.checkpoint_path).parent, run_folder)
     storage, name = str(run_folder.parent), run_folder.name
     found = registered_checkpoint(storage, name)
-    assert (Path(found[1]).name, found[2]) == (Path(summary.checkpoint_path).name, 8)
+    assert (Path(found[1]).name, found[2]) == (final, 8)
+
+    # A job still writing a newer checkpoint: its metrics.json is there, model.pt half copied.
+    # A listing takes it; evaluate and export take the record's, whole, checkpoint.
+    writing = run_folder / "checkpoint_2099-01-01_00-00-00.000000"
+    writing.mkdir()
+    (writing / METRICS_FILE).write_text(json.dumps({"step": 12, "epoch": 3}))
+    (writing / MODEL_FILE).write_bytes((run_folder / final / MODEL_FILE).read_bytes()[:100])
+    assert latest_checkpoint(storage, name)[1] == str(writing)
+    assert locate_checkpoint(name, storage)[1] == str(run_folder / final)
+    assert locate_checkpoint(str(run_folder), "unused")[1] == str(run_folder / final)
 
     # A job rewrites that record in place after every report; a reader can find it empty (the
     # CI failure of a test that polls a running job). The read is retried until it is whole...
@@ -110,8 +140,18 @@ def test_training_run_is_recorded_in_mlflow(ray_local, tmp_path):
         rewrite.join()
     # ... and a record that stays unreadable is an error that names it, not "no checkpoint".
     snapshot.write_bytes(written[: len(written) // 2])
-    with pytest.raises(CheckpointRecordUnreadable, match=f"{snapshot}: .* could not be read in 2 tries"):
+    with pytest.raises(CheckpointRecordUnreadable, match=f"{re.escape(str(snapshot))}: .* could not be read in 2 tries"):
         registered_checkpoint(storage, name, attempts=2, retry_seconds=0.01)
+
+    # A record that names no checkpoint yet (the first report is still being uploaded): a
+    # run name finds nothing, rather than the half-written directory.
+    record = json.loads(written)
+    record.update({key: [] for key, value in record.items() if isinstance(value, list)},
+                  latest_checkpoint_result=None)
+    snapshot.write_text(json.dumps(record))
+    assert registered_checkpoint(storage, name) is None
+    with pytest.raises(CheckpointNotFound, match="no run of that name has a checkpoint"):
+        locate_checkpoint(name, storage)
 
 
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):

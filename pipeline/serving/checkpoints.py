@@ -8,7 +8,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipeline.storage import filesystem_for
-from pipeline.training.checkpoint import CONFIG_FILE, MODEL_FILE, latest_checkpoint
+from pipeline.training.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    latest_checkpoint,
+    registered_checkpoint,
+)
 
 
 class CheckpointNotFound(ValueError):
@@ -24,25 +29,43 @@ def _absolute(location: str) -> str:
     return location if "://" in location else str(Path(location).resolve())
 
 
+def run_checkpoint(storage_path: str, run_name: str):
+    """(filesystem, directory, step) of the checkpoint to use from run `run_name`, or None.
+
+    Ray Train's record of the run comes first: it names a checkpoint only once the checkpoint
+    is fully uploaded, while a listing can find one a running (or killed) job is still writing
+    - metrics.json already there, model.pt half copied. A run folder without that record (its
+    checkpoint directories copied on their own) falls back to the listing."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    filesystem, root = filesystem_for(storage_path.rstrip("/") + "/" + run_name)
+    record = filesystem.get_file_info(f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")
+    if record.type == pafs.FileType.File:
+        return registered_checkpoint(storage_path, run_name)
+    return latest_checkpoint(storage_path, run_name)
+
+
 def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, directory) of the checkpoint `reference` names: a checkpoint directory, a
-    run directory (its latest checkpoint), or a run name under `storage_path` (likewise)."""
+    run directory (its latest checkpoint, see `run_checkpoint`), or a run name under
+    `storage_path` (likewise)."""
     filesystem, path = filesystem_for(reference)
     if filesystem.get_file_info(path).type == pafs.FileType.Directory:
         if _is_checkpoint(filesystem, path):
             return filesystem, path
         run_dir = _absolute(reference).rstrip("/")
         parent, name = run_dir.rsplit("/", 1)
-        found = latest_checkpoint(parent or "/", name)
+        found = run_checkpoint(parent or "/", name)
         if found is None:
             raise CheckpointNotFound(
                 f"checkpoint {reference}: the directory holds neither {MODEL_FILE} and "
-                f"{CONFIG_FILE} (a checkpoint) nor complete checkpoint_* directories (a run)"
+                f"{CONFIG_FILE} (a checkpoint) nor a checkpoint Ray Train registered or complete "
+                f"checkpoint_* directories (a run)"
             )
         return found[0], found[1]
     if "://" in reference or "/" in reference:
         raise CheckpointNotFound(f"checkpoint {reference}: no such directory")
-    found = latest_checkpoint(_absolute(storage_path), reference)
+    found = run_checkpoint(_absolute(storage_path), reference)
     if found is None:
         raise CheckpointNotFound(
             f"checkpoint {reference}: not a directory, and no run of that name has a checkpoint "

@@ -57,7 +57,7 @@ def load_embedding_model(directory: str):
     return model, config
 
 
-class CheckpointRecordUnreadable(RuntimeError):
+class CheckpointRecordUnreadable(ValueError):
     """Ray Train's checkpoint record of a run stayed unreadable through every retry."""
 
 
@@ -112,10 +112,11 @@ def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5
 
 
 def latest_checkpoint(storage_path: str, run_name: str):
-    """(filesystem, directory, step) of the run's complete checkpoint directory with the highest
-    step, found by listing storage (no Ray needed), or None. Works for local and `s3://` storage
-    (pyarrow). A rerun resumes from `registered_checkpoint`, which is this one unless the last
-    checkpoint was written but never registered."""
+    """(filesystem, directory, step) of the run's checkpoint directory with the highest step
+    whose metrics.json reads, found by listing storage (no Ray needed), or None. Works for local
+    and `s3://` storage (pyarrow). A checkpoint being uploaded can already have its metrics.json
+    and not yet all of its weights: a run Ray Train recorded is read with
+    `registered_checkpoint`, and this listing serves folders without that record."""
     import pyarrow.fs as pafs
 
     from pipeline.storage import filesystem_for

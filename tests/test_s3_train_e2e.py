@@ -112,6 +112,10 @@ def test_a_run_reads_and_writes_everything_on_s3(
     assert json.loads(checkpoints[final + "metrics.json"])["step"] == 8
     _, directory, step = latest_checkpoint(f"{base}/runs", summary.run_name)
     assert (f"s3://{directory}", step) == (summary.checkpoint_path, 8)
+    # evaluate/export read Ray Train's record of the run, in S3 too.
+    from pipeline.serving.checkpoints import locate_checkpoint
+
+    assert locate_checkpoint(summary.run_name, f"{base}/runs")[1] == directory
 
     # MLflow: the database stays on this machine, the artifacts are in S3.
     assert summary.tracking_uri == f"sqlite:///{tmp_path}/runs/s3/{s3_bucket}/runs/mlflow.db"

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+from ray.train.v2._internal.constants import (
+    CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
+    VALIDATE_STORAGE_MARKER_FILENAME,
+)
 from short_runs import SHORT_RUN, TINY_BUILT_IN
 
 from pipeline.config import load_config
@@ -152,6 +155,15 @@ def test_ray_trains_record_names_the_checkpoint_to_resume_and_serve(finished_run
     assert registered_checkpoint(storage, name) is None
     with pytest.raises(CheckpointNotFound, match="no run of that name has a checkpoint"):
         locate_checkpoint(name, storage)
+    # Before its first registration Ray Train writes no record at all; its storage marker says
+    # the folder is its own, so the half-written directory is still not taken.
+    snapshot.unlink()
+    with pytest.raises(CheckpointNotFound, match="no run of that name has a checkpoint"):
+        locate_checkpoint(name, storage)
+    # A folder Ray Train did not make (checkpoints copied on their own) is listed, and only
+    # a checkpoint that holds its weights and config is taken.
+    (run_folder / VALIDATE_STORAGE_MARKER_FILENAME).unlink()
+    assert locate_checkpoint(name, storage)[1] == str(run_folder / final)
 
 
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):

@@ -34,15 +34,25 @@ def run_checkpoint(storage_path: str, run_name: str):
 
     Ray Train's record of the run comes first: it names a checkpoint only once the checkpoint
     is fully uploaded, while a listing can find one a running (or killed) job is still writing
-    - metrics.json already there, model.pt half copied. A run folder without that record (its
-    checkpoint directories copied on their own) falls back to the listing."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    - metrics.json already there, model.pt half copied. A folder Ray Train made (its storage
+    marker is there) but without a record has registered nothing yet: whatever checkpoint
+    directory it holds is mid-upload or was never reported. Only a folder Ray Train did not
+    make (checkpoint directories copied on their own) falls back to the listing, of
+    checkpoints that hold their weights and config."""
+    from ray.train.v2._internal.constants import (
+        CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
+        VALIDATE_STORAGE_MARKER_FILENAME,
+    )
 
     filesystem, root = filesystem_for(storage_path.rstrip("/") + "/" + run_name)
-    record = filesystem.get_file_info(f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")
+    record, marker = filesystem.get_file_info(
+        [f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}", f"{root}/{VALIDATE_STORAGE_MARKER_FILENAME}"]
+    )
     if record.type == pafs.FileType.File:
         return registered_checkpoint(storage_path, run_name)
-    return latest_checkpoint(storage_path, run_name)
+    if marker.type == pafs.FileType.File:
+        return None
+    return latest_checkpoint(storage_path, run_name, with_files=(MODEL_FILE, CONFIG_FILE))
 
 
 def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSystem, str]:
@@ -69,7 +79,8 @@ def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSyste
     if found is None:
         raise CheckpointNotFound(
             f"checkpoint {reference}: not a directory, and no run of that name has a checkpoint "
-            f"under train.storage_path={storage_path}"
+            f"under train.storage_path={storage_path} (a run that is training has none until "
+            f"Ray Train registers its first; a checkpoint directory can be named itself)"
         )
     return found[0], found[1]
 

@@ -111,12 +111,13 @@ def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5
     return filesystem, result.checkpoint.path, int(result.metrics["step"])
 
 
-def latest_checkpoint(storage_path: str, run_name: str):
+def latest_checkpoint(storage_path: str, run_name: str, *, with_files: tuple[str, ...] = ()):
     """(filesystem, directory, step) of the run's checkpoint directory with the highest step
-    whose metrics.json reads, found by listing storage (no Ray needed), or None. Works for local
-    and `s3://` storage (pyarrow). A checkpoint being uploaded can already have its metrics.json
-    and not yet all of its weights: a run Ray Train recorded is read with
-    `registered_checkpoint`, and this listing serves folders without that record."""
+    whose metrics.json reads and which holds `with_files`, found by listing storage (no Ray
+    needed), or None. Works for local and `s3://` storage (pyarrow). A checkpoint being
+    uploaded can already have its metrics.json and not yet all of its weights: a run Ray Train
+    recorded is read with `registered_checkpoint`, and this listing serves folders without
+    that record."""
     import pyarrow.fs as pafs
 
     from pipeline.storage import filesystem_for
@@ -131,6 +132,9 @@ def latest_checkpoint(storage_path: str, run_name: str):
             with filesystem.open_input_stream(f"{info.path}/{METRICS_FILE}") as stream:
                 step = json.loads(stream.read())["step"]
         except (OSError, ValueError, KeyError):  # an incomplete checkpoint: Ray never reported it
+            continue
+        present = filesystem.get_file_info([f"{info.path}/{name}" for name in with_files])
+        if any(file.type != pafs.FileType.File for file in present):
             continue
         if best is None or step > best[0]:
             best = (step, info.path)

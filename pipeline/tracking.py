@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN_NAME_TAG = "pipeline.run_name"
+MODEL_LOGGED_TAG = "pipeline.model_logged"
+"""Set to "true" once a run's `model/` artifact is wholly uploaded: the upload goes file by file,
+so a listing can show a model that an outage cut short. Only such a model is registered."""
 PARENT_RUN_TAG = "mlflow.parentRunId"
 """MLflow's own tag that nests a run under another (a sweep trial under its sweep)."""
 
@@ -312,8 +315,8 @@ def metric_name(key: str) -> str:
 
 def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, failed: bool, *,
                artifacts: dict[str, str] | None = None, retry_s: float = 60.0) -> list[str]:
-    """Attach the final checkpoint (`model/`) and the folders in `artifacts` (MLflow path ->
-    local folder), then close the run. Each step is retried with backoff while `retry_s`
+    """Attach the final checkpoint (`model/`, then `MODEL_LOGGED_TAG`) and the folders in
+    `artifacts` (MLflow path -> local folder), then close the run. Each step is retried with backoff while `retry_s`
     lasts; returns one line per thing that could not be recorded (empty when all was)."""
     from mlflow import MlflowClient
 
@@ -322,9 +325,13 @@ def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, failed: bool, 
     folders = {"model": checkpoint_dir} if checkpoint_dir else {}
     folders.update(artifacts or {})
     status = "FAILED" if failed else "FINISHED"
+    def log_folder(path, local):
+        client.log_artifacts(run_id, local, path)
+        if path == "model":
+            client.set_tag(run_id, MODEL_LOGGED_TAG, "true")
+
     steps = [
-        (f"artifacts {path}/ (from {local})",
-         lambda p=path, d=local: client.log_artifacts(run_id, d, p))
+        (f"artifacts {path}/ (from {local})", lambda p=path, d=local: log_folder(p, d))
         for path, local in folders.items()
     ]
     steps.append((f"run status {status} (the run still shows RUNNING)",

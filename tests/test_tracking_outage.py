@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from server_process import stop, wait_until_up
 
+from pipeline.sweep.records import TrialRecord, register_best
 from pipeline.tracking import (
     MetricsLogger,
     UnloggedMetrics,
@@ -186,6 +187,11 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
     ], missing
 
     server.start()  # same port, same store
+    # An upload cut short leaves part of model/ listed; such a model is not registered.
+    client.log_artifact(run_id, str(model_dir / "model.pt"), "model")
+    record = TrialRecord(trial_id="t0", loss="triplet", settings={}, epochs_done=2, epochs=2,
+                         metric=0.5, status="completed", run_id=run_id, run_name="trial-0")
+    assert register_best(client, record, "outage-best") is None
     unlogged = logger.close(timeout_s=60)
     assert not unlogged, unlogged.describe()
     resender = MetricsLogger(server.uri, run_id)
@@ -210,3 +216,4 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
         a.path for a in client.list_artifacts(run_id, "plots")
     }
     assert artifacts == {"model/model.pt", "plots/recall_at_k.png"}
+    assert register_best(client, record, "outage-best") == "1"  # now wholly logged

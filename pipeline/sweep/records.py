@@ -224,11 +224,14 @@ def plot_metric_vs_params(records: list[TrialRecord], spec: SweepSpec, path: Pat
 
 def register_best(client, record: TrialRecord, model_name: str) -> str | None:
     """Register the trial's `model/` artifact (its final checkpoint) as a version of
-    `model_name`; returns the version, or None when the run logged no model. Registering the
-    same run again returns its existing version."""
+    `model_name`; returns the version, or None when the run did not log a whole model (no
+    `MODEL_LOGGED_TAG`: an outage can cut the file-by-file upload short). Registering the same
+    run again returns its existing version."""
     from mlflow.exceptions import MlflowException
 
-    if not record.run_id or not client.list_artifacts(record.run_id, "model"):
+    from pipeline.tracking import MODEL_LOGGED_TAG
+
+    if not record.run_id or client.get_run(record.run_id).data.tags.get(MODEL_LOGGED_TAG) != "true":
         return None
     try:
         client.create_registered_model(model_name, description="Best trials of sweep runs (dml-pipeline).")

@@ -6,12 +6,14 @@ no run is created (no MLflow store, no checkpoint folder), and a sweep refuses t
 from __future__ import annotations
 
 import pytest
+import torch
 from short_runs import TINY_BUILT_IN
 
 from jobs.sweep import main as sweep_main
 from jobs.train import main as train_main
 from pipeline.config import load_config
 from pipeline.training.driver import RunRefused, preflight
+from pipeline.training.resources import local_resources
 
 # The tiny built-in dataset: 12 training classes x 12 images.
 REFUSED = [
@@ -26,6 +28,10 @@ REFUSED = [
     ("pddm", ["refresh.pool_index=IVF4096,Flat"],
      "refresh.pool_index: 'IVF4096,Flat' trains on the training split's 144 pooled images but needs"),
     ("local", ["model.pretrained={tmp}/resnet.pth"], "model.pretrained: no file at {tmp}/resnet.pth"),
+    # More than a local Ray has: Ray Train would wait for it forever.
+    ("local", ["train.num_workers=256"],
+     "train.num_workers: the run needs 128.75 logical CPUs (workers, decode actors, a read task) "
+     "but a local Ray has {cpus:g}"),
 ]
 
 
@@ -44,8 +50,20 @@ def test_the_train_job_refuses_before_ray_and_writes_nothing(
     assert train_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message.format(tmp=tmp_path, cache=tmp_path / "data") in err
+    assert message.format(tmp=tmp_path, cache=tmp_path / "data", cpus=local_resources()["CPU"]) in err
     assert not (tmp_path / "runs").exists()  # no MLflow store, no run, no checkpoint folder
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the gpu preset's 4 GPUs")
+def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsys, ray_must_not_start):
+    args = ["--preset", "gpu", *[a for item in _overrides(tmp_path, []) for a in ("--set", item)]]
+    assert train_main(args) == 2
+    assert capsys.readouterr().err == (
+        "error: train.use_gpu: the run needs 4 GPUs (train.num_workers=4 x train.gpus_per_worker=1) "
+        f"but this machine has {torch.cuda.device_count()}; set train.use_gpu=false or fewer workers, "
+        "or set RAY_ADDRESS to run on a cluster\n"
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_run_the_dataset_can_serve_passes(tmp_path):
@@ -81,6 +99,24 @@ def test_the_sweep_job_refuses_a_trial_the_dataset_cannot_serve(tmp_path, capsys
     assert sweep_main(args) == 2
     err = capsys.readouterr().err
     assert "sweep error: sampler.classes_per_batch: 20 classes per batch" in err
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_the_sweep_job_refuses_trials_a_local_ray_cannot_hold(tmp_path, capsys, ray_must_not_start):
+    """Each run fits, but a trial also holds its driver function's CPU."""
+    have = local_resources()["CPU"]
+    workers = int((have - 0.75) // 0.5)  # a run: 0.5 per worker, a decode actor, a read task
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        f"name: too_big\nfixed: {{train.epochs: 1, train.num_workers: {workers}}}\nsearch: grid\n"
+        "asha: false\nspace: {train.seed: {grid: [0, 1]}}\nlosses: {triplet: {}}\n"
+    )
+    args = [str(space)]
+    for item in _overrides(tmp_path, []):
+        args += ["--set", item]
+    assert sweep_main(args) == 2
+    assert (f"sweep error: a trial needs {workers * 0.5 + 1.75:g} CPU (driver, workers, decode and "
+            f"refresh actors) but the cluster has {have:g}") in capsys.readouterr().err
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
 

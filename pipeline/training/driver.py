@@ -7,7 +7,6 @@ before any cluster resource is taken.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pipeline.data.format import (
 )
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
+from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
 from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
 
 
@@ -69,11 +69,13 @@ class RunRefused(ValueError):
     checkpoint folder): the message names the setting, or the dataset file, that is wrong."""
 
 
-def preflight(config: Config, checked: list | None = None) -> tuple[str, DatasetMetadata]:
+def preflight(config: Config, checked: list | None = None, *,
+              have: dict[str, float] | None = None) -> tuple[str, DatasetMetadata]:
     """Everything a run needs that can be checked without Ray, past its config (`load_config`)
     and storage settings (`storage.export_settings`): the dataset and its splits, the sampler
-    against the training split, and the pretrained weights' file. Returns `resolve_dataset`'s
-    (root, metadata); raises RunRefused.
+    against the training split, the pretrained weights' file, and, given the CPUs and GPUs a
+    local Ray will `have`, that the run fits in them. Returns `resolve_dataset`'s (root,
+    metadata); raises RunRefused.
 
     `checked` (a list, kept by a caller checking many configs: a sweep) remembers the
     datasets already read, so each is read once."""
@@ -81,9 +83,10 @@ def preflight(config: Config, checked: list | None = None) -> tuple[str, Dataset
 
     from pipeline import storage
     from pipeline.data.ray_datasets import check_training_split
-
     checked = [] if checked is None else checked
     try:
+        if have is not None:
+            check_fits_locally(config, have)
         known = [found for data, found in checked if data == config.data]
         if known:
             root, metadata, labels = known[0]
@@ -144,9 +147,8 @@ def _init_ray(verbose: bool) -> None:
         return
     # A local run reserves more logical CPUs than cores so Data and Train never starve each
     # other on a small machine; on a cluster (RAY_ADDRESS set) the cluster's resources rule.
-    local = not os.environ.get("RAY_ADDRESS")
     ray.init(
-        num_cpus=max(4, os.cpu_count() or 1) if local else None,
+        num_cpus=int(local_resources()["CPU"]) if uses_local_ray() else None,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
         configure_logging=True,
@@ -193,7 +195,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    root, metadata = preflight(config)
+    root, metadata = preflight(config, have=local_resources() if uses_local_ray() else None)
     # Named from the config as given, so the name follows from the config alone (jobs and
     # tests that resume or watch a run compute it without reading the dataset).
     name = run_name_for(config)

@@ -90,6 +90,31 @@ def test_errors_name_the_field(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # A key that only the losses have: every loss that has it, by full path.
+        ("loss.margin=0.1", "loss.margin: unknown setting (did you mean loss.triplet.margin, "
+         "loss.normalized_softmax.margin, loss.softtriple.margin or loss.proxy_anchor.margin?)"),
+        ("loss.mining=hard", "loss.mining: unknown setting (did you mean loss.triplet.mining?)"),
+        # Not a key of any subsection: the nearest key of the section, as before.
+        ("optim.lrr=0.1", "optim.lrr: unknown setting (did you mean 'lr'?)"),
+    ],
+)
+def test_unknown_key_names_the_subsections_that_have_it(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("local", [override])
+    assert str(err.value) == message
+
+
+def test_unknown_key_in_a_yaml_file_names_the_subsections_that_have_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\n  temperature: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value) == "loss.temperature: unknown setting (did you mean loss.normalized_softmax.temperature?)"
+
+
 @pytest.mark.parametrize("overrides", [["loss.name=magnet", "sampler.name=neighbourhoods"],
                                        ["loss.name=pddm", "sampler.name=hard_pools"]])
 def test_the_gpu_preset_takes_magnet_and_pddm_as_they_are(overrides):

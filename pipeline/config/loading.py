@@ -101,9 +101,7 @@ def _build(cls, raw: Any, prefix: str):
     unknown = [k for k in raw if k not in fields]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(fields)}"
-        raise ConfigError(f"{prefix}{key}: unknown setting{hint}")
+        raise ConfigError(f"{prefix}{key}: unknown setting{_unknown_key_hint(cls, key, prefix)}")
     values = {}
     for name, value in raw.items():
         path = f"{prefix}{name}"
@@ -113,6 +111,37 @@ def _build(cls, raw: Any, prefix: str):
         else:
             values[name] = _coerce(kind, value, path)
     return cls(**values)
+
+
+def _unknown_key_hint(cls, key: str, prefix: str) -> str:
+    """Where an unknown key of section `cls` probably belongs, as the tail of the error message."""
+    # `loss.margin` means some loss's own margin: name those full paths before guessing a
+    # spelling, since difflib would only offer this section's keys ('magnet').
+    nested = _nested_paths(cls, key, prefix)
+    if nested:
+        return f" (did you mean {_or_list(nested)}?)"
+    fields = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, fields, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(fields)}"
+
+
+def _nested_paths(cls, key: str, prefix: str) -> list[str]:
+    """Full paths of the settings or sections named `key` anywhere below section `cls`."""
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            section = f"{prefix}{f.name}."
+            if any(g.name == key for g in dataclasses.fields(kind)):
+                paths.append(f"{section}{key}")
+            paths.extend(_nested_paths(kind, key, section))
+    return paths
+
+
+def _or_list(items: list[str]) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def _coerce(kind, value: Any, path: str):

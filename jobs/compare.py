@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
+    from pipeline.tracking import check_store
+
+    try:
+        check_store(uri, "--tracking-uri")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         rows = best_runs(MlflowClient(uri), args.experiment, args.metric, args.top)
     except ValueError as err:

@@ -88,6 +88,26 @@ def experiment_id(client, config) -> str:
     return _experiment_id(client, config)
 
 
+class TrackingUnreachable(ValueError):
+    """The tracking store named by a URI cannot be reached or opened."""
+
+
+def check_store(uri: str, setting: str = "tracking.tracking_uri") -> None:
+    """Raise TrackingUnreachable, naming `setting`, when the store at `uri` does not answer a
+    one-row query (with this module's few HTTP retries, seconds rather than MLflow's minutes).
+    A local `sqlite:///` store is created on first use and is not probed."""
+    if uri.startswith("sqlite:///"):
+        return
+    from mlflow import MlflowClient
+
+    _limit_mlflow_http_retries()
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow, requests and SQLAlchemy each raise their own
+        raise TrackingUnreachable(f"{setting}: the MLflow store at {uri} does not answer "
+                                  f"({describe_error(err)})") from err
+
+
 def start_run(config, run_name: str, config_yaml: str, tags: dict[str, str]) -> str:
     """Create (or reopen, for a resumed run) the MLflow run; log params, config and tags."""
     from mlflow import MlflowClient

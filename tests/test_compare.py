@@ -136,3 +136,9 @@ def test_the_command_prints_the_table_and_names_what_is_wrong(
     assert main(["--tracking-uri", f"sqlite:///{missing}"]) == 2
     assert f"no MLflow store at {missing}" in capsys.readouterr().err
     assert not missing.parent.exists()
+    # A server that does not answer (nothing listens on port 1), or a malformed URI: one line.
+    assert main(["--tracking-uri", "http://127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --tracking-uri: the MLflow store at http://127.0.0.1:1 does not answer (")
+    assert main(["--tracking-uri", "sqlite://runs/mlflow.db"]) == 2
+    assert "Invalid SQLite URL" in capsys.readouterr().err

@@ -54,6 +54,18 @@ def test_the_train_job_refuses_before_ray_and_writes_nothing(
     assert not (tmp_path / "runs").exists()  # no MLflow store, no run, no checkpoint folder
 
 
+def test_a_tracking_server_that_does_not_answer_is_refused_before_ray(tmp_path, capsys, ray_must_not_start):
+    """A mistyped or stopped server: seconds and one line, not minutes of retries and a
+    traceback (nothing listens on port 1)."""
+    args = ["--preset", "local", "--set", "tracking.tracking_uri=http://127.0.0.1:1"]
+    args += [a for item in _overrides(tmp_path, []) for a in ("--set", item)]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking.tracking_uri: the MLflow store at http://127.0.0.1:1 "
+                          "does not answer (") and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the gpu preset's 4 GPUs")
 def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsys, ray_must_not_start):
     args = ["--preset", "gpu", *[a for item in _overrides(tmp_path, []) for a in ("--set", item)]]

@@ -122,6 +122,7 @@ def evaluate_checkpoint(
         source_run, step, metadata.name, metadata.fingerprint, split, gallery_split
     )
     uri = tracking.tracking_uri(config)
+    tracking.check_store(uri)
     run_id = tracking.start_run(
         config,
         name,

@@ -127,6 +127,10 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
         preflight(config, checked, have=have)
     if have is not None:  # a trial (with its driver function) fits a local Ray, or stop here
         trial_concurrency(configs, have, spec.max_concurrent_trials)
+    try:
+        tracking.check_store(uri)
+    except ValueError as err:
+        raise SweepError(str(err)) from err
     located = [
         override("train.storage_path", f"{experiment_path}/train_runs"),
         override("tracking.tracking_uri", uri),

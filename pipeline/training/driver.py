@@ -204,6 +204,10 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     config = resolve_evaluation(config, metadata)
     gallery = gallery_split(config, metadata)
     uri = tracking.tracking_uri(config)
+    try:
+        tracking.check_store(uri)
+    except ValueError as err:
+        raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)
     run_id = tracking.start_run(
         config,

@@ -123,6 +123,22 @@ def test_export_refuses_bad_input_and_keeps_what_is_there(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_job_refuses_an_index_the_split_cannot_train_before_ray(
+    trained, tmp_path, capsys, ray_must_not_start
+):
+    from jobs.export_embeddings import main as export_main
+
+    out = tmp_path / "out"
+    num_images = read_split(trained["dataset"], "test", ["id"]).num_rows
+    argv = [str(trained["checkpoint"]), trained["dataset"], str(out), "--index", "IVF1024,Flat"]
+    assert export_main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --index 'IVF1024,Flat': training it needs at least 1024 images, split 'test' "
+        f"has {num_images}; use at most {num_images} lists, or Flat"
+    )
+    assert not out.exists()
+
+
 def test_index_search_matches_brute_force_and_returns_ids():
     from pipeline.serving.index import build_index
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from pipeline.data.format import read_metadata, shard_uris, validate_dataset
+from pipeline.refresh.hard_pools import training_points_needed
 from pipeline.serving.checkpoints import fetch_checkpoint
 from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
 from pipeline.serving.index import (
@@ -59,6 +60,17 @@ def check_export_dir(export_dir: str) -> None:
         )
 
 
+def check_index_trains_on_split(dim: int, description: str, split: str, num_images: int) -> None:
+    """Refuse an index that cannot be trained on the split's embeddings (an IVF index needs at
+    least one per list), rather than fail once Ray has embedded the whole split."""
+    needed = training_points_needed(dim, description)
+    if num_images < needed:
+        raise ValueError(
+            f"--index {description!r}: training it needs at least {needed} images, split "
+            f"{split!r} has {num_images}; use at most {num_images} lists, or Flat"
+        )
+
+
 def export_embeddings(
     checkpoint: str,
     dataset_root: str,
@@ -86,9 +98,11 @@ def export_embeddings(
         step = load_metrics(directory).get("step")
     shown = checkpoint if "://" in checkpoint else directory  # a fetched copy is gone by now
     check_index_description(config.model.embedding_dim, index_description)
+    num_images = metadata.split(split).num_images
+    check_index_trains_on_split(config.model.embedding_dim, index_description, split, num_images)
     printer(
         f"export {shown} (step {step}): {metadata.name} {split} "
-        f"({metadata.split(split).num_images} images) -> {export_dir}",
+        f"({num_images} images) -> {export_dir}",
         flush=True,
     )
 
@@ -97,11 +111,10 @@ def export_embeddings(
         model, config, shard_uris(dataset_root, split), batch_size or config.eval.batch_size, actors
     )
     ids, labels, embeddings = collect_embeddings(dataset)
-    expected = metadata.split(split).num_images
-    if len(ids) != expected:
-        raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {expected}")
+    if len(ids) != num_images:
+        raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {num_images}")
 
-    # Built before anything is written: training an IVF index can fail (too few images).
+    # Built before anything is written, should faiss still refuse to train it.
     index = build_index(embeddings, ids, index_description)
     filesystem, path = filesystem_for(export_dir)
     filesystem.create_dir(path)

@@ -166,6 +166,30 @@ def test_ray_trains_record_names_the_checkpoint_to_resume_and_serve(finished_run
     assert locate_checkpoint(name, storage)[1] == str(run_folder / final)
 
 
+def test_a_run_name_reused_with_other_settings_is_refused_before_ray(finished_run, tmp_path, ray_must_not_start):
+    """`train.run_name` names the run folder Ray Train resumes: reused with another loss, the
+    run's triplet weights and MLflow record would go on under a contrastive loss."""
+    from pipeline.training.driver import RunRefused, run_training
+
+    config, summary, _ = finished_run
+    shutil.copytree(Path(summary.checkpoint_path).parent, tmp_path / "runs" / "exp1")
+    settings = TINY + [f"data.cache_dir={config.data.cache_dir}", f"train.storage_path={tmp_path / 'runs'}",
+                       "train.run_name=exp1"]
+    changed = load_config("local", settings + ["loss.name=contrastive", "model.embedding_dim=32"])
+    with pytest.raises(RunRefused) as refused:
+        run_training(changed, printer=lambda *a, **k: None)
+    assert str(refused.value).startswith("train.run_name: run 'exp1' has a checkpoint at step 8 (")
+    assert ("trained with other settings, and a rerun would resume it: loss.name: 'triplet' -> "
+            "'contrastive'; model.embedding_dim: 64 -> 32. Choose another train.run_name") in str(refused.value)
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # no MLflow run was created
+
+    # Settings that change where and how fast it runs, not what it learns, resume (here as far
+    # as Ray, which the fixture refuses).
+    same = load_config("local", settings + ["train.log_every_steps=1", "data.decode_cpus=0.25"])
+    with pytest.raises(AssertionError, match="reached for Ray"):
+        run_training(same, printer=lambda *a, **k: None)
+
+
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):
     """Also the seen-class hold-out of a loss other than Magnet's: its kNN accuracy per epoch."""
     from mlflow import MlflowClient

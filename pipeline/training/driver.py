@@ -204,8 +204,17 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     config = resolve_evaluation(config, metadata)
     gallery = gallery_split(config, metadata)
     uri = tracking.tracking_uri(config)
+    from pipeline.training.checkpoint import registered_checkpoint
+    from pipeline.training.resume import check_resume
+
     try:
         tracking.check_store(uri)
+        # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
+        # data plan and the refresh actor start where that checkpoint left off, and only a
+        # checkpoint trained with the same settings is resumed.
+        resume_from = registered_checkpoint(_storage_path(config), name)
+        if resume_from is not None:
+            check_resume(config, name, resume_from)
     except ValueError as err:
         raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)
@@ -251,11 +260,6 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         from pipeline.refresh.actor import refresh_actor_name
 
         actor_name = refresh_actor_name(name) if config.uses_refresh_actor else ""
-        from pipeline.training.checkpoint import registered_checkpoint
-
-        # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
-        # data plan and the refresh actor start where that checkpoint left off.
-        resume_from = registered_checkpoint(_storage_path(config), name)
         start_step = 0 if resume_from is None else resume_from[2]
         data = build_training_data(config, root, actor_name, start_step=start_step)
         queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})

@@ -1,0 +1,56 @@
+"""Whether a rerun may resume the run of the same name: Ray Train resumes any run folder of that
+name, so a `train.run_name` reused with another loss, model or data would silently continue the
+old run's weights and MLflow record under the new settings."""
+
+from __future__ import annotations
+
+from pipeline.config import Config, ConfigError, config_from_dict, flatten, parse_yaml
+
+RESUME_MAY_CHANGE = frozenset({
+    # Where things run and are kept, and how fast: not what is learned.
+    "data.cache_dir", "data.decode_actors", "data.decode_cpus", "data.prefetch_batches",
+    "model.channels_last", "model.pretrained",  # the checkpoint's weights replace pretrained ones
+    "train.cpus_per_worker", "train.use_gpu", "train.gpus_per_worker", "train.torch_threads",
+    "train.log_every_steps", "train.storage_path", "train.run_name", "train.checkpoints_to_keep",
+    "train.max_failures",
+    "refresh.num_cpus", "refresh.num_gpus", "refresh.batch_size", "refresh.cache_max_mb",
+    "refresh.max_restarts",
+    "eval.batch_size", "eval.cache_max_mb",
+    "tracking.tracking_uri", "tracking.experiment", "tracking.log_model",
+    "storage.s3_endpoint_url", "storage.s3_max_attempts",
+})
+"""Settings a resumed run may change; any other difference from the checkpoint's config refuses."""
+
+
+def changed_settings(saved: Config, config: Config) -> list[str]:
+    """`key: saved -> new` for each setting outside RESUME_MAY_CHANGE that differs."""
+    before, after = flatten(saved), flatten(config)
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in RESUME_MAY_CHANGE and before.get(key) != after.get(key)
+    ]
+
+
+def check_resume(config: Config, run_name: str, resume_from) -> None:
+    """Raise ValueError when the checkpoint a rerun would resume from (`registered_checkpoint`'s
+    (filesystem, directory, step)) was trained with settings that change what is learned."""
+    from pipeline.training.checkpoint import CONFIG_FILE
+
+    filesystem, directory, step = resume_from
+    with filesystem.open_input_stream(f"{directory}/{CONFIG_FILE}") as stream:
+        text = stream.read().decode("utf-8")
+    try:
+        saved = config_from_dict(parse_yaml(text))
+    except ConfigError as err:
+        raise ValueError(
+            f"train.run_name: run {run_name!r} has a checkpoint at step {step} whose "
+            f"{CONFIG_FILE} no longer loads ({err}); choose another train.run_name"
+        ) from err
+    changed = changed_settings(saved, config)
+    if changed:
+        raise ValueError(
+            f"train.run_name: run {run_name!r} has a checkpoint at step {step} ({directory}) "
+            f"trained with other settings, and a rerun would resume it: {'; '.join(changed)}. "
+            f"Choose another train.run_name for a new run, or rerun with its settings"
+        )

@@ -4,6 +4,7 @@ trial concurrency and the summary table and plot."""
 from __future__ import annotations
 
 import csv
+import itertools
 import sys
 from pathlib import Path
 
@@ -417,3 +418,64 @@ def test_storage_settings_are_fixed_and_checked_before_ray_starts(
     with pytest.raises(SweepError, match="space.yaml") as err:
         run_sweep(spec, cli)
     assert message in str(err.value)
+
+
+MAGNET_REFRESH = """\
+name: x
+preset: magnet
+search: {search}
+fixed: {{train.epochs: 2}}
+losses:
+  magnet:
+    refresh.lag_steps: {lag}
+    refresh.max_plan_ahead_steps: {{choice: [8, 16]}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("search", "lag"),
+    [("grid", "{choice: [0, 12]}"), ("random", "{randint: [0, 13]}")],  # a range's ends, 0 and 12
+)
+def test_a_bad_combination_of_valid_values_is_refused_before_ray_starts(
+    tmp_path, search, lag, ray_must_not_start,
+):  # fmt: skip
+    """lag 12 is fine with plan-ahead 8 and plan-ahead 16 with lag 0; together they cannot run."""
+    from pipeline.sweep.runner import run_sweep
+
+    spec = load_sweep(_write(tmp_path, MAGNET_REFRESH.format(search=search, lag=lag)))
+    with pytest.raises(SweepError) as err:
+        run_sweep(spec, [])
+    assert str(err.value) == (
+        f"{tmp_path / 'space.yaml'}: losses.magnet with refresh.lag_steps=12, refresh.max_plan_ahead_steps=16: "
+        "refresh.lag_steps: must be 0 (newest index) or > refresh.max_plan_ahead_steps = 16, got 12"
+    )
+
+
+def test_every_combination_of_a_valid_space_is_checked(tmp_path):
+    text = MAGNET_REFRESH.format(search="random", lag="{choice: [0, 20]}")
+    spec = load_sweep(_write(tmp_path, text + "space: {optim.lr: {loguniform: [1e-4, 1e-2]}}\n"))
+    (configs,) = candidate_configs(spec, base_overrides(spec, [])).values()
+    points = [(c.optim.lr, c.refresh.lag_steps, c.refresh.max_plan_ahead_steps) for c in configs]
+    assert sorted(points) == sorted(itertools.product([1e-4, 1e-2], [0, 20], [8, 16]))
+
+
+def test_a_space_past_the_cap_is_checked_pair_by_pair(tmp_path, monkeypatch):
+    from pipeline.sweep import space
+
+    monkeypatch.setattr(space, "COMBINATIONS_CHECKED", 26)  # 3 x 3 x 3 = 27 combinations
+    text = MAGNET_REFRESH.format(search="grid", lag="{choice: [0, 20, 30]}").replace(
+        "[8, 16]", "[8, 12, 16]") + "    loss.magnet.alpha: {choice: [0.5, 1.0, 2.0]}\n"
+    spec = load_sweep(_write(tmp_path, text))
+    (configs,) = candidate_configs(spec, base_overrides(spec, [])).values()
+    points = [(c.refresh.lag_steps, c.refresh.max_plan_ahead_steps, c.loss.magnet.alpha) for c in configs]
+    # The first values, 2 x 3 single changes and 3 pairs of settings x 2 x 2 changed values.
+    assert len(points) == len(set(points)) == 1 + 6 + 12
+    values = ([0, 20, 30], [8, 12, 16], [0.5, 1.0, 2.0])
+    for i, j in itertools.combinations(range(3), 2):
+        assert {(p[i], p[j]) for p in points} == set(itertools.product(values[i], values[j]))
+    # A pair that cannot run is still found, with the third setting named as its first value.
+    spec = load_sweep(_write(tmp_path, text.replace("[0, 20, 30]", "[0, 14, 30]")))
+    with pytest.raises(SweepError) as err:
+        candidate_configs(spec, base_overrides(spec, []))
+    assert ("losses.magnet with refresh.lag_steps=14, refresh.max_plan_ahead_steps=16 (the other swept "
+            "settings at their first value or lower bound): refresh.lag_steps: must be 0") in str(err.value)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ SAMPLED_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 RANGE_KINDS = ("uniform", "loguniform", "randint")
 TRIAL_DRIVER_CPUS = 1.0
 """CPUs of a trial's driver function (Tune's default); its Ray Data reads run there too."""
+COMBINATIONS_CHECKED = 1024
+"""Most configs per loss that `candidate_configs` builds to check every combination of the
+swept settings' candidates. Each costs a config build (~10 ms) there and the runner's dataset
+check (up to ~5 ms, Magnet's planner), so about 15 s per loss at most; a grid that large runs
+more trials than a sweep waits for, and a random search samples little of such a space. A
+larger space gets every pair of settings instead: a value clashes with another setting's (as
+refresh.lag_steps with refresh.max_plan_ahead_steps), and pairs grow with the square of the
+settings, not with their product."""
 
 
 class SweepError(ValueError):
@@ -68,8 +77,8 @@ class Dimension:
 
     def candidates(self) -> list:
         """Values that bound what a trial can get: every listed value, or a range's ends."""
-        if self.kind == "randint":
-            return [self.values[0], self.values[1] - 1]
+        if self.kind == "randint":  # [low, low + 1) holds one value
+            return sorted({self.values[0], self.values[1] - 1})
         return list(self.values)
 
 
@@ -319,30 +328,49 @@ def reported_metrics(config: Config) -> list[str]:
 
 
 def candidate_configs(spec: SweepSpec, overrides: list[str]) -> dict[str, list[Config]]:
-    """Per loss, the configs at the ends of every swept setting, each validated; a bad path
-    or value stops here, naming the sweep file and the field. `overrides` are
-    `base_overrides`."""
+    """Per loss, the configs at the combinations of every swept setting's candidates (its
+    listed values, or a range's ends), each validated; a bad path, value or combination stops
+    here, naming the sweep file, the settings and their values. `overrides` are
+    `base_overrides`.
+
+    Every combination is built when a loss has at most `COMBINATIONS_CHECKED` of them, else
+    every pair of settings at every pair of their values (the others at their first value).
+    The first value alone comes first, then one setting changed at a time, so a value that is
+    bad on its own is named alone."""
     out: dict[str, list[Config]] = {}
     for loss, dims in spec.losses.items():
-        merged = {**spec.space, **dims}
-        first = {key: dim.candidates()[0] for key, dim in merged.items()}
+        candidates = {key: dim.candidates() for key, dim in {**spec.space, **dims}.items()}
+        first = {key: values[0] for key, values in candidates.items()}
+        swept = [key for key, values in candidates.items() if len(values) > 1]
+        combinations = math.prod(len(values) for values in candidates.values())
+        most_changed = len(swept) if combinations <= COMBINATIONS_CHECKED else 2
         configs = []
-        variants = [({}, None)] + [
-            ({key: value}, (key, value))
-            for key, dim in merged.items()
-            for value in dim.candidates()[1:]
-        ]
-        for changed, which in variants:
+        for changed in _changed_settings(candidates, swept, most_changed):
             settings = {"loss.name": loss, **first, **changed}
+            where = f"losses.{loss}"
+            if changed:
+                where += " with " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            if 1 < len(changed) < len(swept):
+                where += " (the other swept settings at their first value or lower bound)"
             try:
                 config = load_config(spec.preset, overrides + [override(k, v) for k, v in settings.items()])
             except ConfigError as err:
-                where = f"losses.{loss}" + (f" with {which[0]}={which[1]!r}" if which else "")
                 raise SweepError(f"{spec.path}: {where}: {err}") from err
-            _check_trial_config(spec, config, f"losses.{loss}")
+            # A setting changed alone keeps the message it has always had (without its value).
+            _check_trial_config(spec, config, where if len(changed) > 1 else f"losses.{loss}")
             configs.append(config)
         out[loss] = configs
     return out
+
+
+def _changed_settings(candidates: dict[str, list], swept: list[str], most_changed: int):
+    """The settings a checked config changes from the first candidates: none, then each
+    swept setting alone, then each pair, and so on up to `most_changed` settings at once
+    (all of `swept`: the whole product, each combination once)."""
+    for count in range(most_changed + 1):
+        for keys in itertools.combinations(swept, count):
+            for values in itertools.product(*(candidates[key][1:] for key in keys)):
+                yield dict(zip(keys, values, strict=True))
 
 
 def _check_trial_config(spec: SweepSpec, config: Config, where: str) -> None:

@@ -419,20 +419,11 @@ def space_params(spec: SweepSpec, overrides: list[str]) -> dict[str, str]:
 
 def resource_need(config: Config) -> dict[str, float]:
     """Logical resources one trial of this config holds while it trains: its driver function
-    (Tune's default 1 CPU), the Train workers, the decode actors (per rank for Magnet/PDDM,
-    whose ranks each have their own stream), a Ray Data read or eval-decode task, and, for
-    Magnet/PDDM, the refresh actor."""
-    from pipeline.data.ray_datasets import EVAL_DECODE_CPUS, READ_CPUS
+    (Tune's default 1 CPU) and what its run holds (`run_resources`)."""
+    from pipeline.training.resources import run_resources
 
-    cpus = TRIAL_DRIVER_CPUS + config.train.num_workers * config.train.cpus_per_worker
-    streams = config.train.num_workers if config.uses_refresh_actor else 1
-    cpus += streams * config.data.decode_actors * config.data.decode_cpus
-    cpus += max(READ_CPUS, EVAL_DECODE_CPUS)
-    gpus = config.train.num_workers * config.train.gpus_per_worker if config.train.use_gpu else 0.0
-    if config.uses_refresh_actor:
-        cpus += config.refresh.num_cpus
-        gpus += config.refresh.num_gpus
-    return {"CPU": cpus, "GPU": gpus}
+    need = run_resources(config)
+    return {"CPU": TRIAL_DRIVER_CPUS + need["CPU"], "GPU": need["GPU"]}
 
 
 def trial_concurrency(configs: list[Config], cluster: dict[str, float], requested: int = 0) -> int:

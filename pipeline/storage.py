@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -82,6 +83,26 @@ def check_uri(uri: str, where: str) -> None:
         )
 
 
+_SCHEME_TYPO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/*")
+
+
+def check_location(location: str, where: str) -> None:
+    """Raise ValueError naming `where` if a storage location is a mistyped URI: a scheme with
+    fewer than two slashes (`s3:/bucket`, which pyarrow would take for a local folder named
+    's3:'), or `s3://` with no bucket."""
+    if not location:
+        return
+    match = _SCHEME_TYPO.match(location)
+    if match is None:
+        return
+    scheme, rest = match.group(1), location[match.end():]
+    if not location.startswith(f"{scheme}://"):
+        raise ValueError(f"{where}: {location!r} is neither a path nor a URI; did you mean "
+                         f"'{scheme}://{rest}'?")
+    if scheme == "s3" and not rest.split("/", 1)[0]:
+        raise ValueError(f"{where}: {location!r} names no bucket (s3://BUCKET/prefix)")
+
+
 def check_settings(config) -> None:
     """Check the run's storage URIs and `storage` section without touching the environment;
     raises ValueError naming the field (config validation turns it into a ConfigError)."""
@@ -93,6 +114,8 @@ def check_settings(config) -> None:
         ("tracking.tracking_uri", config.tracking.tracking_uri),
     ):
         check_uri(uri, where)
+        if where != "tracking.tracking_uri":  # MLflow's own URI forms (sqlite:///...) vary
+            check_location(uri, where)
     settings = config.storage
     if settings.s3_max_attempts < 1:
         raise ValueError(f"storage.s3_max_attempts: must be >= 1, got {settings.s3_max_attempts}")

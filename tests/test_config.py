@@ -73,6 +73,10 @@ def test_numbers_without_a_dot_are_numbers(tmp_path):
         (["storage.s3_endpoint_url=minio:9000"], "storage.s3_endpoint_url: 'minio:9000' is not an http"),
         (["storage.s3_max_attempts=0"], "storage.s3_max_attempts: must be >= 1"),
         (["train.storage_path=s3://KEY:SECRET@bucket/runs"], "train.storage_path: the URI carries credentials"),
+        # pyarrow would take 's3:/bucket' for a local folder named 's3:'.
+        (["train.storage_path=s3:/bucket/runs"],
+         "train.storage_path: 's3:/bucket/runs' is neither a path nor a URI; did you mean 's3://bucket/runs'?"),
+        (["data.root=s3://"], "data.root: 's3://' names no bucket (s3://BUCKET/prefix)"),
         (["train=3"], "train: expected a section"),
         (["nonsense"], "expected KEY=VALUE"),
         (["eval.recall_ks=[1, 2"], "override 'eval.recall_ks=[1, 2': the value is not valid YAML"),

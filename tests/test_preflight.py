@@ -28,6 +28,8 @@ REFUSED = [
     ("pddm", ["refresh.pool_index=IVF4096,Flat"],
      "refresh.pool_index: 'IVF4096,Flat' trains on the training split's 144 pooled images but needs"),
     ("local", ["model.pretrained={tmp}/resnet.pth"], "model.pretrained: no file at {tmp}/resnet.pth"),
+    # The built-in dataset cannot be generated where data.cache_dir says (a file, not a folder).
+    ("local", ["data.cache_dir={tmp}/cache_file"], "data.cache_dir: "),
     # More than a local Ray has: Ray Train would wait for it forever.
     ("local", ["train.num_workers=256"],
      "train.num_workers: the run needs 128.75 logical CPUs (workers, decode actors, a read task) "
@@ -44,6 +46,7 @@ def _overrides(tmp_path, extra: list[str]) -> list[str]:
 def test_the_train_job_refuses_before_ray_and_writes_nothing(
     tmp_path, capsys, ray_must_not_start, preset, extra, message,
 ):  # fmt: skip
+    (tmp_path / "cache_file").write_text("not a folder")
     args = ["--preset", preset]
     for item in _overrides(tmp_path, extra):
         args += ["--set", item]

@@ -95,7 +95,8 @@ def preflight(config: Config, checked: list | None = None, *,
                 root, metadata = resolve_dataset(config)
                 raw = read_split(root, config.data.train_split, ["label"]).column("label").to_numpy()
             except OSError as err:  # an unreachable store or an unreadable file: pyarrow names it
-                raise ValueError(f"data.root: {err}") from err
+                # Without data.root the built-in dataset is generated under data.cache_dir.
+                raise ValueError(f"{'data.root' if config.data.root else 'data.cache_dir'}: {err}") from err
             # Remapped to 0..C-1 in class order, as the training stream's store does.
             labels = np.unique(raw, return_inverse=True)[1]
             checked.append((config.data, (root, metadata, labels)))

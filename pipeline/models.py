@@ -7,6 +7,7 @@ state_dict, loaded with `weights_only=True`.
 from __future__ import annotations
 
 import io
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,19 @@ def load_pretrained_backbone(model: EmbeddingNet, uri: str) -> list[str]:
         state = torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"model.pretrained: no weights at {uri}") from err
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # torch's words for "not this"
+        raise ValueError(f"model.pretrained: {uri} is not a state_dict that torch.load reads "
+                         f"with weights_only=True ({type(err).__name__})") from err
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.pretrained: {uri} holds a {type(state).__name__}, not a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    result = model.backbone.load_state_dict(state, strict=False)
+    try:
+        result = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # the same names with other shapes: another variant's weights
+        raise ValueError(f"model.pretrained: {uri} does not fit backbone "
+                         f"({str(err).strip().splitlines()[-1].strip()})") from err
     if result.unexpected_keys:
         raise ValueError(
             f"model.pretrained: {uri} does not fit backbone "

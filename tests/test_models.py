@@ -39,6 +39,25 @@ def test_pretrained_weights_of_another_network_are_rejected(tmp_path):
         build_model(config.model)
 
 
+def test_weights_of_other_shapes_or_no_state_dict_are_rejected_naming_the_setting(tmp_path):
+    """A layer name that fits with a shape that does not, and files that are not a state_dict:
+    each a ValueError naming the setting (the preflight refuses the run), not torch's error."""
+    narrow = tmp_path / "narrow.pth"
+    torch.save({"features.0.weight": torch.zeros(3)}, narrow)
+    config = load_config("local", [f"model.pretrained={narrow}"])
+    with pytest.raises(ValueError, match=r"does not fit backbone \(size mismatch for features.0.weight"):
+        build_model(config.model)
+    for name, content in (("junk.pth", b"not a torch file"), ("list.pth", None)):
+        path = tmp_path / name
+        if content is None:
+            torch.save([1, 2], path)
+        else:
+            path.write_bytes(content)
+        config = load_config("local", [f"model.pretrained={path}"])
+        with pytest.raises(ValueError, match=f"model.pretrained: {path} (is not a state_dict|holds a list)"):
+            build_model(config.model)
+
+
 def test_missing_weights_file_names_the_setting(tmp_path):
     config = load_config("local", [f"model.pretrained={tmp_path / 'nope.pth'}"])
     with pytest.raises(FileNotFoundError, match="model.pretrained: no weights at"):

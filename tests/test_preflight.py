@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from short_runs import TINY_BUILT_IN
 
 from jobs.sweep import main as sweep_main
 from jobs.train import main as train_main
 from pipeline.config import load_config
+from pipeline.models import EmbeddingNet
 from pipeline.training.driver import RunRefused, preflight
 from pipeline.training.resources import local_resources
 
@@ -28,6 +30,9 @@ REFUSED = [
     ("pddm", ["refresh.pool_index=IVF4096,Flat"],
      "refresh.pool_index: 'IVF4096,Flat' trains on the training split's 144 pooled images but needs"),
     ("local", ["model.pretrained={tmp}/resnet.pth"], "model.pretrained: no file at {tmp}/resnet.pth"),
+    # Weights of another network: found here, not in every worker after the run started.
+    ("local", ["model.pretrained={tmp}/resnet18.pth"],
+     "model.pretrained: {tmp}/resnet18.pth does not fit backbone (unexpected keys such as ['conv1.weight'"),
     # The built-in dataset cannot be generated where data.cache_dir says (a file, not a folder).
     ("local", ["data.cache_dir={tmp}/cache_file"], "data.cache_dir: "),
     # More than a local Ray has: Ray Train would wait for it forever.
@@ -47,6 +52,7 @@ def test_the_train_job_refuses_before_ray_and_writes_nothing(
     tmp_path, capsys, ray_must_not_start, preset, extra, message,
 ):  # fmt: skip
     (tmp_path / "cache_file").write_text("not a folder")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     args = ["--preset", preset]
     for item in _overrides(tmp_path, extra):
         args += ["--set", item]
@@ -82,8 +88,8 @@ def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsy
 
 
 def test_a_run_the_dataset_can_serve_passes(tmp_path):
-    weights = tmp_path / "resnet.pth"
-    weights.write_bytes(b"checked for presence only here")
+    weights = tmp_path / "tiny_cnn.pth"
+    torch.save(EmbeddingNet("tiny_cnn", 8).backbone.state_dict(), weights)  # the presets' backbone
     for preset in ("local", "magnet", "pddm"):
         config = load_config(preset, _overrides(tmp_path, [f"model.pretrained={weights}"]))
         root, metadata = preflight(config)

@@ -78,16 +78,17 @@ def preflight(config: Config, checked: list | None = None, *,
     metadata); raises RunRefused.
 
     `checked` (a list, kept by a caller checking many configs: a sweep) remembers the
-    datasets already read, so each is read once."""
+    datasets already read and the pretrained weights already loaded, so each is read once."""
     import numpy as np
 
     from pipeline import storage
     from pipeline.data.ray_datasets import check_training_split
+    from pipeline.models import build_model
     checked = [] if checked is None else checked
     try:
         if have is not None:
             check_fits_locally(config, have)
-        known = [found for data, found in checked if data == config.data]
+        known = [found for key, found in checked if key == config.data]
         if known:
             root, metadata, labels = known[0]
         else:
@@ -101,11 +102,16 @@ def preflight(config: Config, checked: list | None = None, *,
             labels = np.unique(raw, return_inverse=True)[1]
             checked.append((config.data, (root, metadata, labels)))
         check_training_split(config, labels)
-        if config.model.pretrained:
+        weights = ("model.pretrained", config.model.backbone, config.model.pretrained)
+        if config.model.pretrained and weights not in [key for key, _ in checked]:
             try:
                 storage.check_file_exists(config.model.pretrained, "model.pretrained")
+                # Loaded and fitted to the backbone as each worker will: wrong weights are
+                # found here, not in every worker after Ray started and the run was created.
+                build_model(config.model)
             except OSError as err:
                 raise ValueError(f"model.pretrained: {err}") from err
+            checked.append((weights, True))
     except ValueError as err:
         raise RunRefused(str(err)) from err
     return root, metadata

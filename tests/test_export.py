@@ -4,6 +4,7 @@ the evaluate job's MLflow record. The checkpoint is written without Ray (a fresh
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -196,6 +197,16 @@ def test_export_and_evaluate_jobs(ray_local, trained, tmp_path, monkeypatch):
     order = np.argsort(exact, axis=1, kind="stable")[:, :6]
     np.testing.assert_allclose(distances, np.take_along_axis(exact, order, 1), atol=1e-5)
     np.testing.assert_array_equal(found, exported_ids[order])
+
+    # An export whose manifest is not there (its job still running, or stopped) is not read.
+    from pipeline.serving.index import ExportUnfinished
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out, unfinished)
+    (unfinished / "export.json").unlink()
+    for read in (load_index, read_embeddings):
+        with pytest.raises(ExportUnfinished, match=f"{unfinished}: no export.json, so not a finished export"):
+            read(str(unfinished))
 
     # The evaluate job finds the run by name, evaluates the test split and records it. With a
     # slow tracking server its metrics still arrive before the job returns (and its process ends).

@@ -35,9 +35,26 @@ def write_embeddings(
     return f"{export_dir.rstrip('/')}/{EMBEDDINGS_DIR}"
 
 
-def read_embeddings(export_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids [N] (ascending), labels [N] and embeddings [N, D] float32 of an export."""
+class ExportUnfinished(ValueError):
+    """The export directory has no manifest: its export job is running, failed or was stopped."""
+
+
+def _finished_export(export_dir: str):
+    """(filesystem, path) of a finished export (its manifest, written last, is there)."""
+    import pyarrow.fs as pafs
+
     filesystem, path = filesystem_for(export_dir)
+    if filesystem.get_file_info(f"{path}/{MANIFEST_FILE}").type != pafs.FileType.File:
+        raise ExportUnfinished(
+            f"{export_dir}: no {MANIFEST_FILE}, so not a finished export (its job may still be "
+            f"running, or it failed or was stopped: run it again)"
+        )
+    return filesystem, path
+
+
+def read_embeddings(export_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids [N] (ascending), labels [N] and embeddings [N, D] float32 of a finished export."""
+    filesystem, path = _finished_export(export_dir)
     table = pq.read_table(f"{path}/{EMBEDDINGS_DIR}", filesystem=filesystem).sort_by("id")
     ids = table.column("id").to_numpy()
     return ids, table.column("label").to_numpy(), embedding_matrix(table)
@@ -77,8 +94,8 @@ def save_index(index, export_dir: str) -> str:
 
 
 def load_index(export_dir: str):
-    """The faiss index of an export (searches return dataset ids)."""
-    filesystem, path = filesystem_for(export_dir)
+    """The faiss index of a finished export (searches return dataset ids)."""
+    filesystem, path = _finished_export(export_dir)
     with filesystem.open_input_stream(f"{path}/{INDEX_FILE}") as stream:
         data = stream.read()
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

@@ -524,3 +524,9 @@ def test_a_training_run_records_the_conversion_summary(tmp_path):
         "dataset: 2 images were skipped at conversion (1 corrupt image, 1 unreadable file); "
         f"see dataset/{SUMMARY_FILE} in the MLflow run"
     ]
+
+    # A summary cut short (the conversion was stopped while writing it) does not fail the run.
+    (root / SUMMARY_FILE).write_text(json.dumps(summary)[:20])
+    _record_conversion_summary(uri, run_id, str(root), lambda *a, **k: printed.append(a[0]))
+    assert client.get_run(run_id).data.tags["dataset.skipped_images"] == "unknown"
+    assert printed[-1].startswith(f"dataset: its {SUMMARY_FILE} does not read (")

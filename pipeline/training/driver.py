@@ -169,11 +169,17 @@ def _record_conversion_summary(uri: str, run_id: str, root: str, printer) -> Non
 
     from pipeline.data.convert.writer import SUMMARY_FILE, read_summary
 
-    summary = read_summary(root)
+    client = MlflowClient(uri)
+    try:
+        summary = read_summary(root)
+    except ValueError as err:  # a conversion stopped while writing it: the dataset itself is whole
+        client.set_tag(run_id, "dataset.skipped_images", "unknown")
+        printer(f"dataset: its {SUMMARY_FILE} does not read ({err}); what the conversion skipped "
+                f"is not recorded", flush=True)
+        return
     if summary is None:
         return
     skipped = summary.get("skipped", {}).get("count", 0)
-    client = MlflowClient(uri)
     client.set_tag(run_id, "dataset.skipped_images", str(skipped))
     client.log_dict(run_id, summary, f"dataset/{SUMMARY_FILE}")
     if skipped:

@@ -20,7 +20,9 @@ from pipeline.data.format import (
 )
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
+from pipeline.training.checkpoint import load_metrics, registered_checkpoint
 from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
+from pipeline.training.resume import check_resume
 from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
 
 
@@ -84,6 +86,7 @@ def preflight(config: Config, checked: list | None = None, *,
     from pipeline import storage
     from pipeline.data.ray_datasets import check_training_split
     from pipeline.models import build_model
+
     checked = [] if checked is None else checked
     try:
         if have is not None:
@@ -217,9 +220,6 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     config = resolve_evaluation(config, metadata)
     gallery = gallery_split(config, metadata)
     uri = tracking.tracking_uri(config)
-    from pipeline.training.checkpoint import registered_checkpoint
-    from pipeline.training.resume import check_resume
-
     try:
         tracking.check_store(uri)
         # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
@@ -245,7 +245,6 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     )
     from pipeline.progress import ProgressPrinter
     from pipeline.reporting.run_report import record_finished_run
-    from pipeline.training.checkpoint import load_metrics
 
     # From here on a run exists in MLflow: whatever stops it is recorded there as FAILED.
     failed = True

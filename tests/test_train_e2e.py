@@ -183,9 +183,9 @@ def test_a_run_name_reused_with_other_settings_is_refused_before_ray(finished_ru
             "'contrastive'; model.embedding_dim: 64 -> 32. Choose another train.run_name") in str(refused.value)
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # no MLflow run was created
 
-    # Settings that change where and how fast it runs, not what it learns, resume (here as far
-    # as Ray, which the fixture refuses).
-    same = load_config("local", settings + ["train.log_every_steps=1", "data.decode_cpus=0.25"])
+    # More epochs (a run trained longer) and settings that change where and how fast it runs,
+    # not what it learns, resume (here as far as Ray, which the fixture refuses).
+    same = load_config("local", settings + ["train.epochs=3", "train.log_every_steps=1", "data.decode_cpus=0.25"])
     with pytest.raises(AssertionError, match="reached for Ray"):
         run_training(same, printer=lambda *a, **k: None)
 

@@ -13,6 +13,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.cpus_per_worker", "train.use_gpu", "train.gpus_per_worker", "train.torch_threads",
     "train.log_every_steps", "train.storage_path", "train.run_name", "train.checkpoints_to_keep",
     "train.max_failures",
+    "train.epochs",  # a run resumed with more epochs goes on training: the usual way to extend one
     "refresh.num_cpus", "refresh.num_gpus", "refresh.batch_size", "refresh.cache_max_mb",
     "refresh.max_restarts",
     "eval.batch_size", "eval.cache_max_mb",

@@ -134,8 +134,8 @@ def test_export_job_refuses_an_index_the_split_cannot_train_before_ray(
     argv = [str(trained["checkpoint"]), trained["dataset"], str(out), "--index", "IVF1024,Flat"]
     assert export_main(argv) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: --index 'IVF1024,Flat': training it needs at least 1024 images, split 'test' "
-        f"has {num_images}; use at most {num_images} lists, or Flat"
+        f"error: --index: 'IVF1024,Flat' trains on the {num_images} images of split 'test' but "
+        f"needs at least 1024; use fewer lists or Flat"
     )
     assert not out.exists()
 

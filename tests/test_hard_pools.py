@@ -215,11 +215,11 @@ def test_bad_pool_index_settings_are_named():
 
 
 def test_an_ivf_index_too_large_for_the_training_split_is_refused_before_training():
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
     from pipeline.data.ray_datasets import check_pool_index_fits
 
     config = load_config("pddm", ["refresh.pool_index=IVF256,Flat", "refresh.pool_search_params=nprobe=16"])
-    with pytest.raises(ConfigError, match=r"refresh.pool_index: 'IVF256,Flat' .* 255 pooled images but needs at least 256"):
+    with pytest.raises(ValueError, match=r"refresh.pool_index: 'IVF256,Flat' .* 255 pooled images but needs at least 256"):
         check_pool_index_fits(config, 255)
     check_pool_index_fits(config, 256)
     check_pool_index_fits(load_config("pddm", ["refresh.pool_index=HNSW32"]), 10)  # nothing to train

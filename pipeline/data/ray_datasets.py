@@ -223,13 +223,7 @@ def check_pool_index_fits(config, num_pooled: int) -> None:
     """Refuse, before training starts, a `refresh.pool_index` that cannot be trained on the
     training split (an IVF index needs at least one image per list), rather than fail the
     first refresh."""
-    from pipeline.refresh.hard_pools import training_points_needed
+    from pipeline.refresh.hard_pools import check_index_trains
 
-    needed = training_points_needed(config.model.embedding_dim, config.refresh.pool_index)
-    if num_pooled < needed:
-        from pipeline.config import ConfigError
-
-        raise ConfigError(
-            f"refresh.pool_index: {config.refresh.pool_index!r} trains on the training split's "
-            f"{num_pooled} pooled images but needs at least {needed}; use fewer lists or Flat"
-        )
+    check_index_trains(config.model.embedding_dim, config.refresh.pool_index, num_pooled,
+                       "refresh.pool_index", f"the training split's {num_pooled} pooled images")

@@ -94,6 +94,16 @@ def training_points_needed(dim: int, description: str) -> int:
         return 1
 
 
+def check_index_trains(dim: int, description: str, available: int, where: str, what: str) -> None:
+    """Raise ValueError naming `where` when `available` vectors (`what` they are, for the
+    message) are too few to train the index `description` describes; checked before any work
+    that would end in faiss refusing to train it."""
+    needed = training_points_needed(dim, description)
+    if available < needed:
+        raise ValueError(f"{where}: {description!r} trains on {what} but needs at least {needed}; "
+                         f"use fewer lists or Flat")
+
+
 def _faiss_message(err: Exception) -> str:
     """The line of a faiss RuntimeError that says what is wrong (its last; the rest is a C++ trace)."""
     return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from pipeline.data.format import read_metadata, shard_uris, validate_dataset
-from pipeline.refresh.hard_pools import training_points_needed
+from pipeline.refresh.hard_pools import check_index_trains
 from pipeline.serving.checkpoints import fetch_checkpoint
 from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
 from pipeline.serving.index import (
@@ -60,17 +60,6 @@ def check_export_dir(export_dir: str) -> None:
         )
 
 
-def check_index_trains_on_split(dim: int, description: str, split: str, num_images: int) -> None:
-    """Refuse an index that cannot be trained on the split's embeddings (an IVF index needs at
-    least one per list), rather than fail once Ray has embedded the whole split."""
-    needed = training_points_needed(dim, description)
-    if num_images < needed:
-        raise ValueError(
-            f"--index {description!r}: training it needs at least {needed} images, split "
-            f"{split!r} has {num_images}; use at most {num_images} lists, or Flat"
-        )
-
-
 def export_embeddings(
     checkpoint: str,
     dataset_root: str,
@@ -99,7 +88,8 @@ def export_embeddings(
     shown = checkpoint if "://" in checkpoint else directory  # a fetched copy is gone by now
     check_index_description(config.model.embedding_dim, index_description)
     num_images = metadata.split(split).num_images
-    check_index_trains_on_split(config.model.embedding_dim, index_description, split, num_images)
+    check_index_trains(config.model.embedding_dim, index_description, num_images, "--index",
+                       f"the {num_images} images of split {split!r}")
     printer(
         f"export {shown} (step {step}): {metadata.name} {split} "
         f"({num_images} images) -> {export_dir}",

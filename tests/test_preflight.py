@@ -35,10 +35,10 @@ REFUSED = [
      "model.pretrained: {tmp}/resnet18.pth does not fit backbone (unexpected keys such as ['conv1.weight'"),
     # The built-in dataset cannot be generated where data.cache_dir says (a file, not a folder).
     ("local", ["data.cache_dir={tmp}/cache_file"], "data.cache_dir: "),
-    # More than a local Ray has: Ray Train would wait for it forever.
-    ("local", ["train.num_workers=256"],
-     "train.num_workers: the run needs 128.75 logical CPUs (workers, decode actors, a read task) "
-     "but a local Ray has {cpus:g}"),
+    # More than a local Ray has (0.5 CPU per worker here): Ray Train would wait for it forever.
+    ("local", ["train.num_workers={too_many}"],
+     "train.num_workers: the run needs {too_many_need:g} logical CPUs (workers, decode actors, a read "
+     "task) but a local Ray has {cpus:g}"),
 ]
 
 
@@ -47,19 +47,30 @@ def _overrides(tmp_path, extra: list[str]) -> list[str]:
     return settings + [item.format(tmp=tmp_path) for item in extra]
 
 
+def _too_many_workers() -> tuple[int, float]:
+    """A worker count the local Ray cannot hold, and the CPUs it needs (the local preset:
+    0.5 per worker, a decode actor and a read task)."""
+    workers = int(local_resources()["CPU"] * 2) + 1
+    return workers, workers * 0.5 + 0.75
+
+
 @pytest.mark.parametrize(("preset", "extra", "message"), REFUSED)
 def test_the_train_job_refuses_before_ray_and_writes_nothing(
-    tmp_path, capsys, ray_must_not_start, preset, extra, message,
+    tmp_path, capsys, monkeypatch, ray_must_not_start, preset, extra, message,
 ):  # fmt: skip
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local run
     (tmp_path / "cache_file").write_text("not a folder")
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    workers, need = _too_many_workers()
     args = ["--preset", preset]
-    for item in _overrides(tmp_path, extra):
+    for item in _overrides(tmp_path, [e.replace("{too_many}", str(workers)) for e in extra]):
         args += ["--set", item]
     assert train_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message.format(tmp=tmp_path, cache=tmp_path / "data", cpus=local_resources()["CPU"]) in err
+    expected = message.format(tmp=tmp_path, cache=tmp_path / "data", cpus=local_resources()["CPU"],
+                              too_many_need=need)
+    assert expected in err
     assert not (tmp_path / "runs").exists()  # no MLflow store, no run, no checkpoint folder
 
 
@@ -76,7 +87,8 @@ def test_a_tracking_server_that_does_not_answer_is_refused_before_ray(tmp_path, 
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the gpu preset's 4 GPUs")
-def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsys, ray_must_not_start):
+def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsys, monkeypatch, ray_must_not_start):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local run
     args = ["--preset", "gpu", *[a for item in _overrides(tmp_path, []) for a in ("--set", item)]]
     assert train_main(args) == 2
     assert capsys.readouterr().err == (
@@ -85,6 +97,22 @@ def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsy
         "or set RAY_ADDRESS to run on a cluster\n"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_trial_is_not_checked_against_the_machine_its_driver_function_is_on(
+    tmp_path, monkeypatch, ray_must_not_start,
+):  # fmt: skip
+    """On a cluster Ray puts a trial's driver function on any node, and the trial's run on
+    others: the sweep checked its trials against the cluster, so the trial's run is not
+    refused for this machine's CPUs (it goes on to Ray, which the fixture refuses)."""
+    from pipeline.training.driver import run_training
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = load_config("local", _overrides(tmp_path, [f"train.num_workers={_too_many_workers()[0]}"]))
+    with pytest.raises(RunRefused, match="train.num_workers: the run needs"):
+        run_training(config, printer=lambda *a, **k: None)
+    with pytest.raises(AssertionError, match="reached for Ray"):
+        run_training(config, printer=lambda *a, **k: None, in_sweep=True)
 
 
 def test_a_run_the_dataset_can_serve_passes(tmp_path):
@@ -123,8 +151,9 @@ def test_the_sweep_job_refuses_a_trial_the_dataset_cannot_serve(tmp_path, capsys
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
 
-def test_the_sweep_job_refuses_trials_a_local_ray_cannot_hold(tmp_path, capsys, ray_must_not_start):
+def test_the_sweep_job_refuses_trials_a_local_ray_cannot_hold(tmp_path, capsys, monkeypatch, ray_must_not_start):
     """Each run fits, but a trial also holds its driver function's CPU."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local sweep
     have = local_resources()["CPU"]
     workers = int((have - 0.75) // 0.5)  # a run: 0.5 per worker, a decode actor, a read task
     space = tmp_path / "space.yaml"

@@ -60,6 +60,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         printer=lambda text, **kw: print(prefix, text, **kw),
         run_tags={PARENT_RUN_TAG: setup.parent_run_id, SWEEP_TAG: setup.sweep_name, TRIAL_TAG: trial_id},
         callbacks=(TuneReportCallback(),),
+        in_sweep=True,  # on a cluster Ray starts trials on any node: the sweep checked they fit
     )
 
 

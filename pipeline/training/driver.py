@@ -192,11 +192,14 @@ def _record_conversion_summary(uri: str, run_id: str, root: str, printer) -> Non
 
 
 def run_training(config: Config, *, verbose: bool = False, printer=print,
-                 run_tags: dict[str, str] | None = None, callbacks: tuple = ()) -> RunSummary:
+                 run_tags: dict[str, str] | None = None, callbacks: tuple = (),
+                 in_sweep: bool = False) -> RunSummary:
     """Train, evaluate and record one run as the config says; returns where the results are.
 
     `run_tags` are added to the MLflow run's tags (a sweep trial's parent run); `callbacks` are
     Ray Train callbacks (a sweep trial's `TuneReportCallback`, which hands each epoch to Tune).
+    `in_sweep`: a sweep trial runs on the sweep's Ray, whatever node its driver function is on,
+    and the sweep has checked that its trials fit: this machine's CPUs and GPUs are not checked.
     """
     from pipeline import storage, tracking
 
@@ -211,7 +214,8 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    root, metadata = preflight(config, have=local_resources() if uses_local_ray() else None)
+    local = uses_local_ray() and not in_sweep
+    root, metadata = preflight(config, have=local_resources() if local else None)
     # Named from the config as given, so the name follows from the config alone (jobs and
     # tests that resume or watch a run compute it without reading the dataset).
     name = run_name_for(config)

@@ -31,7 +31,9 @@ def run_resources(config: Config) -> dict[str, float]:
 
 
 def uses_local_ray() -> bool:
-    """True when Ray will start on this machine (no `RAY_ADDRESS` names a cluster to join)."""
+    """True when Ray will start on this machine (no `RAY_ADDRESS` names a cluster to join). A
+    notebook that joins a cluster itself (`ray.init(address=...)`) sets RAY_ADDRESS instead, or
+    its runs are checked against this machine."""
     return not os.environ.get("RAY_ADDRESS")
 
 

@@ -145,6 +145,8 @@ def test_ray_trains_record_names_the_checkpoint_to_resume_and_serve(finished_run
     snapshot.write_bytes(written[: len(written) // 2])
     with pytest.raises(CheckpointRecordUnreadable, match=f"{re.escape(str(snapshot))}: .* could not be read in 2 tries"):
         registered_checkpoint(storage, name, attempts=2, retry_seconds=0.01)
+    # Evaluate and export then list the folder (a record from another Ray version, say).
+    assert locate_checkpoint(name, storage)[1] == str(run_folder / final)
 
     # A record that names no checkpoint yet (the first report is still being uploaded): a
     # run name finds nothing, rather than the half-written directory.

@@ -11,6 +11,7 @@ from pipeline.storage import filesystem_for
 from pipeline.training.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
+    CheckpointRecordUnreadable,
     latest_checkpoint,
     registered_checkpoint,
 )
@@ -37,8 +38,8 @@ def run_checkpoint(storage_path: str, run_name: str):
     - metrics.json already there, model.pt half copied. A folder Ray Train made (its storage
     marker is there) but without a record has registered nothing yet: whatever checkpoint
     directory it holds is mid-upload or was never reported. Only a folder Ray Train did not
-    make (checkpoint directories copied on their own) falls back to the listing, of
-    checkpoints that hold their weights and config."""
+    make (checkpoint directories copied on their own), or whose record does not read, falls
+    back to the listing, of checkpoints that hold their weights and config."""
     from ray.train.v2._internal.constants import (
         CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
         VALIDATE_STORAGE_MARKER_FILENAME,
@@ -49,8 +50,11 @@ def run_checkpoint(storage_path: str, run_name: str):
         [f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}", f"{root}/{VALIDATE_STORAGE_MARKER_FILENAME}"]
     )
     if record.type == pafs.FileType.File:
-        return registered_checkpoint(storage_path, run_name)
-    if marker.type == pafs.FileType.File:
+        try:
+            return registered_checkpoint(storage_path, run_name)
+        except CheckpointRecordUnreadable:  # from another Ray version, or a checkpoint deleted by hand
+            pass
+    elif marker.type == pafs.FileType.File:
         return None
     return latest_checkpoint(storage_path, run_name, with_files=(MODEL_FILE, CONFIG_FILE))
 

@@ -100,12 +100,17 @@ def check_store(uri: str, setting: str = "tracking.tracking_uri") -> None:
         return
     from mlflow import MlflowClient
 
+    # Only for this probe: the calls after it (a sweep's parent run) keep MLflow's patience.
+    unset = [key for key in _MLFLOW_HTTP_DEFAULTS if key not in os.environ]
     _limit_mlflow_http_retries()
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - MLflow, requests and SQLAlchemy each raise their own
         raise TrackingUnreachable(f"{setting}: the MLflow store at {uri} does not answer "
                                   f"({describe_error(err)})") from err
+    finally:
+        for key in unset:
+            os.environ.pop(key, None)
 
 
 def start_run(config, run_name: str, config_yaml: str, tags: dict[str, str]) -> str:

@@ -5,6 +5,8 @@ no run is created (no MLflow store, no checkpoint folder), and a sweep refuses t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -74,9 +76,14 @@ def test_the_train_job_refuses_before_ray_and_writes_nothing(
     assert not (tmp_path / "runs").exists()  # no MLflow store, no run, no checkpoint folder
 
 
-def test_a_tracking_server_that_does_not_answer_is_refused_before_ray(tmp_path, capsys, ray_must_not_start):
+def test_a_tracking_server_that_does_not_answer_is_refused_before_ray(
+    tmp_path, capsys, monkeypatch, ray_must_not_start,
+):  # fmt: skip
     """A mistyped or stopped server: seconds and one line, not minutes of retries and a
-    traceback (nothing listens on port 1)."""
+    traceback (nothing listens on port 1). The probe's short retries are its own: later
+    calls of the process keep MLflow's."""
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
     args = ["--preset", "local", "--set", "tracking.tracking_uri=http://127.0.0.1:1"]
     args += [a for item in _overrides(tmp_path, []) for a in ("--set", item)]
     assert train_main(args) == 2
@@ -84,6 +91,7 @@ def test_a_tracking_server_that_does_not_answer_is_refused_before_ray(tmp_path, 
     assert err.startswith("error: tracking.tracking_uri: the MLflow store at http://127.0.0.1:1 "
                           "does not answer (") and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+    assert not [key for key in os.environ if key.startswith("MLFLOW_HTTP_REQUEST")]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the gpu preset's 4 GPUs")

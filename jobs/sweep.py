@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {trial.run_name or trial.trial_id:<28} {value}  {trial.status} ({trial.epochs_done}/{trial.epochs} epochs)")
     if summary.registered_version:
         print(f"best model registered: {spec.registered_model_name} version {summary.registered_version}")
-    elif summary.best is not None:
+    elif summary.best is not None and summary.logs_models:
         print(f"best model not registered: MLflow did not get run {summary.best.run_id}'s whole "
               f"model/ artifact (its trial's output says why); its checkpoint is in the run's "
               f"folder under train.storage_path")

@@ -217,3 +217,4 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
     }
     assert artifacts == {"model/model.pt", "plots/recall_at_k.png"}
     assert register_best(client, record, "outage-best") == "1"  # now wholly logged
+    assert register_best(client, record, "outage-best") == "1"  # again: its existing version

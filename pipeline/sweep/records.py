@@ -231,16 +231,18 @@ def register_best(client, record: TrialRecord, model_name: str) -> str | None:
 
     from pipeline.tracking import MODEL_LOGGED_TAG
 
-    if not record.run_id or client.get_run(record.run_id).data.tags.get(MODEL_LOGGED_TAG) != "true":
+    if not record.run_id:
+        return None
+    existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{record.run_id}'")
+    if existing:
+        return str(existing[0].version)
+    if client.get_run(record.run_id).data.tags.get(MODEL_LOGGED_TAG) != "true":
         return None
     try:
         client.create_registered_model(model_name, description="Best trials of sweep runs (dml-pipeline).")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{record.run_id}'")
-    if existing:
-        return str(existing[0].version)
     source = f"{client.get_run(record.run_id).info.artifact_uri}/model"
     version = client.create_model_version(
         model_name, source=source, run_id=record.run_id,

@@ -47,6 +47,8 @@ class SweepSummary:
     """`records.TrialRecord`s, best first (empty when interrupted)."""
     best: object = None
     registered_version: str | None = None
+    logs_models: bool = True
+    """`tracking.log_model`: whether trials log the `model/` a sweep registers."""
 
 
 def _experiment_storage(storage: str):
@@ -201,7 +203,8 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     records.link_child_runs(client, experiment_id, parent_run_id, trials)
     best = records.best_trial(trials, spec.mode)
     registered = None
-    if best is not None:
+    summary.logs_models = base.tracking.log_model
+    if best is not None and summary.logs_models:
         registered = records.register_best(client, best, spec.registered_model_name)
     records.finish_parent(client, parent_run_id, spec, trials, best, registered)
     summary.trials = records.sorted_records(trials, spec.mode)

@@ -16,7 +16,8 @@ RESUME_MAY_CHANGE = frozenset({
     "train.epochs",  # a run resumed with more epochs goes on training: the usual way to extend one
     "refresh.num_cpus", "refresh.num_gpus", "refresh.batch_size", "refresh.cache_max_mb",
     "refresh.max_restarts",
-    "eval.batch_size", "eval.cache_max_mb",
+    "eval.every_epochs", "eval.batch_size", "eval.recall_ks", "eval.nmi", "eval.cache_max_mb",
+    "eval.seen_knn_k",  # what is measured, not what is learned
     "tracking.tracking_uri", "tracking.experiment", "tracking.log_model",
     "storage.s3_endpoint_url", "storage.s3_max_attempts",
 })

@@ -83,24 +83,28 @@ def check_uri(uri: str, where: str) -> None:
         )
 
 
-_SCHEME_TYPO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/*")
+_URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+"""Schemes pyarrow reads: a location that starts with one and a colon is meant as a URI."""
+_SCHEME = re.compile(rf"^({'|'.join(_URI_SCHEMES)}):(/*)(.*)$")
 
 
 def check_location(location: str, where: str) -> None:
     """Raise ValueError naming `where` if a storage location is a mistyped URI: a scheme with
-    fewer than two slashes (`s3:/bucket`, which pyarrow would take for a local folder named
-    's3:'), or `s3://` with no bucket."""
-    if not location:
-        return
-    match = _SCHEME_TYPO.match(location)
+    other than two slashes (`s3:/bucket`, which pyarrow would take for a local folder named
+    's3:'), or `s3://` with no bucket. A local path with a colon (`runs-12:30`) is a path."""
+    match = _SCHEME.match(location)
     if match is None:
         return
-    scheme, rest = match.group(1), location[match.end():]
-    if not location.startswith(f"{scheme}://"):
+    scheme, slashes, rest = match.groups()
+    if scheme == "file":  # file:///abs/path: three slashes, the host left empty
+        if slashes != "///":
+            raise ValueError(f"{where}: {location!r} is not a file URI; did you mean 'file:///{rest}'?")
+        return
+    if slashes != "//":
         raise ValueError(f"{where}: {location!r} is neither a path nor a URI; did you mean "
                          f"'{scheme}://{rest}'?")
-    if scheme == "s3" and not rest.split("/", 1)[0]:
-        raise ValueError(f"{where}: {location!r} names no bucket (s3://BUCKET/prefix)")
+    if not rest.split("/", 1)[0]:
+        raise ValueError(f"{where}: {location!r} names no bucket ({scheme}://BUCKET/prefix)")
 
 
 def check_settings(config) -> None:

@@ -77,6 +77,8 @@ def test_numbers_without_a_dot_are_numbers(tmp_path):
         (["train.storage_path=s3:/bucket/runs"],
          "train.storage_path: 's3:/bucket/runs' is neither a path nor a URI; did you mean 's3://bucket/runs'?"),
         (["data.root=s3://"], "data.root: 's3://' names no bucket (s3://BUCKET/prefix)"),
+        (["data.root=s3:///bucket/x"], "data.root: 's3:///bucket/x' is neither a path nor a URI; did you mean 's3://bucket/x'?"),
+        (["model.pretrained=file:/w/r50.pth"], "model.pretrained: 'file:/w/r50.pth' is not a file URI; did you mean 'file:///w/r50.pth'?"),
         (["train=3"], "train: expected a section"),
         (["nonsense"], "expected KEY=VALUE"),
         (["eval.recall_ks=[1, 2"], "override 'eval.recall_ks=[1, 2': the value is not valid YAML"),
@@ -153,3 +155,8 @@ def test_pddm_preset_plans_hard_pools_with_the_refresh_actor():
     assert config.loss.name == "pddm" and config.sampler.name == "hard_pools" and config.uses_refresh_actor
     s = config.sampler
     assert config.sub_batch_size == s.classes_per_batch * (s.samples_per_class + s.pool_draws_per_class)
+
+
+def test_a_local_path_with_a_colon_is_a_path_not_a_mistyped_uri():
+    config = load_config("local", ["train.storage_path=runs-12:30/x", "data.cache_dir=C:/data"])
+    assert (config.train.storage_path, config.data.cache_dir) == ("runs-12:30/x", "C:/data")

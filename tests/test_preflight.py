@@ -16,7 +16,7 @@ from jobs.sweep import main as sweep_main
 from jobs.train import main as train_main
 from pipeline.config import load_config
 from pipeline.models import EmbeddingNet
-from pipeline.training.driver import RunRefused, preflight
+from pipeline.training.driver import PreflightCache, RunRefused, preflight
 from pipeline.training.resources import local_resources
 
 # The tiny built-in dataset: 12 training classes x 12 images.
@@ -126,22 +126,24 @@ def test_a_sweep_trial_is_not_checked_against_the_machine_its_driver_function_is
 def test_a_run_the_dataset_can_serve_passes(tmp_path):
     weights = tmp_path / "tiny_cnn.pth"
     torch.save(EmbeddingNet("tiny_cnn", 8).backbone.state_dict(), weights)  # the presets' backbone
+    cache = PreflightCache()
     for preset in ("local", "magnet", "pddm"):
         config = load_config(preset, _overrides(tmp_path, [f"model.pretrained={weights}"]))
-        root, metadata = preflight(config)
+        root, metadata = preflight(config, cache)
         assert metadata.splits["train"].num_images == 144 and root.startswith(str(tmp_path / "data"))
+    assert cache.weights == {("tiny_cnn", str(weights))}  # loaded once for the three
 
 
 def test_a_sweep_checks_each_dataset_once_and_every_trial_against_it(tmp_path):
     configs = [
         load_config("local", _overrides(tmp_path, [f"train.seed={seed}"])) for seed in range(3)
     ] + [load_config("local", _overrides(tmp_path, ["sampler.classes_per_batch=20"]))]
-    checked: list = []
+    cache = PreflightCache()
     for config in configs[:3]:
-        preflight(config, checked)
-    assert len(checked) == 1  # the three configs share their dataset
+        preflight(config, cache)
+    assert len(cache.datasets) == 1  # the three configs share their dataset
     with pytest.raises(RunRefused, match="sampler.classes_per_batch: 20 classes per batch"):
-        preflight(configs[3], checked)
+        preflight(configs[3], cache)
 
 
 def test_the_sweep_job_refuses_a_trial_the_dataset_cannot_serve(tmp_path, capsys, ray_must_not_start):

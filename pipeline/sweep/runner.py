@@ -105,7 +105,7 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
 
     from pipeline import tracking
     from pipeline.sweep.progress import SweepProgress
-    from pipeline.training.driver import _init_ray, preflight
+    from pipeline.training.driver import PreflightCache, _init_ray, preflight
     from pipeline.training.resources import local_resources, uses_local_ray
 
     candidates = candidate_configs(spec, overrides)
@@ -123,10 +123,10 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     if exists and not resume:
         raise SweepError(f"a sweep named {spec.name!r} already ran at {experiment_path}: pass "
                          "--resume to go on with it, or give the sweep another name")
-    checked: list = []
+    cache = PreflightCache()
     have = local_resources() if uses_local_ray() else None
     for config in configs:  # every dataset a trial can train on is valid and fits its sampler
-        preflight(config, checked, have=have)
+        preflight(config, cache, have=have)
     if have is not None:  # a trial (with its driver function) fits a local Ray, or stop here
         trial_concurrency(configs, have, spec.max_concurrent_trials)
     try:

@@ -81,8 +81,6 @@ def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5
 
     from pipeline.storage import filesystem_for
 
-    if attempts < 1:
-        raise ValueError(f"attempts must be >= 1, got {attempts}")
     filesystem, root = filesystem_for(storage_path.rstrip("/") + "/" + run_name)
     # Reading the record makes Ray log a paragraph about resuming; the driver says it itself.
     quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")

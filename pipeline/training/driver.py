@@ -7,7 +7,7 @@ before any cluster resource is taken.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
@@ -71,7 +71,18 @@ class RunRefused(ValueError):
     checkpoint folder): the message names the setting, or the dataset file, that is wrong."""
 
 
-def preflight(config: Config, checked: list | None = None, *,
+@dataclass
+class PreflightCache:
+    """What `preflight` has read, kept by a caller that checks many configs (a sweep), so
+    each dataset and each pretrained file is read once."""
+
+    datasets: list = field(default_factory=list)
+    """(DataConfig, (root, metadata, class-index labels of the training split))."""
+    weights: set = field(default_factory=set)
+    """(backbone, model.pretrained) pairs that loaded and fitted."""
+
+
+def preflight(config: Config, cache: PreflightCache | None = None, *,
               have: dict[str, float] | None = None) -> tuple[str, DatasetMetadata]:
     """Everything a run needs that can be checked without Ray, past its config (`load_config`)
     and storage settings (`storage.export_settings`): the dataset and its splits, the sampler
@@ -79,19 +90,19 @@ def preflight(config: Config, checked: list | None = None, *,
     local Ray will `have`, that the run fits in them. Returns `resolve_dataset`'s (root,
     metadata); raises RunRefused.
 
-    `checked` (a list, kept by a caller checking many configs: a sweep) remembers the
-    datasets already read and the pretrained weights already loaded, so each is read once."""
+    `cache` (kept by a caller checking many configs: a sweep) remembers the datasets already
+    read and the pretrained weights already loaded."""
     import numpy as np
 
     from pipeline import storage
     from pipeline.data.ray_datasets import check_training_split
     from pipeline.models import build_model
 
-    checked = [] if checked is None else checked
+    cache = PreflightCache() if cache is None else cache
     try:
         if have is not None:
             check_fits_locally(config, have)
-        known = [found for key, found in checked if key == config.data]
+        known = [found for data, found in cache.datasets if data == config.data]
         if known:
             root, metadata, labels = known[0]
         else:
@@ -103,10 +114,10 @@ def preflight(config: Config, checked: list | None = None, *,
                 raise ValueError(f"{'data.root' if config.data.root else 'data.cache_dir'}: {err}") from err
             # Remapped to 0..C-1 in class order, as the training stream's store does.
             labels = np.unique(raw, return_inverse=True)[1]
-            checked.append((config.data, (root, metadata, labels)))
+            cache.datasets.append((config.data, (root, metadata, labels)))
         check_training_split(config, labels)
-        weights = ("model.pretrained", config.model.backbone, config.model.pretrained)
-        if config.model.pretrained and weights not in [key for key, _ in checked]:
+        weights = (config.model.backbone, config.model.pretrained)
+        if config.model.pretrained and weights not in cache.weights:
             try:
                 storage.check_file_exists(config.model.pretrained, "model.pretrained")
                 # Loaded and fitted to the backbone as each worker will: wrong weights are
@@ -114,7 +125,7 @@ def preflight(config: Config, checked: list | None = None, *,
                 build_model(config.model)
             except OSError as err:
                 raise ValueError(f"model.pretrained: {err}") from err
-            checked.append((weights, True))
+            cache.weights.add(weights)
     except ValueError as err:
         raise RunRefused(str(err)) from err
     return root, metadata

@@ -21,8 +21,12 @@ class CheckpointNotFound(ValueError):
     """The checkpoint reference names nothing this pipeline wrote."""
 
 
+_SERVED_FILES = (MODEL_FILE, CONFIG_FILE)
+"""What evaluate and export read from a checkpoint: a directory holding both is one."""
+
+
 def _is_checkpoint(filesystem: pafs.FileSystem, directory: str) -> bool:
-    infos = filesystem.get_file_info([f"{directory}/{MODEL_FILE}", f"{directory}/{CONFIG_FILE}"])
+    infos = filesystem.get_file_info([f"{directory}/{name}" for name in _SERVED_FILES])
     return all(info.type == pafs.FileType.File for info in infos)
 
 
@@ -56,7 +60,7 @@ def run_checkpoint(storage_path: str, run_name: str):
             pass
     elif marker.type == pafs.FileType.File:
         return None
-    return latest_checkpoint(storage_path, run_name, with_files=(MODEL_FILE, CONFIG_FILE))
+    return latest_checkpoint(storage_path, run_name, with_files=_SERVED_FILES)
 
 
 def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSystem, str]:

@@ -44,14 +44,25 @@ def load_metrics(directory: str) -> dict:
     return json.loads((Path(directory) / METRICS_FILE).read_text())
 
 
+def load_checkpoint_config(directory: str, filesystem=None):
+    """The config a checkpoint was trained with (its `config.yaml`), read from a local
+    directory or, given a pyarrow `filesystem`, from one in that store; raises ConfigError
+    when it no longer loads (a setting renamed since)."""
+    from pipeline.config import config_from_dict, parse_yaml
+
+    if filesystem is None:
+        text = (Path(directory) / CONFIG_FILE).read_text()
+    else:
+        with filesystem.open_input_stream(f"{directory}/{CONFIG_FILE}") as stream:
+            text = stream.read().decode("utf-8")
+    return config_from_dict(parse_yaml(text))
+
+
 def load_embedding_model(directory: str):
     """Rebuild the embedding network of a checkpoint from its saved config and weights."""
-    import yaml
-
-    from pipeline.config import config_from_dict
     from pipeline.models import EmbeddingNet
 
-    config = config_from_dict(yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()))
+    config = load_checkpoint_config(directory)
     model = EmbeddingNet(config.model.backbone, config.model.embedding_dim, config.model.normalize)
     model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
     return model, config

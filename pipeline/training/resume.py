@@ -4,7 +4,7 @@ old run's weights and MLflow record under the new settings."""
 
 from __future__ import annotations
 
-from pipeline.config import Config, ConfigError, config_from_dict, flatten, parse_yaml
+from pipeline.config import Config, ConfigError, flatten
 
 RESUME_MAY_CHANGE = frozenset({
     # Where things run and are kept, and how fast: not what is learned.
@@ -37,13 +37,11 @@ def changed_settings(saved: Config, config: Config) -> list[str]:
 def check_resume(config: Config, run_name: str, resume_from) -> None:
     """Raise ValueError when the checkpoint a rerun would resume from (`registered_checkpoint`'s
     (filesystem, directory, step)) was trained with settings that change what is learned."""
-    from pipeline.training.checkpoint import CONFIG_FILE
+    from pipeline.training.checkpoint import CONFIG_FILE, load_checkpoint_config
 
     filesystem, directory, step = resume_from
-    with filesystem.open_input_stream(f"{directory}/{CONFIG_FILE}") as stream:
-        text = stream.read().decode("utf-8")
     try:
-        saved = config_from_dict(parse_yaml(text))
+        saved = load_checkpoint_config(directory, filesystem)
     except ConfigError as err:
         raise ValueError(
             f"train.run_name: run {run_name!r} has a checkpoint at step {step} whose "

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import re
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -214,6 +215,17 @@ def s3_filesystem(bucket: str = "") -> S3FileSystem:
         # that the C++ SDK does not follow. (S3-compatible stores accept any region.)
         region = _aws_bucket_region(bucket) or region
     return S3FileSystem(endpoint, s3_max_attempts(), region)
+
+
+def absolute_location(location: str | os.PathLike[str]) -> str:
+    """A location another process can use: a URI as given (without a trailing slash), a local
+    path made absolute against this process's working directory (Tune trials and Ray workers
+    run in other directories)."""
+    text = os.fspath(location)
+    if "://" in text:
+        stripped = text.rstrip("/")
+        return stripped if "://" in stripped else text  # file:/// is a root, not a prefix
+    return str(Path(text).resolve())
 
 
 def filesystem_for(path_or_uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:

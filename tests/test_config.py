@@ -160,3 +160,21 @@ def test_pddm_preset_plans_hard_pools_with_the_refresh_actor():
 def test_a_local_path_with_a_colon_is_a_path_not_a_mistyped_uri():
     config = load_config("local", ["train.storage_path=runs-12:30/x", "data.cache_dir=C:/data"])
     assert (config.train.storage_path, config.data.cache_dir) == ("runs-12:30/x", "C:/data")
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("s3://bucket/cache/", "s3://bucket/cache"),  # a URI is kept, not made a local folder
+        ("gs://bucket/a//", "gs://bucket/a"),
+        ("file:///", "file:///"),
+        ("file:///data/", "file:///data"),
+        ("runs-12:30/x", "{cwd}/runs-12:30/x"),
+        ("data/", "{cwd}/data"),
+    ],
+)
+def test_locations_handed_to_other_processes_are_absolute_and_uris_stay_uris(location, expected, monkeypatch, tmp_path):
+    from pipeline.storage import absolute_location
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_location(location) == expected.format(cwd=tmp_path.resolve())

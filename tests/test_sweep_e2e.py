@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "sweep-e2e"
 STORAGE_PREFIX = "sweeps"
+CACHE_PREFIX = "datasets"
 SWEEP = """\
 name: e2e
 preset: local
@@ -120,7 +121,8 @@ def run_shared_sweep(uri: str, root: Path, s3_endpoint: str) -> SimpleNamespace:
     s3.create_bucket(Bucket=bucket)
     space = root / "space.yaml"
     space.write_text(SWEEP)
-    overrides = [f"data.cache_dir={root / 'data'}", f"train.storage_path=s3://{bucket}/{STORAGE_PREFIX}",
+    # The built-in dataset lives in S3 too, as it must on a cluster whose nodes share no disk.
+    overrides = [f"data.cache_dir=s3://{bucket}/{CACHE_PREFIX}", f"train.storage_path=s3://{bucket}/{STORAGE_PREFIX}",
                  f"storage.s3_endpoint_url={s3_endpoint}", f"tracking.tracking_uri={uri}"]
     log_path = root / "first_run.log"
     killed = None
@@ -200,6 +202,9 @@ def test_sweep_records_parent_children_and_best_model(swept, tmp_path):
         record = records[trial_id]
         assert run.info.run_name == f"{record.loss}-{trial_id}" == record.run_name
         assert run.data.params["loss.name"] == record.loss
+        # Every trial read the sweep's one copy of the built-in dataset in S3 (an s3:// cache
+        # dir once reached trials as a local folder named 's3:').
+        assert run.data.tags["dataset.root"].startswith(f"s3://{swept.bucket}/{CACHE_PREFIX}/synthetic-")
         assert run.data.params["train.num_workers"] == "2" and run.data.params["optim.lr"] == "0.002"
         if record.loss == "triplet":
             assert float(run.data.params["loss.triplet.margin"]) == record.settings["loss.triplet.margin"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.storage import filesystem_for
+from pipeline.storage import absolute_location, filesystem_for
 from pipeline.training.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -28,10 +28,6 @@ _SERVED_FILES = (MODEL_FILE, CONFIG_FILE)
 def _is_checkpoint(filesystem: pafs.FileSystem, directory: str) -> bool:
     infos = filesystem.get_file_info([f"{directory}/{name}" for name in _SERVED_FILES])
     return all(info.type == pafs.FileType.File for info in infos)
-
-
-def _absolute(location: str) -> str:
-    return location if "://" in location else str(Path(location).resolve())
 
 
 def run_checkpoint(storage_path: str, run_name: str):
@@ -71,7 +67,7 @@ def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSyste
     if filesystem.get_file_info(path).type == pafs.FileType.Directory:
         if _is_checkpoint(filesystem, path):
             return filesystem, path
-        run_dir = _absolute(reference).rstrip("/")
+        run_dir = absolute_location(reference)
         parent, name = run_dir.rsplit("/", 1)
         found = run_checkpoint(parent or "/", name)
         if found is None:
@@ -83,7 +79,7 @@ def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSyste
         return found[0], found[1]
     if "://" in reference or "/" in reference:
         raise CheckpointNotFound(f"checkpoint {reference}: no such directory")
-    found = run_checkpoint(_absolute(storage_path), reference)
+    found = run_checkpoint(absolute_location(storage_path), reference)
     if found is None:
         raise CheckpointNotFound(
             f"checkpoint {reference}: not a directory, and no run of that name has a checkpoint "

@@ -9,8 +9,8 @@ trial's Train run (checkpoints) in `<storage>/<name>/train_runs/<loss>-<trial id
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from pipeline.storage import absolute_location
 from pipeline.sweep import records
 from pipeline.sweep.search import (
     build_scheduler,
@@ -112,7 +112,7 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     configs = [c for per_loss in candidates.values() for c in per_loss]
     base = configs[0]
     storage = base.train.storage_path
-    storage = storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
+    storage = absolute_location(storage)
     experiment_path = f"{storage}/{spec.name}"
     tune_storage, tune_filesystem = _experiment_storage(storage)
     uri = tracking.tracking_uri(base)
@@ -136,11 +136,11 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     located = [
         override("train.storage_path", f"{experiment_path}/train_runs"),
         override("tracking.tracking_uri", uri),
-        override("data.cache_dir", str(Path(base.data.cache_dir).resolve())),
+        override("data.cache_dir", absolute_location(base.data.cache_dir)),
     ]
     for key, value in (("data.root", base.data.root), ("model.pretrained", base.model.pretrained)):
-        if value and "://" not in value:  # trials run in their own working directory
-            located.append(override(key, str(Path(value).resolve())))
+        if value:  # trials run in their own working directory
+            located.append(override(key, absolute_location(value)))
 
     client = MlflowClient(uri)
     parent_run_id = records.open_parent_run(

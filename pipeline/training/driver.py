@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
 from pipeline.data.format import (
@@ -20,6 +19,7 @@ from pipeline.data.format import (
 )
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
+from pipeline.storage import absolute_location
 from pipeline.training.checkpoint import load_metrics, registered_checkpoint
 from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
 from pipeline.training.resume import check_resume
@@ -145,8 +145,7 @@ def _eval_split_dataset(config: Config, root: str, split: str):
 
 
 def _storage_path(config: Config) -> str:
-    storage = config.train.storage_path
-    return storage if "://" in storage else str(Path(storage).resolve())
+    return absolute_location(config.train.storage_path)
 
 
 def _train_storage(config: Config) -> tuple[str, object]:

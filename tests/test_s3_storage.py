@@ -23,7 +23,7 @@ from pipeline import storage
 from pipeline.config import load_config
 from pipeline.config.settings import ModelConfig
 from pipeline.data.format import read_split, shard_uris, validate_dataset
-from pipeline.data.synthetic import SyntheticSpec, generate_synthetic
+from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic, generate_synthetic
 from pipeline.models import build_model
 from pipeline.training.checkpoint import METRICS_FILE, latest_checkpoint
 
@@ -130,6 +130,36 @@ def test_datasets_are_written_validated_and_read_on_s3(s3_env, s3_bucket, tmp_pa
         f"datasets/tiny/{shard}" for split in meta.splits for shard in meta.split(split).shards
     }
     assert shard_uris(root, "test") == [f"{root}/{s}" for s in meta.split("test").shards]
+
+
+def test_a_second_writer_of_the_built_in_dataset_never_touches_a_copy_in_use(s3_env, s3_bucket):
+    # The race: a run generated the built-in dataset into an s3:// cache dir and trains on it,
+    # while a second run, which looked before the first copy was complete, generates too.
+    # With bucket versioning, any delete or rewrite of the first copy leaves a second version.
+    client = storage.s3_client()
+    client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    spec = SyntheticSpec(num_classes=4, images_per_class=3, image_size=16, modes_per_class=1)
+    cache = f"s3://{s3_bucket}/cache/"
+    first = ensure_synthetic(cache, spec)
+    first_key = first.removeprefix(f"s3://{s3_bucket}/")
+    metadata = client.get_object(Bucket=s3_bucket, Key=f"{first_key}/metadata.json")["Body"].read()
+    client.delete_object(Bucket=s3_bucket, Key=f"{first_key}/metadata.json")  # not complete yet
+    second = ensure_synthetic(cache, spec)
+    client.put_object(Bucket=s3_bucket, Key=f"{first_key}/metadata.json", Body=metadata)
+
+    assert second != first
+    versions = client.list_object_versions(Bucket=s3_bucket, Prefix=f"{first_key}/")
+    shards = [v for v in versions["Versions"] if v["Key"].endswith(".parquet")]  # no dir markers
+    assert shards and not versions.get("DeleteMarkers", [])[1:]  # only the metadata's own
+    assert len({v["Key"] for v in shards}) == len(shards), "the first copy's shards were rewritten"
+    assert validate_dataset(first, check_fingerprint=True) == validate_dataset(second, check_fingerprint=True)
+    # Later runs take the first complete copy by name and write nothing.
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert ensure_synthetic(cache, spec) == min(first, second)
+    assert {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]} == keys
+    # A copy whose writer was killed (no metadata.json) is skipped, and left alone.
+    client.delete_object(Bucket=s3_bucket, Key=f"{min(first, second).removeprefix(f's3://{s3_bucket}/')}/metadata.json")
+    assert ensure_synthetic(cache, spec) == max(first, second)
 
 
 def test_pretrained_weights_load_from_s3(s3_env, s3_bucket):

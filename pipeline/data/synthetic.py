@@ -24,11 +24,13 @@ import os
 import posixpath
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
 from pipeline.data.format import (
@@ -37,6 +39,7 @@ from pipeline.data.format import (
     read_metadata,
     write_dataset,
 )
+from pipeline.storage import absolute_location, filesystem_for
 
 GENERATOR_VERSION = 1
 """Bump when the drawing changes: cached copies made by an older generator are not reused."""
@@ -521,25 +524,42 @@ def _matches(root: str, spec: SyntheticSpec) -> bool:
     )
 
 
+def _object_store_copy(cache_dir: str, spec: SyntheticSpec) -> str:
+    """Root of a complete copy of `spec` in an object store, writing a new one if there is none.
+
+    Object stores cannot rename a folder into place, and a second writer of one folder would
+    delete and rewrite shards that a run started on the first writer's copy is reading. So each
+    writer writes its own `synthetic-<key>-<token>` folder (metadata.json last) and readers take
+    the first complete one by name. Writers that race each leave a complete copy (the images
+    are the same); a writer that was killed leaves a folder without metadata.json, never read.
+    """
+    stem = f"synthetic-{spec.cache_key()}"
+    filesystem, path = filesystem_for(cache_dir)
+    listed = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(posixpath.basename(info.path) for info in listed if info.type == pafs.FileType.Directory)
+    for name in names:
+        if name.startswith(f"{stem}-") and _matches(posixpath.join(cache_dir, name), spec):
+            return posixpath.join(cache_dir, name)
+    root = posixpath.join(cache_dir, f"{stem}-{uuid.uuid4().hex[:12]}")
+    generate_synthetic(root, spec)
+    return root
+
+
 def ensure_synthetic(cache_dir: str | os.PathLike[str], spec: SyntheticSpec) -> str:
     """Root of a generated copy of `spec` under cache_dir, generating it only when missing.
 
     The copy lives in `<cache_dir>/synthetic-<spec.cache_key()>` and is reused when its
     metadata records the same spec and generator version. Locally it is generated in a
     temporary sibling and renamed into place, so processes racing here end with one complete
-    copy.
+    copy. In an object store (`s3://...`) each writer has its own folder: see
+    `_object_store_copy`.
     """
-    cache_dir = os.fspath(cache_dir)
-    if "://" not in cache_dir:
-        cache_dir = os.path.abspath(cache_dir)
+    cache_dir = absolute_location(cache_dir)
     root = posixpath.join(cache_dir, f"synthetic-{spec.cache_key()}")
-    if _matches(root, spec):
+    if _matches(root, spec):  # also a copy an earlier version wrote to an object store
         return root
     if "://" in root:
-        # Object stores cannot rename directories. metadata.json is written last, so a copy
-        # interrupted half-way never matches and is simply generated again.
-        generate_synthetic(root, spec, overwrite=True)
-        return root
+        return _object_store_copy(cache_dir, spec)
     scratch = f"{root}.tmp-{os.getpid()}"
     try:
         generate_synthetic(scratch, spec, overwrite=True)

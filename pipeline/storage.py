@@ -217,14 +217,25 @@ def s3_filesystem(bucket: str = "") -> S3FileSystem:
     return S3FileSystem(endpoint, s3_max_attempts(), region)
 
 
+def normalize_location(location: str) -> str:
+    """One spelling per location, so that `s3://b/runs/` and `s3://b/runs`, or `./runs` and
+    `runs`, name the same run (run names hash the config): a URI loses its trailing slashes, a
+    local path is normalised (`os.path.normpath`, still relative); "" (unset) stays ""."""
+    if not location:
+        return location
+    if "://" in location:
+        stripped = location.rstrip("/")
+        return stripped if "://" in stripped else location  # file:/// is a root, not a prefix
+    return os.path.normpath(location)
+
+
 def absolute_location(location: str | os.PathLike[str]) -> str:
-    """A location another process can use: a URI as given (without a trailing slash), a local
+    """A location another process can use: a URI as given (`normalize_location`), a local
     path made absolute against this process's working directory (Tune trials and Ray workers
     run in other directories)."""
     text = os.fspath(location)
     if "://" in text:
-        stripped = text.rstrip("/")
-        return stripped if "://" in stripped else text  # file:/// is a root, not a prefix
+        return normalize_location(text)
     return str(Path(text).resolve())
 
 

@@ -178,3 +178,21 @@ def test_locations_handed_to_other_processes_are_absolute_and_uris_stay_uris(loc
 
     monkeypatch.chdir(tmp_path)
     assert absolute_location(location) == expected.format(cwd=tmp_path.resolve())
+
+
+def test_a_location_names_one_run_however_it_is_spelled():
+    from pipeline.training.driver import run_name_for
+
+    spellings = [
+        ("s3://b/runs", "s3://b/cars", "data", "w.pt"),
+        ("s3://b/runs/", "s3://b/cars//", "./data", "./w.pt"),
+        ("s3://b/runs///", "s3://b/cars/", "data/", "models/../w.pt"),
+    ]
+    configs = [
+        load_config("local", [f"train.storage_path={s}", f"data.root={r}", f"data.cache_dir={c}", f"model.pretrained={p}"])
+        for s, r, c, p in spellings
+    ]
+    assert len({run_name_for(c) for c in configs}) == 1  # a rerun resumes, whichever spelling
+    assert (configs[1].train.storage_path, configs[1].data.root) == ("s3://b/runs", "s3://b/cars")
+    assert (configs[2].data.cache_dir, configs[2].model.pretrained) == ("data", "w.pt")
+    assert load_config("local").data.root == ""  # unset stays unset (the built-in dataset)

@@ -103,6 +103,9 @@ def test_a_checkpoint_pointed_at_another_dataset_follows_its_protocol(tmp_path):
 
     same = evaluation_config(str(saved), trained, [])
     assert (same.eval.recall_ks, same.data.test_split) == ([1, 10, 100, 1000], "test")
+    # The same dataset spelled another way is the same dataset.
+    spelled = evaluation_config(str(saved), trained, [f"data.root={tmp_path}/./sop/"])
+    assert (spelled.eval.recall_ks, spelled.data.test_split) == ([1, 10, 100, 1000], "test")
     other = evaluation_config(str(saved), trained, [f"data.root={tmp_path / 'inshop'}"])
     assert (other.eval.recall_ks, other.data.test_split) == ([], "")
     resolved = resolve_evaluation(other, read_metadata(tmp_path / "inshop"))

@@ -59,8 +59,24 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | None =
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {err}") from err
         _set_path(raw, key.strip().split("."), value)
     config = _build(Config, raw, "")
+    _normalize_locations(config)
     validate(config)
     return config
+
+
+LOCATION_SETTINGS = ("data.root", "data.cache_dir", "train.storage_path", "model.pretrained")
+"""Settings that name a place (a local path or a URI)."""
+
+
+def _normalize_locations(config: Config) -> None:
+    from pipeline.storage import normalize_location  # imports pyarrow: only when loading
+
+    for key in LOCATION_SETTINGS:
+        section, name = key.split(".")
+        node = getattr(config, section)
+        value = getattr(node, name)
+        if isinstance(value, str):  # (a wrong type is validate's to name)
+            setattr(node, name, normalize_location(value))
 
 
 def _read_yaml(preset_or_path: str) -> dict[str, Any]:
@@ -353,6 +369,7 @@ def config_to_yaml(config: Config) -> str:
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Rebuild a validated Config from `config_to_dict` output (e.g. read from a checkpoint)."""
     config = _build(Config, raw, "")
+    _normalize_locations(config)
     validate(config)
     return config
 

@@ -386,6 +386,8 @@ def main(argv=None) -> int:
     parser.add_argument("--magnet-metric", default="",
                         help="read this for the Magnet arm instead, e.g. seen/magnet_accuracy")
     args = parser.parse_args(argv)
+    if "://" in args.out:
+        parser.error(f"--out: {args.out} is a URI; the plots go to a local folder")
     modes_run = tuple(int(m) for m in args.modes.split(",") if m.strip())
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     unknown = sorted(set(arms) - set(ARMS))

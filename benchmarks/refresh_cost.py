@@ -29,6 +29,7 @@ import platform
 import re
 import tempfile
 import time
+import uuid
 
 import faiss
 import numpy as np
@@ -207,8 +208,11 @@ def training_overhead(every, epochs, storage, device):
 
     # A new folder per call: under a reused one the runs would resume from an earlier call's
     # checkpoints (same run names) and time nothing but the steps that call left undone.
-    os.makedirs(storage, exist_ok=True)
-    storage = tempfile.mkdtemp(prefix="refresh-bench-", dir=storage)
+    if "://" in storage:  # a bucket: a unique prefix (mkdtemp would make a local 's3:' folder)
+        storage = f"{storage.rstrip('/')}/refresh-bench-{uuid.uuid4().hex[:12]}"
+    else:
+        os.makedirs(storage, exist_ok=True)
+        storage = tempfile.mkdtemp(prefix="refresh-bench-", dir=storage)
     results = {}
     for label, period in (("refreshing", every), ("initial_index_only", 10**9)):
         overrides = [

@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.serving.evaluation import evaluate_checkpoint
+    from pipeline.storage import check_location
     from pipeline.tracking import ui_command
 
     try:
+        check_location(args.checkpoint, "checkpoint")  # a mistyped URI would be a local folder
         summary = evaluate_checkpoint(
             args.checkpoint, args.overrides, gallery_split=args.gallery_split, verbose=args.verbose
         )

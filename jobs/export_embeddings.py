@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.serving.export import export_embeddings
+    from pipeline.storage import check_location
 
     try:
+        locations = {"checkpoint": args.checkpoint, "dataset_root": args.dataset_root,
+                     "out_dir": args.out_dir, "--storage-path": args.storage_path}
+        for where, location in locations.items():  # a mistyped URI would be a local folder
+            check_location(location, where)
         summary = export_embeddings(
             args.checkpoint,
             args.dataset_root,

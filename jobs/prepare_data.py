@@ -14,6 +14,7 @@ from pipeline.data.convert import (
     convert_dataset,
     describe_summary,
 )
+from pipeline.storage import check_location
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPUs each Ray encoding task reserves")
     args = parser.parse_args(argv)
     try:
+        for where in ("source", "destination"):  # a mistyped URI would be a local folder
+            check_location(getattr(args, where), where)
         options = ConversionOptions(
             encode=EncodeOptions(short_side=args.short_side, jpeg_quality=args.jpeg_quality),
             shard_size=args.shard_size,

@@ -241,8 +241,10 @@ def absolute_location(location: str | os.PathLike[str]) -> str:
 
 def filesystem_for(path_or_uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path, an `s3://` URI (endpoint and retries from
-    the settings) or any other URI pyarrow understands (`file://`, `gs://`, ...)."""
+    the settings) or any other URI pyarrow understands (`file://`, `gs://`, ...). A mistyped URI
+    (`s3:/bucket`, which would be a local folder named 's3:') raises ValueError."""
     text = os.fspath(path_or_uri)
+    check_location(text, "location")
     if "://" not in text:
         return pafs.LocalFileSystem(), os.path.abspath(text)
     scheme, rest = text.split("://", 1)

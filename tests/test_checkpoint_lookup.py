@@ -27,3 +27,13 @@ def test_the_highest_step_wins_and_incomplete_checkpoints_are_skipped(tmp_path):
 
 def test_a_run_never_started_has_no_checkpoint(tmp_path):
     assert latest_checkpoint(str(tmp_path), "run") is None
+
+
+def test_a_reported_checkpoint_is_named_with_its_storages_scheme():
+    from pipeline.training.driver import checkpoint_uri
+
+    # Ray Train reports a path inside the storage's filesystem; alone it reads as a local path.
+    assert checkpoint_uri("s3://b/runs", "b/runs/r/checkpoint_1") == "s3://b/runs/r/checkpoint_1"
+    assert checkpoint_uri("gs://b/runs", "b/runs/r/checkpoint_1") == "gs://b/runs/r/checkpoint_1"
+    assert checkpoint_uri("file:///data/runs", "/data/runs/r/checkpoint_1") == "file:///data/runs/r/checkpoint_1"
+    assert checkpoint_uri("/data/runs", "/data/runs/r/checkpoint_1") == "/data/runs/r/checkpoint_1"

@@ -320,6 +320,24 @@ def test_encode_chunk_resizes_to_jpeg_and_skips_bad_files(tmp_path):
 # ----------------------------------------------------------------------------- destination
 
 
+def test_a_mistyped_uri_is_refused_not_written_to_a_local_folder(
+    tmp_path, monkeypatch, capsys, ray_must_not_start
+):
+    from jobs.prepare_data import main as prepare_main
+
+    source = str(build_sop(tmp_path / "release"))
+    monkeypatch.chdir(tmp_path)  # where pyarrow would have made the folder 's3:'
+    assert prepare_main(["sop", source, "s3:/bucket/sop"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "prepare_data: destination: 's3:/bucket/sop' is neither a path nor a URI; "
+        "did you mean 's3://bucket/sop'?"
+    )
+    # The library refuses it too, whoever calls it.
+    with pytest.raises(ValueError, match="did you mean 's3://bucket/sop'"):
+        convert_dataset("sop", source, "s3:/bucket/sop", printer=lambda *a, **k: None)
+    assert sorted(os.listdir(tmp_path)) == ["release"]
+
+
 def test_an_existing_destination_is_refused_and_left_untouched(tmp_path):
     source = str(build_sop(tmp_path))
     destination = tmp_path / "sop_out"

@@ -140,6 +140,17 @@ def test_export_job_refuses_an_index_the_split_cannot_train_before_ray(
     assert not out.exists()
 
 
+def test_export_job_refuses_a_mistyped_uri_before_ray(trained, tmp_path, monkeypatch, capsys, ray_must_not_start):
+    from jobs.export_embeddings import main as export_main
+
+    monkeypatch.chdir(tmp_path)
+    assert export_main([str(trained["checkpoint"]), trained["dataset"], "s3:bucket/out"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: out_dir: 's3:bucket/out' is neither a path nor a URI; did you mean 's3://bucket/out'?"
+    )
+    assert not (tmp_path / "s3:bucket").exists()
+
+
 def test_index_search_matches_brute_force_and_returns_ids():
     from pipeline.serving.index import build_index
 

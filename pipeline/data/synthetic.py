@@ -39,7 +39,7 @@ from pipeline.data.format import (
     read_metadata,
     write_dataset,
 )
-from pipeline.storage import absolute_location, filesystem_for
+from pipeline.storage import absolute_location, check_location, filesystem_for
 
 GENERATOR_VERSION = 1
 """Bump when the drawing changes: cached copies made by an older generator are not reused."""
@@ -608,6 +608,10 @@ def main(argv: list[str] | None = None) -> None:
             f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default
         )
     args = parser.parse_args(argv)
+    try:
+        check_location(args.out or "", "--out")  # a mistyped URI would be a local folder
+    except ValueError as err:
+        parser.error(str(err))
     spec = SyntheticSpec(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)}
     )

@@ -160,6 +160,15 @@ def _train_storage(config: Config) -> tuple[str, object]:
     return path, filesystem
 
 
+def checkpoint_uri(storage_path: str, checkpoint_path: str) -> str:
+    """Where a checkpoint Ray Train reports is, for a user: Ray gives a path inside the
+    storage's filesystem (`bucket/runs/x/checkpoint_...` for s3:// or gs:// storage), which
+    alone reads as a local path; it gets the storage's scheme back."""
+    if "://" not in storage_path:
+        return checkpoint_path
+    return f"{storage_path.split('://', 1)[0]}://{checkpoint_path}"
+
+
 def _init_ray(verbose: bool) -> None:
     import ray
 
@@ -352,9 +361,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         if refresh_actor is not None:  # its last refreshes' metrics, before the run is closed
             not_logged += close_refresh_metrics(refresh_actor, uri, run_id, printer)
         if result.checkpoint is not None:
-            checkpoint_path = result.checkpoint.path
-            if train_filesystem is not None:  # a path inside the bucket: give the URI
-                checkpoint_path = "s3://" + checkpoint_path
+            checkpoint_path = checkpoint_uri(_storage_path(config), result.checkpoint.path)
             with result.checkpoint.as_directory() as directory:
                 metrics = load_metrics(directory)
                 not_logged += record_finished_run(config, root, uri, run_id, directory, printer)

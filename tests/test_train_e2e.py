@@ -18,7 +18,9 @@ from ray.train.v2._internal.constants import (
 from short_runs import SHORT_RUN, TINY_BUILT_IN
 
 from pipeline.config import load_config
+from pipeline.data.synthetic import SyntheticSpec, generate_synthetic
 from pipeline.training.checkpoint import (
+    DATASET_FILE,
     CheckpointRecordUnreadable,
     load_embedding_model,
     registered_checkpoint,
@@ -171,7 +173,7 @@ def test_ray_trains_record_names_the_checkpoint_to_resume_and_serve(finished_run
 def test_a_run_name_reused_with_other_settings_is_refused_before_ray(finished_run, tmp_path, ray_must_not_start):
     """`train.run_name` names the run folder Ray Train resumes: reused with another loss, the
     run's triplet weights and MLflow record would go on under a contrastive loss."""
-    from pipeline.training.driver import RunRefused, run_training
+    from pipeline.training.driver import RunRefused, resolve_dataset, run_training
 
     config, summary, _ = finished_run
     shutil.copytree(Path(summary.checkpoint_path).parent, tmp_path / "runs" / "exp1")
@@ -190,6 +192,22 @@ def test_a_run_name_reused_with_other_settings_is_refused_before_ray(finished_ru
     same = load_config("local", settings + ["train.epochs=3", "train.log_every_steps=1", "data.decode_cpus=0.25"])
     with pytest.raises(AssertionError, match="reached for Ray"):
         run_training(same, printer=lambda *a, **k: None)
+
+    # The checkpoint keeps the fingerprint of the images it was trained on: a copy of them at
+    # another data.root resumes; other images there do not, though every setting is the same.
+    built_in, metadata = resolve_dataset(config)
+    checkpoint = Path(summary.checkpoint_path)
+    assert json.loads((checkpoint / DATASET_FILE).read_text()) == {"fingerprint": metadata.fingerprint}
+    shutil.copytree(built_in, tmp_path / "moved")
+    moved = load_config("local", settings + [f"data.root={tmp_path / 'moved'}"])
+    with pytest.raises(AssertionError, match="reached for Ray"):
+        run_training(moved, printer=lambda *a, **k: None)
+    spec = SyntheticSpec(**{**vars(config.data.synthetic), "seed": config.data.synthetic.seed + 1})
+    generate_synthetic(tmp_path / "other", spec)
+    other = load_config("local", settings + [f"data.root={tmp_path / 'other'}"])
+    with pytest.raises(RunRefused) as refused:
+        run_training(other, printer=lambda *a, **k: None)
+    assert f"data.root: '' -> '{tmp_path / 'other'}'; the dataset's fingerprint: {metadata.fingerprint[:12]}..." in str(refused.value)
 
 
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):

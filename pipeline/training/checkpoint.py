@@ -13,11 +13,13 @@ STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+DATASET_FILE = "dataset.json"
 
 
 def save_checkpoint(directory: str, *, learner, optimizer, scheduler, step: int, epoch: int,
-                    config_yaml: str, metrics: dict) -> None:
-    """Write the training state, the embedding model alone, the config and the metrics."""
+                    config_yaml: str, metrics: dict, dataset_fingerprint: str = "") -> None:
+    """Write the training state, the embedding model alone, the config, the metrics and the
+    fingerprint of the dataset trained on (`DATASET_FILE`, when given)."""
     out = Path(directory)
     torch.save(learner.embedder.state_dict(), out / MODEL_FILE)
     torch.save(
@@ -32,6 +34,22 @@ def save_checkpoint(directory: str, *, learner, optimizer, scheduler, step: int,
     )
     (out / CONFIG_FILE).write_text(config_yaml)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if dataset_fingerprint:
+        (out / DATASET_FILE).write_text(json.dumps({"fingerprint": dataset_fingerprint}))
+
+
+def load_dataset_fingerprint(directory: str, filesystem=None) -> str:
+    """The fingerprint of the dataset a checkpoint was trained on ("" for a checkpoint written
+    before checkpoints kept it, or one whose file does not read)."""
+    try:
+        if filesystem is None:
+            text = (Path(directory) / DATASET_FILE).read_text()
+        else:
+            with filesystem.open_input_stream(f"{directory}/{DATASET_FILE}") as stream:
+                text = stream.read().decode("utf-8")
+        return str(json.loads(text)["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def load_training_state(directory: str) -> dict:

@@ -250,7 +250,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         # checkpoint trained with the same settings is resumed.
         resume_from = registered_checkpoint(_storage_path(config), name)
         if resume_from is not None:
-            check_resume(config, name, resume_from)
+            check_resume(config, name, resume_from, metadata.fingerprint)
     except ValueError as err:
         raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)
@@ -310,6 +310,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             seen_holdout_ids=data.holdout_ids if len(data.holdout_ids) else None,
             stream_start_step=data.start_step,
             gallery_split=gallery,
+            dataset_fingerprint=metadata.fingerprint,
         )
         printer(
             f"{config.train.num_workers} workers, global batch {config.global_batch_size}, "

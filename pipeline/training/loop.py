@@ -157,7 +157,7 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
                     # record: the test embeddings (plots) and the metrics the server did not
                     # get. The other ranks wait at the report: flush for a bounded time only.
                     final = (embedded, logger.close(timeout_s=FINAL_FLUSH_S))
-            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, final)
+            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, plan, final)
             window = _Window()  # evaluation time is not training throughput
 
 
@@ -318,7 +318,7 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_i
     return logged, embedded
 
 
-def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, final=None) -> None:
+def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, plan, final=None) -> None:
     import ray.train
 
     if rank != 0:
@@ -328,6 +328,7 @@ def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml
         save_checkpoint(
             directory, learner=inner, optimizer=optimizer, scheduler=scheduler,
             step=done, epoch=epoch, config_yaml=config_yaml, metrics=metrics,
+            dataset_fingerprint=plan.dataset_fingerprint,
         )
         if refresh is not None:
             refresh.save(directory, done)

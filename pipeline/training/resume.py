@@ -1,6 +1,10 @@
 """Whether a rerun may resume the run of the same name: Ray Train resumes any run folder of that
 name, so a `train.run_name` reused with another loss, model or data would silently continue the
-old run's weights and MLflow record under the new settings."""
+old run's weights and MLflow record under the new settings.
+
+The data is compared by its fingerprint where the checkpoint keeps it (`DATASET_FILE`): a copy
+of the dataset at another `data.root` (moved to S3, say) resumes, and a dataset rewritten in
+place (converted again with other options) does not."""
 
 from __future__ import annotations
 
@@ -24,20 +28,25 @@ RESUME_MAY_CHANGE = frozenset({
 """Settings a resumed run may change; any other difference from the checkpoint's config refuses."""
 
 
-def changed_settings(saved: Config, config: Config) -> list[str]:
-    """`key: saved -> new` for each setting outside RESUME_MAY_CHANGE that differs."""
+def changed_settings(saved: Config, config: Config, may_change: frozenset = RESUME_MAY_CHANGE) -> list[str]:
+    """`key: saved -> new` for each setting outside `may_change` that differs."""
     before, after = flatten(saved), flatten(config)
     return [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
         for key in sorted(before.keys() | after.keys())
-        if key not in RESUME_MAY_CHANGE and before.get(key) != after.get(key)
+        if key not in may_change and before.get(key) != after.get(key)
     ]
 
 
-def check_resume(config: Config, run_name: str, resume_from) -> None:
+def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint: str) -> None:
     """Raise ValueError when the checkpoint a rerun would resume from (`registered_checkpoint`'s
-    (filesystem, directory, step)) was trained with settings that change what is learned."""
-    from pipeline.training.checkpoint import CONFIG_FILE, load_checkpoint_config
+    (filesystem, directory, step)) was trained with settings that change what is learned, or on
+    another dataset than the one (`dataset_fingerprint`) the rerun would train on."""
+    from pipeline.training.checkpoint import (
+        CONFIG_FILE,
+        load_checkpoint_config,
+        load_dataset_fingerprint,
+    )
 
     filesystem, directory, step = resume_from
     try:
@@ -47,7 +56,15 @@ def check_resume(config: Config, run_name: str, resume_from) -> None:
             f"train.run_name: run {run_name!r} has a checkpoint at step {step} whose "
             f"{CONFIG_FILE} no longer loads ({err}); choose another train.run_name"
         ) from err
-    changed = changed_settings(saved, config)
+    trained_on = load_dataset_fingerprint(directory, filesystem)
+    if not trained_on:  # an older checkpoint: the dataset is known by its root only
+        changed = changed_settings(saved, config)
+    elif trained_on == dataset_fingerprint:  # the same images, wherever they are now
+        changed = changed_settings(saved, config, RESUME_MAY_CHANGE | {"data.root"})
+    else:
+        changed = changed_settings(saved, config) + [
+            f"the dataset's fingerprint: {trained_on[:12]}... -> {dataset_fingerprint[:12]}..."
+        ]
     if changed:
         raise ValueError(
             f"train.run_name: run {run_name!r} has a checkpoint at step {step} ({directory}) "

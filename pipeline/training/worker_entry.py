@@ -36,6 +36,8 @@ class RunPlan:
     """The step whose sub-batches the training stream starts with (the driver's resume step)."""
     gallery_split: str = ""
     """When set, test images are queries ranked against this split (dataset "gallery")."""
+    dataset_fingerprint: str = ""
+    """The training dataset's fingerprint, saved with each checkpoint: what a resume compares."""
 
     @property
     def has_seen_holdout(self) -> bool:

@@ -42,14 +42,18 @@ def load_dataset_fingerprint(directory: str, filesystem=None) -> str:
     """The fingerprint of the dataset a checkpoint was trained on ("" for a checkpoint written
     before checkpoints kept it, or one whose file does not read)."""
     try:
-        if filesystem is None:
-            text = (Path(directory) / DATASET_FILE).read_text()
-        else:
-            with filesystem.open_input_stream(f"{directory}/{DATASET_FILE}") as stream:
-                text = stream.read().decode("utf-8")
-        return str(json.loads(text)["fingerprint"])
+        return str(json.loads(_read_text(directory, DATASET_FILE, filesystem))["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+def _read_text(directory: str, name: str, filesystem=None) -> str:
+    """A checkpoint file's text, from a local directory or, given a pyarrow `filesystem`, from
+    one in that store."""
+    if filesystem is None:
+        return (Path(directory) / name).read_text()
+    with filesystem.open_input_stream(f"{directory}/{name}") as stream:
+        return stream.read().decode("utf-8")
 
 
 def load_training_state(directory: str) -> dict:
@@ -68,12 +72,7 @@ def load_checkpoint_config(directory: str, filesystem=None):
     when it no longer loads (a setting renamed since)."""
     from pipeline.config import config_from_dict, parse_yaml
 
-    if filesystem is None:
-        text = (Path(directory) / CONFIG_FILE).read_text()
-    else:
-        with filesystem.open_input_stream(f"{directory}/{CONFIG_FILE}") as stream:
-            text = stream.read().decode("utf-8")
-    return config_from_dict(parse_yaml(text))
+    return config_from_dict(parse_yaml(_read_text(directory, CONFIG_FILE, filesystem)))
 
 
 def load_embedding_model(directory: str):

@@ -292,6 +292,22 @@ class MetricsLogger:
         with self._cond:
             return len(self._pending)
 
+    def held(self) -> UnloggedMetrics:
+        """A copy of what is not sent yet (the logger goes on). Rank 0 saves it with every
+        checkpoint: a worker group restarted after this process died sends it (`carry_over`)."""
+        with self._cond:
+            dropped = {key: list(span) for key, span in self._dropped.items()}
+            return UnloggedMetrics(list(self._pending), dropped, self.last_error)
+
+    def carry_over(self, unlogged: UnloggedMetrics) -> None:
+        """Take on what an earlier logger did not send (a dead attempt's, from the checkpoint
+        this one resumes): its held metrics are queued again, its dropped ones counted as ours."""
+        self.resend(unlogged.held)
+        with self._cond:
+            for key, (count, first, last) in unlogged.dropped.items():
+                mine = self._dropped.get(key, [0, first, last])
+                self._dropped[key] = [mine[0] + count, min(mine[1], first), max(mine[2], last)]
+
     def close(self, timeout_s: float = 30.0) -> UnloggedMetrics:
         """Send what is queued (retrying at once, then with backoff) for at most `timeout_s`;
         returns what was not sent. The logger takes no more metrics afterwards."""

@@ -143,6 +143,46 @@ def test_an_unreachable_server_never_blocks_or_raises_and_the_buffer_is_bounded(
         logger.log({"train/loss": 0.0}, 5)
 
 
+def test_what_rank_0_held_at_a_checkpoint_reaches_the_server_from_the_next_attempt(
+    server, tmp_path, metric_history
+):
+    # Rank 0 saves what it holds with each checkpoint; if its process dies during an outage, the
+    # restarted worker group resumes from that checkpoint and does not train those steps again.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment("carried")).info.run_id
+    logger = MetricsLogger(server.uri, run_id, first_backoff_s=0.2, max_backoff_s=1.0, max_buffered=3)
+    logger.log({"train/loss": 1.0}, 1)
+    _wait_for(lambda: logger.pending == 0)
+    delivered = client.get_metric_history(run_id, "train/loss")
+    server.stop()
+    logger.log({"train/loss": 0.5, "train/lr": 0.1}, 2)
+    logger.log({"train/loss": 0.25, "train/lr": 0.1}, 3)  # the buffer holds 3: one value dropped
+    _wait_for(lambda: logger.failures >= 1)
+    checkpointed = logger.held()
+    logger.log({"train/loss": 0.125}, 4)  # after the checkpoint: trained and logged again later
+    assert checkpointed.describe() == [
+        "metric train/loss: 2 values at steps 2, 3 (held)",
+        "metric train/lr: 1 values at steps 2 (held)",
+        "metric train/lr: 1 values at steps 3..3 (dropped: the buffer was full)",
+    ]
+    save_unlogged(str(tmp_path), checkpointed)
+    # The process dies here, with its queue. The next attempt starts while the server is back.
+    server.start()
+    carried = load_unlogged(str(tmp_path))
+    carried.held += delivered  # a value that did arrive, sent again: MLflow keeps it once
+    again = MetricsLogger(server.uri, run_id)
+    again.carry_over(carried)
+    again.log({"train/loss": 0.125}, 4)
+    left = again.close(timeout_s=60)
+    assert left.describe() == ["metric train/lr: 1 values at steps 3..3 (dropped: the buffer was full)"]
+    assert [(m.step, m.value) for m in metric_history(client, run_id, "train/loss")] == [
+        (1, 1.0), (2, 0.5), (3, 0.25), (4, 0.125)
+    ]
+    logger.close(timeout_s=0)
+
+
 def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
     server, tmp_path, metric_history
 ):

@@ -23,7 +23,7 @@ from pipeline.learner import MetricLearner
 from pipeline.losses import build_loss
 from pipeline.models import build_model
 from pipeline.reporting.test_embeddings import save_test_embeddings
-from pipeline.tracking import save_unlogged
+from pipeline.tracking import UnloggedMetrics, load_unlogged, save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
 from pipeline.training.evaluate import embed_and_evaluate, seen_knn_accuracy
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -67,10 +67,15 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
 
     refresh = RefreshLink(plan, rank, device) if plan.refresh_actor else None
     start_step = 0
+    carried = UnloggedMetrics()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_training_state(directory)
+            if rank == 0:
+                # What the dead attempt's rank 0 held when it saved this checkpoint (a tracking
+                # outage): its steps are not trained again, so nothing else would send it.
+                carried = load_unlogged(directory)
             if refresh is not None and rank == 0:
                 refresh.restore(directory)
         inner.load_state_dict(state["learner"])
@@ -83,6 +88,7 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
         from pipeline.tracking import MetricsLogger
 
         logger = MetricsLogger(plan.tracking_uri, plan.run_id)
+        logger.carry_over(carried)
         if start_step:
             logger = _NewStepsOnly(logger)
     config_yaml = config_to_yaml(config)
@@ -157,7 +163,7 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
                     # record: the test embeddings (plots) and the metrics the server did not
                     # get. The other ranks wait at the report: flush for a bounded time only.
                     final = (embedded, logger.close(timeout_s=FINAL_FLUSH_S))
-            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, plan, final)
+            _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, plan, logger, final)
             window = _Window()  # evaluation time is not training throughput
 
 
@@ -318,7 +324,8 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_i
     return logged, embedded
 
 
-def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, plan, final=None) -> None:
+def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml, refresh, plan, logger,
+            final=None) -> None:
     import ray.train
 
     if rank != 0:
@@ -336,6 +343,8 @@ def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml
             (embeddings, labels, ids), unlogged = final
             save_test_embeddings(directory, embeddings, labels, ids)
             save_unlogged(directory, unlogged)
+        else:  # what a restarted worker group sends if this process dies (the logger goes on)
+            save_unlogged(directory, logger.held())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

@@ -80,7 +80,14 @@ def _experiment_id(client, config) -> str:
         artifacts = local_store_dir(config) / "mlartifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         location = artifacts.as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:  # another job created it since we looked: use theirs
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def experiment_id(client, config) -> str:
@@ -92,13 +99,34 @@ class TrackingUnreachable(ValueError):
     """The tracking store named by a URI cannot be reached or opened."""
 
 
+def _open_local_store(uri: str) -> None:
+    """Create a local `sqlite:///` store (its folder, its tables) if it is new, holding a lock
+    file beside it: MLflow's first-time setup migrates the schema, and two jobs that do it at
+    once on one file fail, or leave a store no later job can open."""
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:  # noqa: PTH123 - a lock file, never read
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates it if new
+
+
 def check_store(uri: str, setting: str = "tracking.tracking_uri") -> None:
     """Raise TrackingUnreachable, naming `setting`, when the store at `uri` does not answer a
     one-row query (with this module's few HTTP retries, seconds rather than MLflow's minutes).
-    A local `sqlite:///` store is created on first use and is not probed."""
-    if uri.startswith("sqlite:///"):
-        return
+    A local `sqlite:///` store is created here if new (`_open_local_store`)."""
     from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        try:
+            _open_local_store(uri)
+        except Exception as err:  # noqa: BLE001 - an unwritable folder, a broken database file
+            raise TrackingUnreachable(f"{setting}: the local MLflow store {uri} does not open "
+                                      f"({describe_error(err)})") from err
+        return
 
     # Only for this probe: the calls after it (a sweep's parent run) keep MLflow's patience.
     unset = [key for key in _MLFLOW_HTTP_DEFAULTS if key not in os.environ]

@@ -244,13 +244,13 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     gallery = gallery_split(config, metadata)
     uri = tracking.tracking_uri(config)
     try:
-        tracking.check_store(uri)
         # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
         # data plan and the refresh actor start where that checkpoint left off, and only a
         # checkpoint trained with the same settings is resumed.
         resume_from = registered_checkpoint(_storage_path(config), name)
         if resume_from is not None:
             check_resume(config, name, resume_from, metadata.fingerprint)
+        tracking.check_store(uri)  # (creates a local store: after every other refusal)
     except ValueError as err:
         raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)

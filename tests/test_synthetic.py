@@ -181,3 +181,18 @@ def test_preview_contact_sheet(tmp_path):
     synthetic.main(["--preview", path, "--image-size", "32"])
     with Image.open(path) as sheet:
         assert sheet.size == (3 * 5 * 34 + 2, 6 * 34)
+
+
+
+def test_a_writer_never_writes_into_another_writers_scratch_folder(tmp_path):
+    # Jobs in two containers that mount one cache folder can have the same pid: a scratch folder
+    # named by pid was written by both at once and renamed into place with shards missing.
+    spec = SyntheticSpec(num_classes=4, modes_per_class=2, images_per_class=2, image_size=16)
+    other = tmp_path / f"synthetic-{spec.cache_key()}.tmp-{os.getpid()}"  # the other job's
+    other.mkdir()
+    (other / "train").mkdir()
+    (other / "train" / "part-00000.parquet").write_bytes(b"half written")
+    root = ensure_synthetic(str(tmp_path), spec)
+    validate_dataset(root, check_images=True, check_fingerprint=True)
+    assert (other / "train" / "part-00000.parquet").read_bytes() == b"half written"
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(root), other.name])  # ours is gone

@@ -23,6 +23,7 @@ import json
 import os
 import posixpath
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -560,7 +561,9 @@ def ensure_synthetic(cache_dir: str | os.PathLike[str], spec: SyntheticSpec) -> 
         return root
     if "://" in root:
         return _object_store_copy(cache_dir, spec)
-    scratch = f"{root}.tmp-{os.getpid()}"
+    # A scratch folder of our own: a pid is not unique across containers sharing the folder.
+    os.makedirs(cache_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f"{posixpath.basename(root)}.tmp-", dir=cache_dir)
     try:
         generate_synthetic(scratch, spec, overwrite=True)
         if os.path.isdir(root) and not _matches(root, spec):

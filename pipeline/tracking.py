@@ -141,6 +141,55 @@ def check_store(uri: str, setting: str = "tracking.tracking_uri") -> None:
             os.environ.pop(key, None)
 
 
+def _named_run(client, experiment_id: str, run_name: str):
+    """The MLflow run of the pipeline run `run_name` in the experiment, or None."""
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
+    return found[0] if found else None
+
+
+_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+@dataclass
+class RecordedRun:
+    """An MLflow run that a run of the same name would write into (`recorded_run`)."""
+
+    run_id: str
+    config_yaml: str | None
+    """Its `config.yaml` artifact (None if it never arrived)."""
+    dataset_fingerprint: str
+    """Its `dataset.fingerprint` tag ("" if none)."""
+
+
+def recorded_run(config, run_name: str) -> RecordedRun | None:
+    """The MLflow run `start_run` would reopen for `run_name`, or None: a run that reached
+    MLflow before it stopped, with or without a checkpoint."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    run = None if experiment is None else _named_run(client, experiment.experiment_id, run_name)
+    if run is None:
+        return None
+    shown = os.environ.get(_PROGRESS_BAR_ENV)
+    os.environ[_PROGRESS_BAR_ENV] = "false"  # one small file: no progress bar on stderr
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            text = Path(client.download_artifacts(run.info.run_id, "config.yaml", scratch)).read_text()
+    except Exception:  # noqa: BLE001 - an upload an outage cut short: nothing to compare
+        text = None
+    finally:
+        if shown is None:
+            os.environ.pop(_PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[_PROGRESS_BAR_ENV] = shown
+    return RecordedRun(run.info.run_id, text, run.data.tags.get("dataset.fingerprint", ""))
+
+
 def start_run(config, run_name: str, config_yaml: str, tags: dict[str, str]) -> str:
     """Create (or reopen, for a resumed run) the MLflow run; log params, config and tags."""
     from mlflow import MlflowClient
@@ -152,11 +201,9 @@ def start_run(config, run_name: str, config_yaml: str, tags: dict[str, str]) -> 
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
     experiment_id = _experiment_id(client, config)
-    previous = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-    )
-    if previous:
-        run_id = previous[0].info.run_id
+    previous = _named_run(client, experiment_id, run_name)
+    if previous is not None:
+        run_id = previous.info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
         run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})

@@ -193,3 +193,31 @@ def test_a_run_that_fails_after_its_mlflow_run_exists_is_marked_failed(tmp_path,
     client = MlflowClient(tracking.tracking_uri(config))
     runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_a_run_name_reused_before_its_first_checkpoint_is_checked_against_its_mlflow_run(
+    tmp_path, capsys, ray_must_not_start
+):
+    """A run stopped before its first checkpoint leaves no weights, but its MLflow run is
+    reopened by a rerun of the same name: another loss would write into the triplet's record."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    settings = _overrides(tmp_path, ["train.run_name=exp1"])
+    argv = ["--preset", "local", *[a for item in settings for a in ("--set", item)]]
+    with pytest.raises(AssertionError, match="reached for Ray"):  # the first attempt stops there
+        train_main(argv)
+    assert train_main([*argv, "--set", "loss.name=contrastive", "--set", "model.embedding_dim=32"]) == 2
+    config = load_config("local", settings)
+    client = MlflowClient(tracking.tracking_uri(config))
+    [run] = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+    assert capsys.readouterr().err.strip() == (
+        f"error: train.run_name: run 'exp1' has no checkpoint yet, but an MLflow run ({run.info.run_id}) "
+        "trained with other settings, and a rerun would write into its record: loss.name: 'triplet' -> "
+        "'contrastive'; model.embedding_dim: 64 -> 32. Choose another train.run_name for a new run, or "
+        "rerun with its settings"
+    )
+    assert run.data.params["loss.name"] == "triplet" and run.info.status == "FAILED"
+    with pytest.raises(AssertionError, match="reached for Ray"):  # the same settings go on
+        train_main([*argv, "--set", "train.epochs=3"])

@@ -22,7 +22,7 @@ from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
 from pipeline.storage import absolute_location
 from pipeline.training.checkpoint import load_metrics, registered_checkpoint
 from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
-from pipeline.training.resume import check_resume
+from pipeline.training.resume import check_recorded_run, check_resume
 from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
 
 
@@ -250,7 +250,10 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         resume_from = registered_checkpoint(_storage_path(config), name)
         if resume_from is not None:
             check_resume(config, name, resume_from, metadata.fingerprint)
-        tracking.check_store(uri)  # (creates a local store: after every other refusal)
+        tracking.check_store(uri)  # (creates a local store: after the refusals that need none)
+        recorded = None if resume_from is not None else tracking.recorded_run(config, name)
+        if recorded is not None:  # stopped before its first checkpoint: compare its record
+            check_recorded_run(config, name, recorded, metadata.fingerprint)
     except ValueError as err:
         raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)

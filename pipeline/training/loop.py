@@ -89,8 +89,9 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
 
         logger = MetricsLogger(plan.tracking_uri, plan.run_id)
         logger.carry_over(carried)
-        if start_step:
-            logger = _NewStepsOnly(logger)
+        # Also from step 0: an attempt stopped before its first checkpoint logged steps that
+        # this one trains again, into the same MLflow run.
+        logger = _NewStepsOnly(logger)
     config_yaml = config_to_yaml(config)
     batches = iter(train_rows(config, plan, rank) if rows is None else rows)
     if start_step < plan.stream_start_step:
@@ -182,8 +183,8 @@ def _write_pid_if_asked(rank: int) -> None:
 
 
 class _NewStepsOnly:
-    """Rank 0's logger in a resumed attempt. The attempt before it (a dead worker group, a
-    stopped job) may have logged steps after its last checkpoint, which this one trains again;
+    """Rank 0's logger. An attempt before this one (a dead worker group, a stopped job) may have
+    logged steps after its last checkpoint (or before the first), which this one trains again;
     a metric is not logged again at a step it already has."""
 
     def __init__(self, logger):

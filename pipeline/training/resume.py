@@ -1,6 +1,7 @@
 """Whether a rerun may resume the run of the same name: Ray Train resumes any run folder of that
 name, so a `train.run_name` reused with another loss, model or data would silently continue the
-old run's weights and MLflow record under the new settings.
+old run's weights and MLflow record under the new settings. A run stopped before its first
+checkpoint has no weights to resume, but its MLflow run is reopened: its record is compared.
 
 The data is compared by its fingerprint where the checkpoint keeps it (`DATASET_FILE`): a copy
 of the dataset at another `data.root` (moved to S3, say) resumes, and a dataset rewritten in
@@ -49,14 +50,38 @@ def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint
     )
 
     filesystem, directory, step = resume_from
+    found = f"run {run_name!r} has a checkpoint at step {step}"
     try:
         saved = load_checkpoint_config(directory, filesystem)
     except ConfigError as err:
-        raise ValueError(
-            f"train.run_name: run {run_name!r} has a checkpoint at step {step} whose "
-            f"{CONFIG_FILE} no longer loads ({err}); choose another train.run_name"
-        ) from err
+        raise ValueError(f"train.run_name: {found} whose {CONFIG_FILE} no longer loads ({err}); "
+                         f"choose another train.run_name") from err
     trained_on = load_dataset_fingerprint(directory, filesystem)
+    _refuse_changes(config, saved, trained_on, dataset_fingerprint, f"{found} ({directory})", "resume it")
+
+
+def check_recorded_run(config: Config, run_name: str, recorded, dataset_fingerprint: str) -> None:
+    """Raise ValueError when the MLflow run a rerun would write into (`tracking.recorded_run`:
+    a run stopped before its first checkpoint) was started with settings that change what is
+    learned, or on another dataset: its record would mix two runs."""
+    from pipeline.config import config_from_dict, parse_yaml
+
+    if recorded.config_yaml is None:
+        return
+    found = f"run {run_name!r} has no checkpoint yet, but an MLflow run ({recorded.run_id})"
+    try:
+        saved = config_from_dict(parse_yaml(recorded.config_yaml))
+    except ConfigError as err:
+        raise ValueError(f"train.run_name: {found} whose config.yaml no longer loads ({err}); "
+                         f"choose another train.run_name") from err
+    _refuse_changes(config, saved, recorded.dataset_fingerprint, dataset_fingerprint, found,
+                    "write into its record")
+
+
+def _refuse_changes(config: Config, saved: Config, trained_on: str, dataset_fingerprint: str,
+                    found: str, consequence: str) -> None:
+    """The shared rule: settings outside RESUME_MAY_CHANGE, and the data by its fingerprint
+    where it is known (else by `data.root`)."""
     if not trained_on:  # an older checkpoint: the dataset is known by its root only
         changed = changed_settings(saved, config)
     elif trained_on == dataset_fingerprint:  # the same images, wherever they are now
@@ -67,7 +92,7 @@ def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint
         ]
     if changed:
         raise ValueError(
-            f"train.run_name: run {run_name!r} has a checkpoint at step {step} ({directory}) "
-            f"trained with other settings, and a rerun would resume it: {'; '.join(changed)}. "
-            f"Choose another train.run_name for a new run, or rerun with its settings"
+            f"train.run_name: {found} trained with other settings, and a rerun would "
+            f"{consequence}: {'; '.join(changed)}. Choose another train.run_name for a new run, "
+            f"or rerun with its settings"
         )

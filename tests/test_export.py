@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pipeline.config import config_to_yaml, load_config
-from pipeline.data.format import read_split
+from pipeline.data.format import read_metadata, read_split
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
+from pipeline.evaluation.protocol import resolve_evaluation
 from pipeline.serving.checkpoints import CheckpointNotFound, locate_checkpoint
 
 TINY = [
@@ -58,6 +59,9 @@ def trained(tmp_path_factory):
     run_dir = root / "runs" / run_name_for(config)
     checkpoint = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
     checkpoint.mkdir(parents=True)
+    # As training saves it: the config with the dataset's protocol filled in, which no longer
+    # hashes to the run's name, and the run's record.
+    resolved = resolve_evaluation(config, read_metadata(dataset_root))
     save_checkpoint(
         str(checkpoint),
         learner=learner,
@@ -65,8 +69,9 @@ def trained(tmp_path_factory):
         scheduler=scheduler,
         step=4,
         epoch=1,
-        config_yaml=config_to_yaml(config),
+        config_yaml=config_to_yaml(resolved),
         metrics={"step": 4, "epoch": 1},
+        run={"run_name": run_dir.name, "run_id": "0123abcd", "dataset_fingerprint": "f"},
     )
     return {
         "root": root,
@@ -240,6 +245,7 @@ def test_export_and_evaluate_jobs(ray_local, trained, tmp_path, monkeypatch):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["evaluation.source_run"] == trained["run_dir"].name
+    assert run.data.tags["evaluation.source_run_id"] == "0123abcd"
     assert run.data.tags["evaluation.checkpoint"] == str(trained["checkpoint"])
     reference = retrieval_metrics(expected, test_labels, ks=(1, 2, 4, 8))
     for key in ("recall@1", "recall@8", "map@r", "r_precision", "nmi"):

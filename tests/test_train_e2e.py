@@ -20,7 +20,7 @@ from short_runs import SHORT_RUN, TINY_BUILT_IN
 from pipeline.config import load_config
 from pipeline.data.synthetic import SyntheticSpec, generate_synthetic
 from pipeline.training.checkpoint import (
-    DATASET_FILE,
+    RUN_FILE,
     CheckpointRecordUnreadable,
     load_embedding_model,
     registered_checkpoint,
@@ -197,7 +197,8 @@ def test_a_run_name_reused_with_other_settings_is_refused_before_ray(finished_ru
     # another data.root resumes; other images there do not, though every setting is the same.
     built_in, metadata = resolve_dataset(config)
     checkpoint = Path(summary.checkpoint_path)
-    assert json.loads((checkpoint / DATASET_FILE).read_text()) == {"fingerprint": metadata.fingerprint}
+    assert json.loads((checkpoint / RUN_FILE).read_text()) == {
+        "run_name": summary.run_name, "run_id": summary.run_id, "dataset_fingerprint": metadata.fingerprint}
     shutil.copytree(built_in, tmp_path / "moved")
     moved = load_config("local", settings + [f"data.root={tmp_path / 'moved'}"])
     with pytest.raises(AssertionError, match="reached for Ray"):

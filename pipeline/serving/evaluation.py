@@ -19,7 +19,12 @@ from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.serving.checkpoints import fetch_checkpoint
 from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
-from pipeline.training.checkpoint import CONFIG_FILE, load_embedding_model, load_metrics
+from pipeline.training.checkpoint import (
+    CONFIG_FILE,
+    load_embedding_model,
+    load_metrics,
+    load_run_record,
+)
 
 
 @dataclass
@@ -98,7 +103,10 @@ def evaluate_checkpoint(
         model, trained_config = load_embedding_model(directory)
         config = evaluation_config(f"{directory}/{CONFIG_FILE}", trained_config, overrides)
         step = load_metrics(directory).get("step")
-    source_run = run_name_for(trained_config)
+        source = load_run_record(directory)
+    # (A checkpoint from before checkpoints named their run: the name its config hashes to,
+    # right only when the run left no evaluation setting to its dataset's protocol.)
+    source_run = source.get("run_name") or run_name_for(trained_config)
     shown = reference if "://" in reference else directory  # a fetched copy is gone by now
 
     if config.data.root:
@@ -131,6 +139,7 @@ def evaluate_checkpoint(
             "pipeline.kind": "evaluation",
             "evaluation.checkpoint": shown,
             "evaluation.source_run": source_run,
+            "evaluation.source_run_id": source.get("run_id", "unknown"),
             "evaluation.checkpoint_step": str(step),
             "git_commit": tracking.git_commit(),
             "dataset.name": metadata.name,

@@ -13,13 +13,13 @@ STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
-DATASET_FILE = "dataset.json"
+RUN_FILE = "run.json"
 
 
 def save_checkpoint(directory: str, *, learner, optimizer, scheduler, step: int, epoch: int,
-                    config_yaml: str, metrics: dict, dataset_fingerprint: str = "") -> None:
-    """Write the training state, the embedding model alone, the config, the metrics and the
-    fingerprint of the dataset trained on (`DATASET_FILE`, when given)."""
+                    config_yaml: str, metrics: dict, run: dict[str, str] | None = None) -> None:
+    """Write the training state, the embedding model alone, the config, the metrics and, when
+    given, which run this is (`RUN_FILE`: `run_name`, MLflow `run_id`, `dataset_fingerprint`)."""
     out = Path(directory)
     torch.save(learner.embedder.state_dict(), out / MODEL_FILE)
     torch.save(
@@ -34,17 +34,19 @@ def save_checkpoint(directory: str, *, learner, optimizer, scheduler, step: int,
     )
     (out / CONFIG_FILE).write_text(config_yaml)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    if dataset_fingerprint:
-        (out / DATASET_FILE).write_text(json.dumps({"fingerprint": dataset_fingerprint}))
+    if run:
+        (out / RUN_FILE).write_text(json.dumps(run, indent=2, sort_keys=True))
 
 
-def load_dataset_fingerprint(directory: str, filesystem=None) -> str:
-    """The fingerprint of the dataset a checkpoint was trained on ("" for a checkpoint written
-    before checkpoints kept it, or one whose file does not read)."""
+def load_run_record(directory: str, filesystem=None) -> dict[str, str]:
+    """Which run a checkpoint belongs to (what `save_checkpoint` wrote as `run`); {} for a
+    checkpoint written before checkpoints kept it, or one whose file does not read. Its config
+    alone cannot say: the run name hashes the config as given, the checkpoint keeps it resolved."""
     try:
-        return str(json.loads(_read_text(directory, DATASET_FILE, filesystem))["fingerprint"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+        record = json.loads(_read_text(directory, RUN_FILE, filesystem))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in record.items()} if isinstance(record, dict) else {}
 
 
 def _read_text(directory: str, name: str, filesystem=None) -> str:

@@ -303,6 +303,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         plan = RunPlan(
             run_id=run_id,
+            run_name=name,
             tracking_uri=uri,
             num_classes=data.num_train_classes,
             steps_per_epoch=data.steps_per_epoch,

@@ -336,7 +336,7 @@ def _report(metrics, rank, inner, optimizer, scheduler, done, epoch, config_yaml
         save_checkpoint(
             directory, learner=inner, optimizer=optimizer, scheduler=scheduler,
             step=done, epoch=epoch, config_yaml=config_yaml, metrics=metrics,
-            dataset_fingerprint=plan.dataset_fingerprint,
+            run={"run_name": plan.run_name, "run_id": plan.run_id, "dataset_fingerprint": plan.dataset_fingerprint},
         )
         if refresh is not None:
             refresh.save(directory, done)

@@ -3,7 +3,7 @@ name, so a `train.run_name` reused with another loss, model or data would silent
 old run's weights and MLflow record under the new settings. A run stopped before its first
 checkpoint has no weights to resume, but its MLflow run is reopened: its record is compared.
 
-The data is compared by its fingerprint where the checkpoint keeps it (`DATASET_FILE`): a copy
+The data is compared by its fingerprint where the checkpoint keeps it (`RUN_FILE`): a copy
 of the dataset at another `data.root` (moved to S3, say) resumes, and a dataset rewritten in
 place (converted again with other options) does not."""
 
@@ -46,7 +46,7 @@ def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint
     from pipeline.training.checkpoint import (
         CONFIG_FILE,
         load_checkpoint_config,
-        load_dataset_fingerprint,
+        load_run_record,
     )
 
     filesystem, directory, step = resume_from
@@ -56,7 +56,7 @@ def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint
     except ConfigError as err:
         raise ValueError(f"train.run_name: {found} whose {CONFIG_FILE} no longer loads ({err}); "
                          f"choose another train.run_name") from err
-    trained_on = load_dataset_fingerprint(directory, filesystem)
+    trained_on = load_run_record(directory, filesystem).get("dataset_fingerprint", "")
     _refuse_changes(config, saved, trained_on, dataset_fingerprint, f"{found} ({directory})", "resume it")
 
 

@@ -21,6 +21,7 @@ class RunPlan:
 
     run_id: str
     tracking_uri: str
+    run_name: str
     num_classes: int
     steps_per_epoch: int
     total_steps: int

@@ -25,14 +25,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    from ray.train import TrainingFailedError
+
     from pipeline.tracking import ui_command
-    from pipeline.training.driver import RunRefused, run_training
+    from pipeline.training.driver import RunInterrupted, RunRefused, resume_hint, run_training
 
     try:
         summary = run_training(config, verbose=args.verbose)
     except RunRefused as err:  # before Ray started: the message names the setting or file
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (RunInterrupted, KeyboardInterrupt):
+        print(f"\ninterrupted: {resume_hint(config)}", file=sys.stderr)
+        return 130
+    except TrainingFailedError as err:  # Ray has printed the workers' errors above
+        print(f"\ntraining failed ({type(err).__name__}); {resume_hint(config)}", file=sys.stderr)
+        return 1
     print("\ntest metrics (unseen classes):")
     for key, value in summary.metrics.items():
         if key.startswith("test/") and not key.startswith(("test/num_", "test/eval_")):

@@ -430,18 +430,19 @@ def metric_name(key: str) -> str:
 
 
 def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, failed: bool, *,
-               artifacts: dict[str, str] | None = None, retry_s: float = 60.0) -> list[str]:
+               artifacts: dict[str, str] | None = None, retry_s: float = 60.0,
+               killed: bool = False) -> list[str]:
     """Attach the final checkpoint (`model/`, then `MODEL_LOGGED_TAG`) and the folders in
-    `artifacts` (MLflow path -> local folder), then close the run. Each step is retried with
-    backoff while `retry_s` lasts; returns one line per thing that could not be recorded (empty
-    when all was)."""
+    `artifacts` (MLflow path -> local folder), then close the run (FAILED, KILLED when it was
+    stopped, or FINISHED). Each step is retried with backoff while `retry_s` lasts; returns one
+    line per thing that could not be recorded (empty when all was)."""
     from mlflow import MlflowClient
 
     _limit_mlflow_http_retries()
     client = MlflowClient(uri)
     folders = {"model": checkpoint_dir} if checkpoint_dir else {}
     folders.update(artifacts or {})
-    status = "FAILED" if failed else "FINISHED"
+    status = "KILLED" if killed else "FAILED" if failed else "FINISHED"
 
     def log_folder(path, local):
         client.log_artifacts(run_id, local, path)

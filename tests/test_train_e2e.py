@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,8 @@ from pipeline.training.checkpoint import (
 
 pytestmark = pytest.mark.ray
 
+REPO = Path(__file__).resolve().parent.parent
+
 TINY = TINY_BUILT_IN + SHORT_RUN
 
 
@@ -42,7 +49,10 @@ def finished_run(ray_local, tmp_path_factory):
         TINY + [f"data.cache_dir={root / 'data'}", f"train.storage_path={root / 'runs'}"],
     )
     lines: list[str] = []
+    before = signal.getsignal(signal.SIGINT)
     summary = run_training(config, printer=lambda text, **_: lines.append(text))
+    # Ray Train installs its own Ctrl+C handler in fit(): the driver puts this one back.
+    assert signal.getsignal(signal.SIGINT) is before
     return config, summary, lines
 
 
@@ -264,3 +274,35 @@ def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, 
     build_model(config.model)
     initial = [p for p in build_loss(config.loss, 12, config.model.embedding_dim).parameters() if p.ndim == 2]
     assert not torch.allclose(centers[0], initial[0].detach())
+
+
+def test_ctrl_c_stops_the_job_records_it_killed_and_says_where_a_rerun_resumes(ray_local, tmp_path):
+    import ray
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    settings = TINY + [f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}",
+                       "train.epochs=100", "train.run_name=stopped"]
+    log_path = tmp_path / "job.log"
+    with log_path.open("w") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.train", *(a for item in settings for a in ("--set", item))],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+        )
+        deadline = time.monotonic() + 300
+        while (found := registered_checkpoint(str(tmp_path / "runs"), "stopped")) is None:
+            assert job.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        job.send_signal(signal.SIGINT)  # Ctrl+C, while it trains
+        rc = job.wait(timeout=180)
+    text = log_path.read_text()
+    assert rc == 130, text[-3000:]
+    resumed = re.search(r"interrupted: the same command resumes run stopped from its checkpoint at step (\d+)", text)
+    assert resumed and int(resumed[1]) >= found[2], text[-3000:]
+    assert "Traceback" not in text
+    config = load_config("local", settings)
+    client = MlflowClient(tracking.tracking_uri(config))
+    [run] = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+    assert run.info.status == "KILLED"

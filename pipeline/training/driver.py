@@ -66,6 +66,11 @@ def resolve_dataset(config: Config) -> tuple[str, DatasetMetadata]:
     return root, metadata
 
 
+class RunInterrupted(Exception):
+    """Training was stopped from outside (Ctrl+C, `ray job stop`) while Ray Train ran: the run
+    is recorded as KILLED in MLflow, and a rerun of the same command resumes it."""
+
+
 class RunRefused(ValueError):
     """A run refused before Ray started and before the run was created (no MLflow run, no
     checkpoint folder): the message names the setting, or the dataset file, that is wrong."""
@@ -269,11 +274,12 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             **(run_tags or {}),
         },
     )
-    from pipeline.progress import ProgressPrinter
     from pipeline.reporting.run_report import record_finished_run
 
-    # From here on a run exists in MLflow: whatever stops it is recorded there as FAILED.
+    # From here on a run exists in MLflow: whatever stops it is recorded there as FAILED (or
+    # KILLED, when it was stopped from outside).
     failed = True
+    interrupted = False
     checkpoint_path = None
     metrics: dict = {}
     not_logged: list[str] = []
@@ -361,8 +367,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
                 f"{plan.refresh_every_steps} steps",
                 flush=True,
             )
-        with ProgressPrinter(queue, printer):
-            result = trainer.fit()
+        result = _fit(trainer, queue, printer)
         if refresh_actor is not None:  # its last refreshes' metrics, before the run is closed
             not_logged += close_refresh_metrics(refresh_actor, uri, run_id, printer)
         if result.checkpoint is not None:
@@ -373,12 +378,49 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         else:
             not_logged += tracking.finish_run(uri, run_id, None, failed=False)
         failed = False
+    except (RunInterrupted, KeyboardInterrupt):
+        interrupted = True
+        raise
     finally:
         if refresh_actor is not None:
             ray.kill(refresh_actor, no_restart=True)
         if failed:
-            tracking.finish_run(uri, run_id, None, failed=True)
+            tracking.finish_run(uri, run_id, None, failed=True, killed=interrupted)
     return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
+
+
+def resume_hint(config: Config) -> str:
+    """What a rerun of the same command does for `config`'s run: where it resumes from."""
+    name = run_name_for(config)
+    try:
+        found = registered_checkpoint(_storage_path(config), name)
+    except ValueError:
+        found = None
+    if found is None:
+        return f"run {name} has no checkpoint yet: the same command starts it again"
+    return f"the same command resumes run {name} from its checkpoint at step {found[2]}"
+
+
+def _fit(trainer, queue, printer):
+    """`trainer.fit()`, with Ctrl+C working again afterwards. In the main thread fit() installs
+    Ray Train's own SIGINT handler, which aborts the run and then has fit() exit the process
+    (SystemExit), and which stays installed: a Ctrl+C while the run is recorded would be
+    ignored twice, then exit with status 0."""
+    import signal
+    import threading
+
+    from pipeline.progress import ProgressPrinter
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with ProgressPrinter(queue, printer):
+            return trainer.fit()
+    except SystemExit as err:
+        raise RunInterrupted("training was stopped (Ctrl+C, or the job was stopped)") from err
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
 REFRESH_METRICS_FLUSH_S = 60.0

@@ -20,7 +20,8 @@ MINUTE_MS = 60_000
 
 @pytest.fixture(scope="module")
 def experiment(mlflow_server):
-    """An experiment with three finished runs (two losses), one running run without metrics."""
+    """An experiment with three ended runs (two losses; one stopped with Ctrl+C), one running
+    run without metrics."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -62,7 +63,8 @@ def experiment(mlflow_server):
             + [Metric("test/recall_at_1", 0.01, start, 4)] * bool(metrics),
         )  # an earlier, worse epoch
         if minutes is not None:
-            client.set_terminated(run.info.run_id, end_time=start + minutes * MINUTE_MS)
+            status = "KILLED" if run_name == "triplet-a" else "FINISHED"
+            client.set_terminated(run.info.run_id, status=status, end_time=start + minutes * MINUTE_MS)
     return name
 
 
@@ -97,7 +99,8 @@ def test_runs_are_ranked_by_the_final_metric_with_their_loss_settings(mlflow_ser
     ]
     assert table[2].split()[:3] == ["1", "ms-b", "multi_similarity"]
     assert table[2].split()[-4:] == ["0.7000", "0.2500", "0.6500", "2h05m"]
-    assert table[3].split()[-1] == "1h01m" and table[4].split()[-1] == "5m00s"
+    # A run that did not finish says so: its metric is from the epoch it stopped at.
+    assert table[3].split()[-1] == "1h01m" and table[4].endswith("5m00s (stopped)")
     assert table[5].split()[-5:-2] == ["-", "-", "-"] and table[5].endswith("(running)")
     # A ranking metric outside the usual three gets its own column.
     assert format_table(rows, "test/r_precision").splitlines()[0].split()[-3:] == [

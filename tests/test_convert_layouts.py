@@ -358,6 +358,12 @@ def test_an_existing_destination_is_refused_and_left_untouched(tmp_path):
     (Path(source) / "Ebay_train.txt").unlink()
     with pytest.raises(FileExistsError):
         convert_dataset("sop", source, str(destination), printer=lambda *a, **k: None)
+    # A conversion stopped part-way (shards, no metadata.json) is named as such.
+    (destination / "metadata.json").unlink()
+    (destination / SUMMARY_FILE).unlink()
+    with pytest.raises(FileExistsError, match=r"holds an unfinished conversion \(train, no metadata.json\); "
+                       "pass --overwrite to convert into it again"):
+        convert_dataset("sop", source, str(destination), printer=lambda *a, **k: None)
 
 
 # ----------------------------------------------------------------------------- metadata protocol

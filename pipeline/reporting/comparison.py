@@ -82,7 +82,8 @@ def _duration(seconds: float | None, status: str) -> str:
         if seconds >= 3600
         else f"{seconds // 60}m{seconds % 60:02d}s"
     )
-    return text if status != "RUNNING" else f"{text} (running)"
+    ended = {"RUNNING": "running", "KILLED": "stopped", "FAILED": "failed"}
+    return f"{text} ({ended[status]})" if status in ended else text
 
 
 def format_table(rows: list[RunRow], metric: str = DEFAULT_METRIC) -> str:

@@ -27,7 +27,7 @@ from pipeline.data.convert.folders import read_folders
 from pipeline.data.convert.inshop import read_inshop
 from pipeline.data.convert.sop import read_sop
 from pipeline.data.convert.source import ConversionPlan, SkippedImage, SourceImage, SourceTree
-from pipeline.data.format import DEFAULT_SHARD_SIZE, root_filesystem, write_dataset
+from pipeline.data.format import DEFAULT_SHARD_SIZE, METADATA_FILE, root_filesystem, write_dataset
 from pipeline.storage import worker_env_vars
 
 SUMMARY_FILE = "conversion_summary.json"
@@ -92,9 +92,16 @@ def check_destination(destination: str, overwrite: bool) -> None:
         return
     held = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     if held:
-        names = ", ".join(sorted(posixpath.basename(entry.path) for entry in held)[:5])
+        names = sorted(posixpath.basename(entry.path) for entry in held)
+        if METADATA_FILE not in names and any(entry.type == pafs.FileType.Directory for entry in held):
+            # Shards but no metadata.json (written last): a conversion stopped part-way.
+            raise FileExistsError(
+                f"{destination}: holds an unfinished conversion ({', '.join(names[:5])}, no "
+                f"{METADATA_FILE}); pass --overwrite to convert into it again"
+            )
         raise FileExistsError(
-            f"{destination}: already holds {names}; pass --overwrite to replace the dataset there"
+            f"{destination}: already holds {', '.join(names[:5])}; pass --overwrite to replace "
+            "the dataset there"
         )
 
 

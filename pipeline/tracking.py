@@ -161,6 +161,8 @@ class RecordedRun:
     """Its `config.yaml` artifact (None if it never arrived)."""
     dataset_fingerprint: str
     """Its `dataset.fingerprint` tag ("" if none)."""
+    last_step: int
+    """The highest step of any metric it holds (-1: none)."""
 
 
 def recorded_run(config, run_name: str) -> RecordedRun | None:
@@ -187,7 +189,9 @@ def recorded_run(config, run_name: str) -> RecordedRun | None:
             os.environ.pop(_PROGRESS_BAR_ENV, None)
         else:
             os.environ[_PROGRESS_BAR_ENV] = shown
-    return RecordedRun(run.info.run_id, text, run.data.tags.get("dataset.fingerprint", ""))
+    last_step = max((m.step for key in run.data.metrics
+                     for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+    return RecordedRun(run.info.run_id, text, run.data.tags.get("dataset.fingerprint", ""), last_step)
 
 
 def start_run(config, run_name: str, config_yaml: str, tags: dict[str, str]) -> str:

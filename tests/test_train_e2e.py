@@ -220,6 +220,27 @@ def test_a_run_name_reused_with_other_settings_is_refused_before_ray(finished_ru
         run_training(other, printer=lambda *a, **k: None)
     assert f"data.root: '' -> '{tmp_path / 'other'}'; the dataset's fingerprint: {metadata.fingerprint[:12]}..." in str(refused.value)
 
+    # The resumes above reached MLflow: the run says what the last one changed, since its
+    # params are the first attempt's (this run folder was copied from another storage path).
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from pipeline import tracking
+
+    client = MlflowClient(tracking.tracking_uri(same))
+    run_id = tracking.recorded_run(same, "exp1").run_id
+    assert client.get_run(run_id).data.tags["pipeline.resumed_at_step_8"] == (
+        f"data.root: '' -> '{tmp_path / 'moved'}'; train.run_name: '' -> 'exp1'; "
+        f"train.storage_path: '{config.train.storage_path}' -> '{tmp_path / 'runs'}'")
+    # A stopped attempt logged steps past the checkpoint (step 8) under its schedule: a resume
+    # with other epochs would leave them in the record, so it is refused; the same epochs resume.
+    client.log_batch(run_id, metrics=[Metric("train/loss", 0.3, 0, step) for step in (10, 12)])
+    with pytest.raises(RunRefused, match=r"^train.epochs: run 'exp1' resumes from its checkpoint at step 8, but "
+                       r"its MLflow record holds steps up to 12, logged under train.epochs=2 after that"):
+        run_training(same, printer=lambda *a, **k: None)
+    with pytest.raises(AssertionError, match="reached for Ray"):
+        run_training(load_config("local", settings), printer=lambda *a, **k: None)
+
 
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):
     """Also the seen-class hold-out of a loss other than Magnet's: its kNN accuracy per epoch."""

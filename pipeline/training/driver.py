@@ -22,7 +22,12 @@ from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
 from pipeline.storage import absolute_location
 from pipeline.training.checkpoint import load_metrics, registered_checkpoint
 from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
-from pipeline.training.resume import check_recorded_run, check_resume
+from pipeline.training.resume import (
+    check_recorded_run,
+    check_resume,
+    check_schedule,
+    resume_changes,
+)
 from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
 
 
@@ -253,15 +258,19 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         # data plan and the refresh actor start where that checkpoint left off, and only a
         # checkpoint trained with the same settings is resumed.
         resume_from = registered_checkpoint(_storage_path(config), name)
-        if resume_from is not None:
-            check_resume(config, name, resume_from, metadata.fingerprint)
+        saved = None if resume_from is None else check_resume(config, name, resume_from, metadata.fingerprint)
         tracking.check_store(uri)  # (creates a local store: after the refusals that need none)
-        recorded = None if resume_from is not None else tracking.recorded_run(config, name)
-        if recorded is not None:  # stopped before its first checkpoint: compare its record
+        recorded = tracking.recorded_run(config, name)
+        if recorded is not None and saved is None:  # stopped before its first checkpoint
             check_recorded_run(config, name, recorded, metadata.fingerprint)
+        if recorded is not None and saved is not None:
+            check_schedule(config, name, saved, resume_from[2], recorded.last_step)
     except ValueError as err:
         raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)
+    # A resume that changes settings (more epochs, another data.root) says so on the run: its
+    # params are the first attempt's, and MLflow params cannot change.
+    changes = "" if saved is None else resume_changes(saved, config)
     run_id = tracking.start_run(
         config,
         name,
@@ -271,6 +280,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             "dataset.name": metadata.name,
             "dataset.fingerprint": metadata.fingerprint,
             "dataset.root": root,
+            **({f"pipeline.resumed_at_step_{resume_from[2]}": changes} if changes else {}),
             **(run_tags or {}),
         },
     )

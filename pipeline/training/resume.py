@@ -39,10 +39,11 @@ def changed_settings(saved: Config, config: Config, may_change: frozenset = RESU
     ]
 
 
-def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint: str) -> None:
+def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint: str) -> Config:
     """Raise ValueError when the checkpoint a rerun would resume from (`registered_checkpoint`'s
     (filesystem, directory, step)) was trained with settings that change what is learned, or on
-    another dataset than the one (`dataset_fingerprint`) the rerun would train on."""
+    another dataset than the one (`dataset_fingerprint`) the rerun would train on; else return
+    the checkpoint's config."""
     from pipeline.training.checkpoint import (
         CONFIG_FILE,
         load_checkpoint_config,
@@ -58,6 +59,29 @@ def check_resume(config: Config, run_name: str, resume_from, dataset_fingerprint
                          f"choose another train.run_name") from err
     trained_on = load_run_record(directory, filesystem).get("dataset_fingerprint", "")
     _refuse_changes(config, saved, trained_on, dataset_fingerprint, f"{found} ({directory})", "resume it")
+    return saved
+
+
+def check_schedule(config: Config, run_name: str, saved: Config, step: int, last_logged_step: int) -> None:
+    """Raise ValueError when a resume from the checkpoint at `step` (trained with `saved`)
+    changes `train.epochs`, and so the learning-rate schedule, of a run whose MLflow record
+    already holds steps past `step`: values a stopped attempt logged after its last checkpoint,
+    under the old schedule, which the rerun would not replace (MLflow keeps one value a step)."""
+    if saved.train.epochs == config.train.epochs or last_logged_step <= step:
+        return
+    raise ValueError(
+        f"train.epochs: run {run_name!r} resumes from its checkpoint at step {step}, but its MLflow "
+        f"record holds steps up to {last_logged_step}, logged under train.epochs="
+        f"{saved.train.epochs} after that checkpoint; with train.epochs={config.train.epochs} the "
+        f"record would mix two schedules. Rerun with train.epochs={saved.train.epochs} first (it "
+        f"then resumes from its end), or choose another train.run_name"
+    )
+
+
+def resume_changes(saved: Config, config: Config) -> str:
+    """The settings a resume changes (`key: saved -> new; ...`), "" if none: kept as a tag,
+    since MLflow params cannot change."""
+    return "; ".join(changed_settings(saved, config, frozenset()))
 
 
 def check_recorded_run(config: Config, run_name: str, recorded, dataset_fingerprint: str) -> None:

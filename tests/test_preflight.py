@@ -221,3 +221,35 @@ def test_a_run_name_reused_before_its_first_checkpoint_is_checked_against_its_ml
     assert run.data.params["loss.name"] == "triplet" and run.info.status == "FAILED"
     with pytest.raises(AssertionError, match="reached for Ray"):  # the same settings go on
         train_main([*argv, "--set", "train.epochs=3"])
+
+
+HOLD_LOCK = """
+import sys, time
+from pipeline.training.run_lock import run_lock
+with run_lock(sys.argv[1], "busy"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_another_process_is_training_is_refused_until_that_process_ends(tmp_path, ray_must_not_start):
+    """The same command started twice: the second would train into the first's checkpoint
+    folder and MLflow run. The lock goes with the process that holds it, even one killed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.training.driver import run_training
+
+    config = load_config("local", _overrides(tmp_path, ["train.run_name=busy"]))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, config.train.storage_path],
+                              cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunRefused, match=rf"^train.run_name: run 'busy' is being trained by pid {holder.pid} on "):
+            run_training(config, printer=lambda *a, **k: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(AssertionError, match="reached for Ray"):  # free again: it goes on
+        run_training(config, printer=lambda *a, **k: None)

@@ -6,6 +6,7 @@ before any cluster resource is taken.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from pipeline.training.resume import (
     check_schedule,
     resume_changes,
 )
+from pipeline.training.run_lock import run_lock
 from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
 
 
@@ -253,7 +255,10 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     config = resolve_evaluation(config, metadata)
     gallery = gallery_split(config, metadata)
     uri = tracking.tracking_uri(config)
+    held = contextlib.ExitStack()  # the run's lock, for as long as this driver trains it
     try:
+        if not in_sweep:  # (Tune runs one attempt of a trial at a time)
+            held.enter_context(run_lock(_storage_path(config), name))
         # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
         # data plan and the refresh actor start where that checkpoint left off, and only a
         # checkpoint trained with the same settings is resumed.
@@ -266,24 +271,32 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         if recorded is not None and saved is not None:
             check_schedule(config, name, saved, resume_from[2], recorded.last_step)
     except ValueError as err:
+        held.close()
         raise RunRefused(str(err)) from err
+    except BaseException:
+        held.close()
+        raise
     config_yaml = config_to_yaml(config)
     # A resume that changes settings (more epochs, another data.root) says so on the run: its
     # params are the first attempt's, and MLflow params cannot change.
     changes = "" if saved is None else resume_changes(saved, config)
-    run_id = tracking.start_run(
-        config,
-        name,
-        config_yaml,
-        tags={
-            "git_commit": tracking.git_commit(),
-            "dataset.name": metadata.name,
-            "dataset.fingerprint": metadata.fingerprint,
-            "dataset.root": root,
-            **({f"pipeline.resumed_at_step_{resume_from[2]}": changes} if changes else {}),
-            **(run_tags or {}),
-        },
-    )
+    try:
+        run_id = tracking.start_run(
+            config,
+            name,
+            config_yaml,
+            tags={
+                "git_commit": tracking.git_commit(),
+                "dataset.name": metadata.name,
+                "dataset.fingerprint": metadata.fingerprint,
+                "dataset.root": root,
+                **({f"pipeline.resumed_at_step_{resume_from[2]}": changes} if changes else {}),
+                **(run_tags or {}),
+            },
+        )
+    except BaseException:
+        held.close()
+        raise
     from pipeline.reporting.run_report import record_finished_run
 
     # From here on a run exists in MLflow: whatever stops it is recorded there as FAILED (or
@@ -396,6 +409,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             ray.kill(refresh_actor, no_restart=True)
         if failed:
             tracking.finish_run(uri, run_id, None, failed=True, killed=interrupted)
+        held.close()
     return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
 
 

@@ -255,10 +255,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     config = resolve_evaluation(config, metadata)
     gallery = gallery_split(config, metadata)
     uri = tracking.tracking_uri(config)
-    held = contextlib.ExitStack()  # the run's lock, for as long as this driver trains it
     try:
-        if not in_sweep:  # (Tune runs one attempt of a trial at a time)
-            held.enter_context(run_lock(_storage_path(config), name))
         # A rerun of the same run name resumes (Ray Train picks up its latest checkpoint): the
         # data plan and the refresh actor start where that checkpoint left off, and only a
         # checkpoint trained with the same settings is resumed.
@@ -271,11 +268,15 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         if recorded is not None and saved is not None:
             check_schedule(config, name, saved, resume_from[2], recorded.last_step)
     except ValueError as err:
-        held.close()
         raise RunRefused(str(err)) from err
-    except BaseException:
-        held.close()
-        raise
+    # The run's lock, for as long as this driver trains it; taken after the checks that write
+    # nothing (it makes a folder in the storage). Tune runs one attempt of a trial at a time.
+    held = contextlib.ExitStack()
+    if not in_sweep:
+        try:
+            held.enter_context(run_lock(_storage_path(config), name))
+        except ValueError as err:
+            raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)
     # A resume that changes settings (more epochs, another data.root) says so on the run: its
     # params are the first attempt's, and MLflow params cannot change.

@@ -374,6 +374,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return config
 
 
+def config_from_yaml(text: str) -> Config:
+    """Rebuild a validated Config from `config_to_yaml` output (a checkpoint's or an MLflow
+    run's `config.yaml`)."""
+    return config_from_dict(parse_yaml(text))
+
+
 def flatten(config: Config) -> dict[str, Any]:
     """`section.field` -> value, for MLflow params."""
     out: dict[str, Any] = {}

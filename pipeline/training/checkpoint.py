@@ -72,9 +72,9 @@ def load_checkpoint_config(directory: str, filesystem=None):
     """The config a checkpoint was trained with (its `config.yaml`), read from a local
     directory or, given a pyarrow `filesystem`, from one in that store; raises ConfigError
     when it no longer loads (a setting renamed since)."""
-    from pipeline.config import config_from_dict, parse_yaml
+    from pipeline.config import config_from_yaml
 
-    return config_from_dict(parse_yaml(_read_text(directory, CONFIG_FILE, filesystem)))
+    return config_from_yaml(_read_text(directory, CONFIG_FILE, filesystem))
 
 
 def load_embedding_model(directory: str):

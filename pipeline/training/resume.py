@@ -88,13 +88,13 @@ def check_recorded_run(config: Config, run_name: str, recorded, dataset_fingerpr
     """Raise ValueError when the MLflow run a rerun would write into (`tracking.recorded_run`:
     a run stopped before its first checkpoint) was started with settings that change what is
     learned, or on another dataset: its record would mix two runs."""
-    from pipeline.config import config_from_dict, parse_yaml
+    from pipeline.config import config_from_yaml
 
     if recorded.config_yaml is None:
         return
     found = f"run {run_name!r} has no checkpoint yet, but an MLflow run ({recorded.run_id})"
     try:
-        saved = config_from_dict(parse_yaml(recorded.config_yaml))
+        saved = config_from_yaml(recorded.config_yaml)
     except ConfigError as err:
         raise ValueError(f"train.run_name: {found} whose config.yaml no longer loads ({err}); "
                          f"choose another train.run_name") from err

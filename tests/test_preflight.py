@@ -223,33 +223,55 @@ def test_a_run_name_reused_before_its_first_checkpoint_is_checked_against_its_ml
         train_main([*argv, "--set", "train.epochs=3"])
 
 
-HOLD_LOCK = """
-import sys, time
-from pipeline.training.run_lock import run_lock
-with run_lock(sys.argv[1], "busy"):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
 def test_a_run_another_process_is_training_is_refused_until_that_process_ends(tmp_path, ray_must_not_start):
     """The same command started twice: the second would train into the first's checkpoint
     folder and MLflow run. The lock goes with the process that holds it, even one killed."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from lock_holder import lock_held_elsewhere
 
     from pipeline.training.driver import run_training
+    from pipeline.training.run_lock import LOCK_DIR
 
     config = load_config("local", _overrides(tmp_path, ["train.run_name=busy"]))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, config.train.storage_path],
-                              cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(f"{config.train.storage_path}/{LOCK_DIR}", "busy") as holder:
         with pytest.raises(RunRefused, match=rf"^train.run_name: run 'busy' is being trained by pid {holder.pid} on "):
             run_training(config, printer=lambda *a, **k: None)
-    finally:
         holder.kill()
         holder.wait()
     with pytest.raises(AssertionError, match="reached for Ray"):  # free again: it goes on
         run_training(config, printer=lambda *a, **k: None)
+
+
+def test_a_run_on_s3_storage_another_job_is_training_is_refused_until_that_job_ends(
+    tmp_path, s3_server, s3_bucket, restored_environ, ray_must_not_start,
+):  # fmt: skip
+    """The same, with the checkpoints in S3: the lock is a lease object (pipeline.locks), which
+    the holder deletes when it ends; the refused run neither takes nor touches it."""
+    import os
+
+    import boto3
+    from lock_holder import lock_held_elsewhere
+
+    from pipeline.training.driver import run_training
+    from pipeline.training.run_lock import LOCK_DIR
+
+    storage = f"s3://{s3_bucket}/runs"
+    config = load_config("local", _overrides(tmp_path, [
+        "train.run_name=busy", f"train.storage_path={storage}", f"storage.s3_endpoint_url={s3_server}",
+    ]))  # fmt: skip
+    client = boto3.client("s3", endpoint_url=s3_server)
+    key = f"runs/{LOCK_DIR}/busy.lock"
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server}
+    with lock_held_elsewhere(f"{storage}/{LOCK_DIR}", "busy", env=env) as holder:
+        held = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        with pytest.raises(RunRefused, match=(
+            rf"^train.run_name: run 'busy' is being trained by pid {holder.pid} on \S+ \(if that process "
+            r"is gone, its lock lapses in \d+ s\); wait for it to end"
+        )):  # fmt: skip
+            run_training(config, printer=lambda *a, **k: None)
+        assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == held
+    with pytest.raises(client.exceptions.NoSuchKey):  # given back on the holder's way out
+        client.get_object(Bucket=s3_bucket, Key=key)
+    with pytest.raises(AssertionError, match="reached for Ray"):  # free again: it goes on
+        run_training(config, printer=lambda *a, **k: None)
+    with pytest.raises(client.exceptions.NoSuchKey):  # and the run that stopped gave it back
+        client.get_object(Bucket=s3_bucket, Key=key)

@@ -202,10 +202,12 @@ def test_resume_finds_the_latest_checkpoint_on_s3(s3_env, s3_bucket):
 
 class FlakyS3Proxy:
     """A real HTTP server in front of the S3 server that answers the next `fail` requests with
-    503 SlowDown (what S3 says when throttling) and forwards everything else."""
+    503 SlowDown (what S3 says when throttling) and forwards everything else, less the request
+    headers named in `dropped_headers` (lower case)."""
 
     def __init__(self, upstream: str):
         target = urlsplit(upstream)
+        self.dropped_headers: set[str] = set()
         self.failures_left = 0
         self.failed = 0
         self.lock = threading.Lock()
@@ -229,7 +231,8 @@ class FlakyS3Proxy:
                         self.wfile.write(error)
                     return
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                upstream_conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.dropped_headers}
+                upstream_conn.request(self.command, self.path, body=body, headers=headers)
                 reply = upstream_conn.getresponse()
                 data = reply.read()
                 self.send_response(reply.status)
@@ -344,3 +347,68 @@ def test_files_read_together_must_be_in_one_store(s3_env, s3_bucket, tmp_path):
     for mixed in ([f"s3://{s3_bucket}/a", str(tmp_path / "b")], [f"s3://{s3_bucket}/a", "s3://other/b"]):
         with pytest.raises(ValueError, match="not in the same store"):
             storage.filesystem_for_files(mixed)
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def _lock_record(bucket: str, key: str) -> dict:
+    return json.loads(storage.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def test_an_s3_lock_is_renewed_while_held_and_taken_over_once_its_holder_is_gone(s3_env, s3_bucket):
+    """A 2 s lease: renewed, it keeps a second claimer out well past 2 s; its holder killed
+    (nothing given back), it keeps them out until it lapses, then the claimer takes it."""
+    import time
+
+    from lock_holder import lock_held_elsewhere
+
+    from pipeline import locks
+
+    location, key = f"s3://{s3_bucket}/runs/.run-locks", "runs/.run-locks/r.lock"
+    with lock_held_elsewhere(location, "r", lease_s=2, env={**os.environ}) as holder:
+        time.sleep(3.5)
+        with pytest.raises(ValueError, match=rf"^pid {holder.pid} on \S+ \(if that process is gone, "
+                                             r"its lock lapses in [0-2] s\)$"):
+            with locks.exclusive(location, "r", str):
+                pass
+        holder.kill()
+        holder.wait()
+        with pytest.raises(ValueError, match=rf"^pid {holder.pid} on "):  # not yet lapsed
+            with locks.exclusive(location, "r", str):
+                pass
+        time.sleep(3)
+        with locks.exclusive(location, "r", str, lease_s=30):  # lapsed: taken over
+            assert _lock_record(s3_bucket, key)["holder"] == locks.holder_name()
+    with pytest.raises(ClientError, match="NoSuchKey"):  # given back
+        storage.s3_client().get_object(Bucket=s3_bucket, Key=key)
+
+
+def test_a_holder_whose_s3_lock_was_taken_says_so_and_leaves_the_new_holders_lock(s3_env, s3_bucket):
+    import time
+
+    from pipeline import locks
+
+    warnings, key = [], "runs/.run-locks/r.lock"
+    taker = json.dumps({"holder": "pid 1 on elsewhere", "lease_s": 60}).encode()
+    with locks.exclusive(f"s3://{s3_bucket}/runs/.run-locks", "r", str, lease_s=1, warn=warnings.append):
+        storage.s3_client().put_object(Bucket=s3_bucket, Key=key, Body=taker)  # as if it had lapsed
+        time.sleep(1)
+    assert warnings == [
+        f"lost the lock s3://{s3_bucket}/{key} (now held by pid 1 on elsewhere; a lock not renewed for "
+        "1 s may be taken over): another job may write beside this one"
+    ]
+    assert _lock_record(s3_bucket, key)["holder"] == "pid 1 on elsewhere"
+
+
+def test_a_store_that_ignores_conditional_writes_is_named(flaky_s3, s3_bucket):
+    from pipeline import locks
+
+    flaky_s3.dropped_headers = {"if-none-match", "if-match"}
+    warnings = []
+    with locks.exclusive(f"s3://{s3_bucket}/locks", "r", str, warn=warnings.append):
+        pass
+    assert warnings == [
+        f"s3://{s3_bucket} ignores conditional writes (If-None-Match): jobs given the same name are not "
+        "kept apart there"
+    ]

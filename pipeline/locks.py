@@ -1,0 +1,201 @@
+"""One process at a time per name under a storage location: the same training run, or the same
+sweep, started twice would write into one checkpoint folder (or Tune experiment) and one MLflow
+record.
+
+- Local storage: an exclusive `flock` on a file. The system frees it when the holding process
+  ends, however it ends (killed included), so a rerun after a crash is never locked out.
+- `s3://` storage: a lease. The lock is an object created only if absent (a conditional put,
+  `If-None-Match: *`); the holder rewrites it every `lease_s / 4` seconds, each time only if it
+  is still its own (`If-Match` with its ETag). A lock not rewritten for `lease_s` seconds, by
+  the store's clock, belongs to a process that is gone (killed, its node lost): the next
+  claimer takes it over with a conditional put of its own, so of two claimers one wins. The
+  holder deletes it when done. A store that ignores conditional writes is found out on taking
+  the lock, and said so, rather than trusted.
+- Other object stores (`gs://`, ...): no lock; pyarrow offers no conditional write there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+LEASE_S = 60.0
+"""How long an `s3://` lock outlives its holder's last renewal (renewed every quarter of it)."""
+
+
+def holder_name() -> str:
+    """This process, as a lock names its holder."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def exclusive(location: str, name: str, busy: Callable[[str], str], *, lease_s: float = LEASE_S,
+              warn=None) -> Iterator[None]:
+    """Hold lock `name` under `location` (a folder, local or URI) for the `with` block.
+
+    When another process holds it: ValueError(busy(holder)), `holder` naming that process (and,
+    on an object store, when its lock lapses). `warn` (default: print to stderr) hears of a
+    lease lost or a store that ignores conditional writes; the block goes on either way."""
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+    scheme = urlsplit(location).scheme if "://" in location else ""
+    if scheme == "s3":
+        with _s3_lease(location, name, busy, lease_s, warn):
+            yield
+    elif scheme:
+        yield
+    else:
+        with _file_lock(Path(location) / f"{name}.lock", busy):
+            yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, busy) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:  # noqa: PTH123 - a lock file
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ValueError(busy(handle.read().strip() or "another process")) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(holder_name())
+        handle.flush()
+        yield  # the lock goes with the file's closing (it stays: unlinking it would race)
+
+
+def _status(err: Exception) -> int | None:
+    """The HTTP status of a failed S3 request (None for other errors)."""
+    response = getattr(err, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+# 412: the condition did not hold; 409: a conditional write raced another (AWS: read, retry);
+# 404: an If-Match on an object deleted meanwhile.
+_LOST_RACE = (412, 409, 404)
+
+
+class _Lease:
+    """An `s3://` lock object this process holds: its ETag, rewritten by a renewing thread."""
+
+    def __init__(self, client, bucket: str, key: str, lease_s: float, warn):
+        self.client, self.bucket, self.key, self.lease_s, self.warn = client, bucket, key, lease_s, warn
+        self.body = json.dumps({"holder": holder_name(), "token": uuid.uuid4().hex, "lease_s": lease_s}).encode()
+        self.etag = ""
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._renew, name=f"lease {key}", daemon=True)
+
+    def put(self, **condition) -> str:
+        """Write the lock object under `condition` (IfNoneMatch / IfMatch); its new ETag."""
+        return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self.body, **condition)["ETag"]
+
+    def read(self):
+        """(holder's record, ETag, seconds since its last write by the store's clock), or None
+        when there is no lock object."""
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.NoSuchKey:
+            return None
+        now = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        try:
+            record = json.loads(reply["Body"].read())
+        except ValueError:
+            record = {}
+        return record, reply["ETag"], (now - reply["LastModified"]).total_seconds()
+
+    def acquire(self, busy) -> None:
+        """Create the lock object, or take over one that lapsed; ValueError(busy(holder)) when
+        another process holds it."""
+        for _ in range(5):  # each turn lost a race to another claimer or a finishing holder
+            try:
+                self.etag = self.put(IfNoneMatch="*")
+                return
+            except Exception as err:
+                if _status(err) not in (412, 409):
+                    raise
+            found = self.read()
+            if found is None:  # deleted since: its holder just finished
+                continue
+            record, etag, age = found
+            if age < float(record.get("lease_s", self.lease_s)):
+                raise ValueError(busy(_describe(record, age, self.lease_s)))
+            try:  # lapsed: take it over, unless another claimer did first
+                self.etag = self.put(IfMatch=etag)
+                return
+            except Exception as err:
+                if _status(err) not in _LOST_RACE:
+                    raise
+        found = self.read()
+        raise ValueError(busy(_describe(found[0], found[2], self.lease_s) if found else "another process"))
+
+    def ignores_conditions(self) -> bool:
+        """Whether the store let a second create of the lock object through."""
+        try:
+            self.etag = self.put(IfNoneMatch="*")
+        except Exception as err:
+            if _status(err) not in (412, 409):
+                raise
+            return False
+        return True
+
+    def release(self) -> None:
+        """Delete the lock object if it is still this lease's. Lost, or the store unreachable:
+        it is left, and lapses on its own."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+        except Exception as err:  # noqa: BLE001 - see above
+            if _status(err) in _LOST_RACE:
+                return
+            # A store without conditional deletes: check, then delete (a takeover in between
+            # needs this lease lapsed, which its renewals prevent).
+            with contextlib.suppress(Exception):
+                found = self.read()
+                if found is not None and found[1] == self.etag:
+                    self.client.delete_object(Bucket=self.bucket, Key=self.key)
+
+    def _renew(self) -> None:
+        while not self.stop.wait(self.lease_s / 4):
+            try:
+                self.etag = self.put(IfMatch=self.etag)
+            except Exception as err:  # noqa: BLE001 - a transient error is retried next time
+                if _status(err) in (412, 404):
+                    found = self.read()
+                    now = f"now held by {found[0].get('holder', 'another process')}" if found else "deleted"
+                    self.warn(f"lost the lock s3://{self.bucket}/{self.key} ({now}; a lock not renewed for "
+                              f"{self.lease_s:g} s may be taken over): another job may write beside this one")
+                    return
+
+
+def _describe(record: dict, age: float, lease_s: float) -> str:
+    holder = record.get("holder", "another process")
+    left = max(0.0, float(record.get("lease_s", lease_s)) - age)
+    return f"{holder} (if that process is gone, its lock lapses in {left:.0f} s)"
+
+
+@contextlib.contextmanager
+def _s3_lease(location: str, name: str, busy, lease_s: float, warn) -> Iterator[None]:
+    from pipeline.storage import s3_client
+
+    parts = urlsplit(location)
+    lease = _Lease(s3_client(), parts.netloc, f"{parts.path.strip('/')}/{name}.lock".lstrip("/"), lease_s, warn)
+    lease.acquire(busy)
+    if lease.ignores_conditions():
+        warn(f"{parts.scheme}://{parts.netloc} ignores conditional writes (If-None-Match): "
+             f"jobs given the same name are not kept apart there")
+    lease.thread.start()
+    try:
+        yield
+    finally:
+        lease.stop.set()
+        lease.thread.join()
+        lease.release()

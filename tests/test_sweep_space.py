@@ -479,3 +479,23 @@ def test_a_space_past_the_cap_is_checked_pair_by_pair(tmp_path, monkeypatch):
         candidate_configs(spec, base_overrides(spec, []))
     assert ("losses.magnet with refresh.lag_steps=14, refresh.max_plan_ahead_steps=16 (the other swept "
             "settings at their first value or lower bound): refresh.lag_steps: must be 0") in str(err.value)
+
+
+def test_a_sweep_another_process_is_running_is_refused_before_ray_starts(tmp_path, ray_must_not_start):
+    """Two sweeps of one name started together: Tune writes the experiment only later, so the
+    name check alone lets both through into one experiment. The sweep's lock does not."""
+    from lock_holder import lock_held_elsewhere
+    from short_runs import TINY_BUILT_IN
+
+    from pipeline.sweep.runner import LOCK_DIR, run_sweep
+
+    spec = load_sweep(_write(tmp_path, "name: twice\nfixed: {train.epochs: 2}\nlosses: {triplet: {}}\n"))
+    cli = [*TINY_BUILT_IN, f"data.cache_dir={tmp_path}/data", f"train.storage_path={tmp_path}/runs",
+           f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    with lock_held_elsewhere(f"{tmp_path}/runs/{LOCK_DIR}", "twice") as holder:
+        with pytest.raises(SweepError, match=(
+            rf"^a sweep named 'twice' is being run by pid {holder.pid} on \S+; wait for it to end"
+        )):  # fmt: skip
+            run_sweep(spec, cli)
+    with pytest.raises(AssertionError, match="reached for Ray"):  # ended: this one goes on
+        run_sweep(spec, cli)

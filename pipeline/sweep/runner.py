@@ -8,8 +8,10 @@ trial's Train run (checkpoints) in `<storage>/<name>/train_runs/<loss>-<trial id
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
+from pipeline import locks
 from pipeline.storage import absolute_location
 from pipeline.sweep import records
 from pipeline.sweep.search import (
@@ -29,6 +31,9 @@ from pipeline.sweep.space import (
     trial_concurrency,
 )
 from pipeline.sweep.trial import TrialSetup, run_trial, trial_dirname, trial_name
+
+LOCK_DIR = ".sweep-locks"
+"""Folder of the sweep locks (`pipeline.locks`), under `train.storage_path`."""
 
 # Settings that say where a trial's records go: the sweep decides them, so they cannot vary.
 _PLACES = ("train.storage_path", "train.run_name", "data.cache_dir", "data.root", "model.pretrained")
@@ -100,12 +105,10 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False
 
 def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: bool,
                printer) -> SweepSummary:
-    from mlflow import MlflowClient
     from ray import tune
 
     from pipeline import tracking
-    from pipeline.sweep.progress import SweepProgress
-    from pipeline.training.driver import PreflightCache, _init_ray, preflight
+    from pipeline.training.driver import PreflightCache, preflight
     from pipeline.training.resources import local_resources, uses_local_ray
 
     candidates = candidate_configs(spec, overrides)
@@ -117,12 +120,16 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     tune_storage, tune_filesystem = _experiment_storage(storage)
     uri = tracking.tracking_uri(base)
     tune_experiment = f"{tune_storage}/{spec.name}"
-    exists = tune.Tuner.can_restore(tune_experiment, tune_filesystem)
-    if resume and not exists:
-        raise SweepError(f"--resume: there is no sweep to resume at {experiment_path}")
-    if exists and not resume:
-        raise SweepError(f"a sweep named {spec.name!r} already ran at {experiment_path}: pass "
-                         "--resume to go on with it, or give the sweep another name")
+
+    def check_name() -> None:
+        exists = tune.Tuner.can_restore(tune_experiment, tune_filesystem)
+        if resume and not exists:
+            raise SweepError(f"--resume: there is no sweep to resume at {experiment_path}")
+        if exists and not resume:
+            raise SweepError(f"a sweep named {spec.name!r} already ran at {experiment_path}: pass "
+                             "--resume to go on with it, or give the sweep another name")
+
+    check_name()
     cache = PreflightCache()
     have = local_resources() if uses_local_ray() else None
     for config in configs:  # every dataset a trial can train on is valid and fits its sampler
@@ -133,6 +140,37 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
         tracking.check_store(uri)
     except ValueError as err:
         raise SweepError(str(err)) from err
+    # The sweep's lock while this driver runs it, taken after the checks that write nothing: a
+    # sweep of this name started meanwhile is running (refused) or has written its experiment
+    # (the name is checked again under the lock).
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(locks.exclusive(f"{storage}/{LOCK_DIR}", spec.name, lambda holder: (
+            f"a sweep named {spec.name!r} is being run by {holder}; wait for it to end (or stop "
+            "it), or give the sweep another name"
+        )))
+    except ValueError as err:
+        raise SweepError(str(err)) from err
+    with held:
+        check_name()
+        return _run_held(spec, overrides, configs, experiment_path, tune_experiment, tune_storage,
+                         tune_filesystem, resume=resume, verbose=verbose, printer=printer)
+
+
+def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: str,
+              tune_experiment: str, tune_storage: str, tune_filesystem, *, resume: bool,
+              verbose: bool, printer) -> SweepSummary:
+    """The sweep, its checks passed and its lock held: the parent run, the Tune experiment, the
+    summary."""
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from pipeline import tracking
+    from pipeline.sweep.progress import SweepProgress
+    from pipeline.training.driver import _init_ray
+
+    base = configs[0]
+    uri = tracking.tracking_uri(base)
     located = [
         override("train.storage_path", f"{experiment_path}/train_runs"),
         override("tracking.tracking_uri", uri),

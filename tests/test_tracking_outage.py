@@ -258,3 +258,28 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(
     assert artifacts == {"model/model.pt", "plots/recall_at_k.png"}
     assert register_best(client, record, "outage-best") == "1"  # now wholly logged
     assert register_best(client, record, "outage-best") == "1"  # again: its existing version
+
+
+def test_rank_zero_logs_no_step_its_mlflow_run_already_has(tmp_path, metric_history):
+    """An attempt stopped before its first checkpoint logged steps 1 and 2; the rerun trains
+    them again from step 0 into the same MLflow run, which keeps one value per step."""
+    from mlflow import MlflowClient
+
+    from pipeline.training.loop import _NewStepsOnly
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("rerun")).info.run_id
+    first = MetricsLogger(uri, run_id)
+    first.log({"train/loss": 1.0, "test/recall@1": 0.1}, 1)
+    first.log({"train/loss": 0.9}, 2)
+    assert first.close().describe() == []
+
+    rerun = _NewStepsOnly(MetricsLogger(uri, run_id))
+    for step in (1, 2, 3):
+        rerun.log({"train/loss": 10.0 * step, "test/recall@1": 0.5 * step}, step)
+    assert rerun.close().describe() == []
+    values = {name: [(m.step, m.value) for m in metric_history(client, run_id, name)]
+              for name in ("train/loss", "test/recall_at_1")}
+    assert values == {"train/loss": [(1, 1.0), (2, 0.9), (3, 30.0)],
+                      "test/recall_at_1": [(1, 0.1), (2, 1.0), (3, 1.5)]}

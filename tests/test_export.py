@@ -156,6 +156,28 @@ def test_export_job_refuses_a_mistyped_uri_before_ray(trained, tmp_path, monkeyp
     assert not (tmp_path / "s3:bucket").exists()
 
 
+def test_an_export_into_a_directory_another_export_is_writing_is_refused_before_ray(
+    trained, tmp_path, ray_must_not_start,
+):  # fmt: skip
+    """Two exports into one new directory at once would write their files over each other's.
+    What the lock leaves in a local directory does not count as content."""
+    from lock_holder import lock_held_elsewhere
+
+    from pipeline.serving.export import LOCK_NAME, export_embeddings
+
+    out = tmp_path / "out"
+    args = (str(trained["checkpoint"]), trained["dataset"], str(out))
+    with lock_held_elsewhere(str(out), LOCK_NAME) as holder:
+        with pytest.raises(ValueError, match=(
+            rf"^output directory {out}: another export is writing into it \(pid {holder.pid} on \S+\); "
+            "choose a new directory$"
+        )):  # fmt: skip
+            export_embeddings(*args, printer=lambda *a, **k: None)
+    assert [p.name for p in out.iterdir()] == [f"{LOCK_NAME}.lock"]
+    with pytest.raises(AssertionError, match="reached for Ray"):  # ended: this one goes on
+        export_embeddings(*args, printer=lambda *a, **k: None)
+
+
 def test_index_search_matches_brute_force_and_returns_ids():
     from pipeline.serving.index import build_index
 

@@ -6,19 +6,23 @@ Layout of an export directory (local or `s3://`):
     embeddings/part-00000.parquet   id, label, embedding (fixed-size list of float32), id order
     index.faiss                     faiss IDMap2 index (searches return dataset ids)
     export.json                     what was exported from what; written last
+    .export.lock                    local directories only: the lock of the export writing it
 
 Everything that can be wrong (the output directory, the dataset, the split, the checkpoint,
 the index description) is found before Ray starts, and an existing export is never overwritten.
+Two exports into one new directory at once: the second is refused (`pipeline.locks`).
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import tempfile
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from pipeline import locks
 from pipeline.data.format import read_metadata, shard_uris, validate_dataset
 from pipeline.refresh.hard_pools import check_index_trains
 from pipeline.serving.checkpoints import fetch_checkpoint
@@ -45,14 +49,20 @@ class ExportSummary:
     index_path: str
 
 
+LOCK_NAME = ".export"
+"""The export lock's name (`pipeline.locks`): `<export dir>/.export.lock`."""
+
+
 def check_export_dir(export_dir: str) -> None:
-    """Refuse an output directory that already holds anything (an export is never overwritten)."""
+    """Refuse an output directory that already holds anything but an export lock (an export is
+    never overwritten)."""
     filesystem, path = filesystem_for(export_dir)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise FileExistsError(f"output directory {export_dir}: is a file")
-    if info.type == pafs.FileType.Directory and filesystem.get_file_info(
-        pafs.FileSelector(path, recursive=False)
+    if info.type == pafs.FileType.Directory and any(
+        posixpath.basename(entry.path) != f"{LOCK_NAME}.lock"
+        for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
     ):
         raise FileExistsError(
             f"output directory {export_dir}: not empty; choose a new directory (nothing there "
@@ -96,42 +106,49 @@ def export_embeddings(
         flush=True,
     )
 
-    start_ray(verbose)
-    dataset = embed_split(
-        model, config, shard_uris(dataset_root, split), batch_size or config.eval.batch_size, actors
-    )
-    ids, labels, embeddings = collect_embeddings(dataset)
-    if len(ids) != num_images:
-        raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {num_images}")
+    # Held while this export writes: another export into the same new directory is refused,
+    # and one that finished meanwhile is found by checking the directory again.
+    with locks.exclusive(export_dir, LOCK_NAME, lambda holder: (
+        f"output directory {export_dir}: another export is writing into it ({holder}); choose a "
+        "new directory"
+    )):
+        check_export_dir(export_dir)
+        start_ray(verbose)
+        dataset = embed_split(
+            model, config, shard_uris(dataset_root, split), batch_size or config.eval.batch_size, actors
+        )
+        ids, labels, embeddings = collect_embeddings(dataset)
+        if len(ids) != num_images:
+            raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {num_images}")
 
-    # Built before anything is written, should faiss still refuse to train it.
-    index = build_index(embeddings, ids, index_description)
-    filesystem, path = filesystem_for(export_dir)
-    filesystem.create_dir(path)
-    write_embeddings(export_dir, ids, labels, embeddings)
-    index_path = save_index(index, export_dir)
-    manifest = {
-        "checkpoint": shown,
-        "checkpoint_step": step,
-        "dataset_root": dataset_root,
-        "dataset_name": metadata.name,
-        "dataset_fingerprint": metadata.fingerprint,
-        "split": split,
-        "num_embeddings": int(len(ids)),
-        "embedding_dim": int(embeddings.shape[1]),
-        "metric": "squared_l2",
-        "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{index_description}"},
-        "model": {
-            "backbone": config.model.backbone,
-            "embedding_dim": config.model.embedding_dim,
-            "normalize": config.model.normalize,
-        },
-        "transform": {"image_size": config.data.image_size, "eval_resize": config.data.eval_resize},
-    }
-    with filesystem.open_output_stream(f"{path}/{MANIFEST_FILE}") as stream:
-        stream.write(json.dumps(manifest, indent=2).encode())
-    printer(
-        f"wrote {len(ids)} embeddings of dimension {embeddings.shape[1]} and {index_path}",
-        flush=True,
-    )
-    return ExportSummary(export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)
+        # Built before anything is written, should faiss still refuse to train it.
+        index = build_index(embeddings, ids, index_description)
+        filesystem, path = filesystem_for(export_dir)
+        filesystem.create_dir(path)
+        write_embeddings(export_dir, ids, labels, embeddings)
+        index_path = save_index(index, export_dir)
+        manifest = {
+            "checkpoint": shown,
+            "checkpoint_step": step,
+            "dataset_root": dataset_root,
+            "dataset_name": metadata.name,
+            "dataset_fingerprint": metadata.fingerprint,
+            "split": split,
+            "num_embeddings": int(len(ids)),
+            "embedding_dim": int(embeddings.shape[1]),
+            "metric": "squared_l2",
+            "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{index_description}"},
+            "model": {
+                "backbone": config.model.backbone,
+                "embedding_dim": config.model.embedding_dim,
+                "normalize": config.model.normalize,
+            },
+            "transform": {"image_size": config.data.image_size, "eval_resize": config.data.eval_resize},
+        }
+        with filesystem.open_output_stream(f"{path}/{MANIFEST_FILE}") as stream:
+            stream.write(json.dumps(manifest, indent=2).encode())
+        printer(
+            f"wrote {len(ids)} embeddings of dimension {embeddings.shape[1]} and {index_path}",
+            flush=True,
+        )
+        return ExportSummary(export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)

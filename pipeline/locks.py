@@ -17,6 +17,7 @@ record.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
 import fcntl
 import json
@@ -24,6 +25,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,15 +49,15 @@ def exclusive(location: str, name: str, busy: Callable[[str], str], *, lease_s: 
     on an object store, when its lock lapses). `warn` (default: print to stderr) hears of a
     lease lost or a store that ignores conditional writes; the block goes on either way."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
-    scheme = urlsplit(location).scheme if "://" in location else ""
-    if scheme == "s3":
+    parts = urlsplit(location) if "://" in location else None
+    if parts is None or parts.scheme == "file":
+        with _file_lock(Path(parts.path if parts else location) / f"{name}.lock", busy):
+            yield
+    elif parts.scheme == "s3":
         with _s3_lease(location, name, busy, lease_s, warn):
             yield
-    elif scheme:
-        yield
     else:
-        with _file_lock(Path(location) / f"{name}.lock", busy):
-            yield
+        yield
 
 
 @contextlib.contextmanager
@@ -86,18 +88,35 @@ _LOST_RACE = (412, 409, 404)
 
 
 class _Lease:
-    """An `s3://` lock object this process holds: its ETag, rewritten by a renewing thread."""
+    """An `s3://` lock object this process holds: its ETag, rewritten by a renewing thread.
 
-    def __init__(self, client, bucket: str, key: str, lease_s: float, warn):
+    Every request may have been carried out by the store even when its reply was lost (and
+    then retried by botocore, which sees its own first attempt as a conflict): a lock object
+    that holds this lease's token is this lease's, whatever a reply said."""
+
+    def __init__(self, client, renewer, bucket: str, key: str, lease_s: float, warn):
         self.client, self.bucket, self.key, self.lease_s, self.warn = client, bucket, key, lease_s, warn
-        self.body = json.dumps({"holder": holder_name(), "token": uuid.uuid4().hex, "lease_s": lease_s}).encode()
+        self.renewer = renewer
+        """The client of renewals: one quick try each (the next renewal is the retry), so that a
+        store that does not answer is noticed while the lease still runs."""
+        self.token = uuid.uuid4().hex
+        self.body = json.dumps({"holder": holder_name(), "token": self.token, "lease_s": lease_s}).encode()
         self.etag = ""
+        self.renewed = 0.0
+        """time.monotonic() of the last write known to have been carried out."""
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._renew, name=f"lease {key}", daemon=True)
 
-    def put(self, **condition) -> str:
-        """Write the lock object under `condition` (IfNoneMatch / IfMatch); its new ETag."""
-        return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self.body, **condition)["ETag"]
+    @property
+    def where(self) -> str:
+        """The lock object's URI."""
+        return f"s3://{self.bucket}/{self.key}"
+
+    def put(self, client=None, **condition) -> None:
+        """Write the lock object under `condition` (IfNoneMatch / IfMatch)."""
+        client = client or self.client
+        self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self.body, **condition)["ETag"]
+        self.renewed = time.monotonic()
 
     def read(self):
         """(holder's record, ETag, seconds since its last write by the store's clock), or None
@@ -107,18 +126,27 @@ class _Lease:
         except self.client.exceptions.NoSuchKey:
             return None
         now = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        if now.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+            now = now.replace(tzinfo=datetime.timezone.utc)
         try:
             record = json.loads(reply["Body"].read())
         except ValueError:
             record = {}
         return record, reply["ETag"], (now - reply["LastModified"]).total_seconds()
 
+    def adopt(self, found) -> bool:
+        """Whether the lock object `found` (a `read`) is this lease's; if so, take its ETag."""
+        if found is None or found[0].get("token") != self.token:
+            return False
+        self.etag, self.renewed = found[1], time.monotonic()
+        return True
+
     def acquire(self, busy) -> None:
         """Create the lock object, or take over one that lapsed; ValueError(busy(holder)) when
         another process holds it."""
         for _ in range(5):  # each turn lost a race to another claimer or a finishing holder
             try:
-                self.etag = self.put(IfNoneMatch="*")
+                self.put(IfNoneMatch="*")
                 return
             except Exception as err:
                 if _status(err) not in (412, 409):
@@ -126,22 +154,26 @@ class _Lease:
             found = self.read()
             if found is None:  # deleted since: its holder just finished
                 continue
+            if self.adopt(found):
+                return
             record, etag, age = found
             if age < float(record.get("lease_s", self.lease_s)):
                 raise ValueError(busy(_describe(record, age, self.lease_s)))
             try:  # lapsed: take it over, unless another claimer did first
-                self.etag = self.put(IfMatch=etag)
+                self.put(IfMatch=etag)
                 return
             except Exception as err:
                 if _status(err) not in _LOST_RACE:
                     raise
+                if self.adopt(self.read()):
+                    return
         found = self.read()
         raise ValueError(busy(_describe(found[0], found[2], self.lease_s) if found else "another process"))
 
     def ignores_conditions(self) -> bool:
-        """Whether the store let a second create of the lock object through."""
+        """Whether the store lets a second create of the lock object through."""
         try:
-            self.etag = self.put(IfNoneMatch="*")
+            self.put(IfNoneMatch="*")
         except Exception as err:
             if _status(err) not in (412, 409):
                 raise
@@ -154,26 +186,39 @@ class _Lease:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
         except Exception as err:  # noqa: BLE001 - see above
-            if _status(err) in _LOST_RACE:
+            if _status(err) == 404:
                 return
-            # A store without conditional deletes: check, then delete (a takeover in between
-            # needs this lease lapsed, which its renewals prevent).
+            # A store without conditional deletes, or an ETag this lease did not see: delete
+            # what is still this lease's (a takeover in between needs it lapsed).
             with contextlib.suppress(Exception):
-                found = self.read()
-                if found is not None and found[1] == self.etag:
+                if self.adopt(self.read()):
                     self.client.delete_object(Bucket=self.bucket, Key=self.key)
 
     def _renew(self) -> None:
+        warned = False
         while not self.stop.wait(self.lease_s / 4):
             try:
-                self.etag = self.put(IfMatch=self.etag)
-            except Exception as err:  # noqa: BLE001 - a transient error is retried next time
-                if _status(err) in (412, 404):
-                    found = self.read()
-                    now = f"now held by {found[0].get('holder', 'another process')}" if found else "deleted"
-                    self.warn(f"lost the lock s3://{self.bucket}/{self.key} ({now}; a lock not renewed for "
-                              f"{self.lease_s:g} s may be taken over): another job may write beside this one")
+                self.put(self.renewer, IfMatch=self.etag)
+                warned = False
+                continue
+            except Exception as err:  # noqa: BLE001 - retried next time; said once it matters
+                if self.stop.is_set():  # a renewal that raced the release
                     return
+                status, error = _status(err), err
+            try:
+                found = self.read() if status in (412, 404) else None
+            except Exception as err:  # noqa: BLE001
+                found, status, error = None, None, err
+            if status in (412, 404) and not self.adopt(found):
+                now = f"now held by {found[0].get('holder', 'another process')}" if found else "deleted"
+                self.warn(f"lost the lock {self.where} ({now}; a lock not renewed for {self.lease_s:g} s "
+                          "may be taken over): another job may write beside this one")
+                return
+            stale = time.monotonic() - self.renewed
+            if not warned and status not in (412, 404) and stale > self.lease_s / 2:
+                warned = True
+                self.warn(f"could not renew the lock {self.where} for {stale:.0f} s ({error}); after "
+                          f"{self.lease_s:g} s another job may take it over and write beside this one")
 
 
 def _describe(record: dict, age: float, lease_s: float) -> str:
@@ -187,15 +232,30 @@ def _s3_lease(location: str, name: str, busy, lease_s: float, warn) -> Iterator[
     from pipeline.storage import s3_client
 
     parts = urlsplit(location)
-    lease = _Lease(s3_client(), parts.netloc, f"{parts.path.strip('/')}/{name}.lock".lstrip("/"), lease_s, warn)
-    lease.acquire(busy)
-    if lease.ignores_conditions():
+    lease = _Lease(s3_client(), s3_client(attempts=1, timeout_s=max(1.0, lease_s / 8)), parts.netloc,
+                   f"{parts.path.strip('/')}/{name}.lock".lstrip("/"), lease_s, warn)
+    acquired = False
+    try:
+        lease.acquire(busy)
+        acquired = True
+        ignores = lease.ignores_conditions()
+    except Exception as err:
+        if acquired:
+            lease.release()
+        if isinstance(err, ValueError):
+            raise
+        # The store refused, or could not be reached: named, as a refusal.
+        raise ValueError(f"{lease.where}: could not take this lock: {err}") from err
+    if ignores:
         warn(f"{parts.scheme}://{parts.netloc} ignores conditional writes (If-None-Match): "
              f"jobs given the same name are not kept apart there")
-    lease.thread.start()
     try:
+        lease.thread.start()
         yield
     finally:
         lease.stop.set()
-        lease.thread.join()
-        lease.release()
+        try:
+            if lease.thread.is_alive():  # a renewal in flight ends with its request's retries
+                lease.thread.join(timeout=lease_s / 4)
+        finally:
+            lease.release()

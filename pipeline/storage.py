@@ -284,16 +284,19 @@ def filesystem_for_files(paths_or_uris) -> tuple[pafs.FileSystem, list[str]]:
     return filesystem, paths
 
 
-def s3_client():
-    """A boto3 S3 client with this process's endpoint and standard-mode retries (backoff)."""
+def s3_client(*, attempts: int = 0, timeout_s: float = 0.0):
+    """A boto3 S3 client with this process's endpoint and standard-mode retries (backoff):
+    `attempts` tries per request (0: the configured budget) and, when given, `timeout_s` to
+    connect and to read."""
     import boto3
     from botocore.config import Config
 
+    timeouts = {"connect_timeout": timeout_s, "read_timeout": timeout_s} if timeout_s else {}
     return boto3.client(
         "s3",
         endpoint_url=s3_endpoint_url() or None,
         # total_max_attempts counts the first try, as AWS_MAX_ATTEMPTS and pyarrow do
         # (botocore's max_attempts would count retries only).
-        config=Config(retries={"mode": "standard", "total_max_attempts": s3_max_attempts()}),
+        config=Config(retries={"mode": "standard", "total_max_attempts": attempts or s3_max_attempts()},
+                      **timeouts),
     )
-

@@ -203,42 +203,54 @@ def test_resume_finds_the_latest_checkpoint_on_s3(s3_env, s3_bucket):
 class FlakyS3Proxy:
     """A real HTTP server in front of the S3 server that answers the next `fail` requests with
     503 SlowDown (what S3 says when throttling) and forwards everything else, less the request
-    headers named in `dropped_headers` (lower case)."""
+    headers named in `dropped_headers` (lower case). `rule(method, headers)` may single out
+    requests: "fail" answers 503 without forwarding, "lose" forwards, then answers 503 (the store
+    did it; its reply was lost)."""
 
     def __init__(self, upstream: str):
         target = urlsplit(upstream)
         self.dropped_headers: set[str] = set()
+        self.rule = None
         self.failures_left = 0
         self.failed = 0
         self.lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _fail(self):
+                error = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(error)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(error)
+
             def _serve(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy.lock:
-                    fail = proxy.failures_left > 0
-                    if fail:
+                    action = proxy.rule(self.command, self.headers) if proxy.rule else None
+                    fail = proxy.failures_left > 0 or action == "fail"
+                    if proxy.failures_left > 0:
                         proxy.failures_left -= 1
-                        proxy.failed += 1
+                    proxy.failed += fail
                 if fail:
-                    error = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(error)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(error)
+                    self._fail()
                     return
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.dropped_headers}
                 upstream_conn.request(self.command, self.path, body=body, headers=headers)
                 reply = upstream_conn.getresponse()
                 data = reply.read()
+                if action == "lose":
+                    upstream_conn.close()
+                    self._fail()
+                    return
                 self.send_response(reply.status)
                 for key, value in reply.getheaders():
                     # A HEAD reply's length is the object's; other bodies are re-sent whole.
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    # (send_response wrote this server's own Date and Server.)
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
                         self.send_header(key, value)
                 length = reply.getheader("Content-Length") if self.command == "HEAD" else len(data)
                 self.send_header("Content-Length", str(length or 0))
@@ -357,7 +369,7 @@ def _lock_record(bucket: str, key: str) -> dict:
 
 
 def test_an_s3_lock_is_renewed_while_held_and_taken_over_once_its_holder_is_gone(s3_env, s3_bucket):
-    """A 2 s lease: renewed, it keeps a second claimer out well past 2 s; its holder killed
+    """A 4 s lease: renewed, it keeps a second claimer out well past 4 s; its holder killed
     (nothing given back), it keeps them out until it lapses, then the claimer takes it."""
     import time
 
@@ -366,10 +378,10 @@ def test_an_s3_lock_is_renewed_while_held_and_taken_over_once_its_holder_is_gone
     from pipeline import locks
 
     location, key = f"s3://{s3_bucket}/runs/.run-locks", "runs/.run-locks/r.lock"
-    with lock_held_elsewhere(location, "r", lease_s=2, env={**os.environ}) as holder:
-        time.sleep(3.5)
+    with lock_held_elsewhere(location, "r", lease_s=4, env={**os.environ}) as holder:
+        time.sleep(6)
         with pytest.raises(ValueError, match=rf"^pid {holder.pid} on \S+ \(if that process is gone, "
-                                             r"its lock lapses in [0-2] s\)$"):
+                                             r"its lock lapses in [1-4] s\)$"):
             with locks.exclusive(location, "r", str):
                 pass
         holder.kill()
@@ -377,28 +389,119 @@ def test_an_s3_lock_is_renewed_while_held_and_taken_over_once_its_holder_is_gone
         with pytest.raises(ValueError, match=rf"^pid {holder.pid} on "):  # not yet lapsed
             with locks.exclusive(location, "r", str):
                 pass
-        time.sleep(3)
+        time.sleep(5.5)
         with locks.exclusive(location, "r", str, lease_s=30):  # lapsed: taken over
             assert _lock_record(s3_bucket, key)["holder"] == locks.holder_name()
     with pytest.raises(ClientError, match="NoSuchKey"):  # given back
         storage.s3_client().get_object(Bucket=s3_bucket, Key=key)
 
 
-def test_a_holder_whose_s3_lock_was_taken_says_so_and_leaves_the_new_holders_lock(s3_env, s3_bucket):
+def _wait_for(condition, seconds: float = 20.0) -> None:
     import time
 
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_holder_whose_s3_lock_was_taken_says_so_and_leaves_the_new_holders_lock(s3_env, s3_bucket):
     from pipeline import locks
 
     warnings, key = [], "runs/.run-locks/r.lock"
     taker = json.dumps({"holder": "pid 1 on elsewhere", "lease_s": 60}).encode()
     with locks.exclusive(f"s3://{s3_bucket}/runs/.run-locks", "r", str, lease_s=1, warn=warnings.append):
         storage.s3_client().put_object(Bucket=s3_bucket, Key=key, Body=taker)  # as if it had lapsed
-        time.sleep(1)
+        _wait_for(lambda: warnings)
     assert warnings == [
         f"lost the lock s3://{s3_bucket}/{key} (now held by pid 1 on elsewhere; a lock not renewed for "
         "1 s may be taken over): another job may write beside this one"
     ]
     assert _lock_record(s3_bucket, key)["holder"] == "pid 1 on elsewhere"
+
+
+def test_a_holder_that_cannot_renew_its_s3_lock_says_so_before_it_lapses(flaky_s3, s3_bucket):
+    """Renewals failing with errors that are not conflicts (throttling, expired credentials):
+    the lease is not known lost, but may soon be."""
+    from pipeline import locks
+
+    warnings, key = [], "runs/.run-locks/r.lock"
+    with locks.exclusive(f"s3://{s3_bucket}/runs/.run-locks", "r", str, lease_s=2, warn=warnings.append):
+        flaky_s3.rule = lambda method, headers: "fail" if method == "PUT" else None
+        _wait_for(lambda: warnings)
+        flaky_s3.rule = None
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"could not renew the lock s3://{s3_bucket}/{key} for ")
+    assert warnings[0].endswith("after 2 s another job may take it over and write beside this one")
+    with pytest.raises(ClientError, match="NoSuchKey"):  # given back once the store answered again
+        storage.s3_client().get_object(Bucket=s3_bucket, Key=key)
+
+
+def test_an_s3_lock_whose_reply_was_lost_is_still_this_processes(flaky_s3, s3_bucket):
+    """The create (and the takeover) landed but their replies were lost: botocore's retry
+    then meets the lock object it wrote, which is this process's, not another's."""
+    from pipeline import locks
+
+    key = "runs/.run-locks/r.lock"
+    lost = []
+
+    def lose_first(header):
+        def rule(method, headers):
+            if method == "PUT" and header in headers and not lost:
+                lost.append(method)
+                return "lose"
+            return None
+        return rule
+
+    flaky_s3.rule = lose_first("If-None-Match")
+    with locks.exclusive(f"s3://{s3_bucket}/runs/.run-locks", "r", str):
+        assert lost and _lock_record(s3_bucket, key)["holder"] == locks.holder_name()
+    with pytest.raises(ClientError, match="NoSuchKey"):
+        storage.s3_client().get_object(Bucket=s3_bucket, Key=key)
+
+    lapsed = json.dumps({"holder": "pid 1 on elsewhere", "lease_s": 0.001}).encode()
+    storage.s3_client().put_object(Bucket=s3_bucket, Key=key, Body=lapsed)
+    lost.clear()
+    flaky_s3.rule = lose_first("If-Match")
+    with locks.exclusive(f"s3://{s3_bucket}/runs/.run-locks", "r", str):
+        assert lost and _lock_record(s3_bucket, key)["holder"] == locks.holder_name()
+
+
+def test_an_s3_lock_that_cannot_be_taken_is_a_named_refusal_and_leaves_nothing(flaky_s3, s3_bucket, monkeypatch):
+    """The store stops answering after the lock object was created (its check for conditional
+    writes fails): a refusal naming the lock, and the object is deleted again."""
+    from pipeline import locks
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # (each 503 is retried with backoff)
+
+    creates = []
+
+    def second_create_fails(method, headers):
+        if method == "PUT" and "If-None-Match" in headers:
+            creates.append(method)
+            return "fail" if len(creates) > 1 else None
+        return None
+
+    flaky_s3.rule = second_create_fails
+    with pytest.raises(ValueError, match=(
+        rf"^s3://{s3_bucket}/runs/.run-locks/r.lock: could not take this lock: .*SlowDown"
+    )):  # fmt: skip
+        with locks.exclusive(f"s3://{s3_bucket}/runs/.run-locks", "r", str):
+            pass
+    flaky_s3.rule = None
+    with pytest.raises(ClientError, match="NoSuchKey"):
+        storage.s3_client().get_object(Bucket=s3_bucket, Key="runs/.run-locks/r.lock")
+
+
+def test_a_file_uri_is_locked_as_its_path_is(tmp_path):
+    from lock_holder import lock_held_elsewhere
+
+    from pipeline import locks
+
+    with lock_held_elsewhere(str(tmp_path), "r") as holder:
+        with pytest.raises(ValueError, match=rf"^pid {holder.pid} on "):
+            with locks.exclusive(f"file://{tmp_path}", "r", str):
+                pass
 
 
 def test_a_store_that_ignores_conditional_writes_is_named(flaky_s3, s3_bucket):

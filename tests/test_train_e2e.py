@@ -242,6 +242,37 @@ def test_a_run_name_reused_with_other_settings_is_refused_before_ray(finished_ru
         run_training(load_config("local", settings), printer=lambda *a, **k: None)
 
 
+def test_a_run_another_job_trained_while_this_one_started_is_refused(
+    finished_run, tmp_path, monkeypatch, ray_must_not_start,
+):  # fmt: skip
+    """The checks of a rerun read the run's checkpoint before its lock is taken; a job of the
+    same run that ended in between (here: its run folder appears as the lock is taken) left
+    them stale, and this job would start from step 0 over its checkpoints."""
+    import contextlib
+
+    from pipeline.training import driver
+    from pipeline.training.driver import RunRefused, run_training
+
+    config, summary, _ = finished_run
+    settings = TINY + [f"data.cache_dir={config.data.cache_dir}", f"train.storage_path={tmp_path / 'runs'}",
+                       "train.run_name=raced"]
+    real_lock = driver.run_lock
+
+    @contextlib.contextmanager
+    def lock_after_another_job(storage_path, name):
+        shutil.copytree(Path(summary.checkpoint_path).parent, Path(storage_path) / name)
+        with real_lock(storage_path, name):
+            yield
+
+    monkeypatch.setattr(driver, "run_lock", lock_after_another_job)
+    with pytest.raises(RunRefused, match=r"^train.run_name: run 'raced' was trained by another job while this one "
+                                         r"started; run the command again$"):
+        run_training(load_config("local", settings), printer=lambda *a, **k: None)
+    monkeypatch.setattr(driver, "run_lock", real_lock)
+    with pytest.raises(AssertionError, match="reached for Ray"):  # run again, it resumes that checkpoint
+        run_training(load_config("local", settings), printer=lambda *a, **k: None)
+
+
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):
     """Also the seen-class hold-out of a loss other than Magnet's: its kNN accuracy per epoch."""
     from mlflow import MlflowClient

@@ -275,7 +275,14 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     if not in_sweep:
         try:
             held.enter_context(run_lock(_storage_path(config), name))
+            # A job of this run that ended between the checks above and the lock moved the run
+            # on: what was checked (and where a resume starts) is stale.
+            now = registered_checkpoint(_storage_path(config), name)
+            if (now and now[1:]) != (resume_from and resume_from[1:]):  # (directory, step)
+                raise ValueError(f"train.run_name: run {name!r} was trained by another job while "
+                                 "this one started; run the command again")
         except ValueError as err:
+            held.close()
             raise RunRefused(str(err)) from err
     config_yaml = config_to_yaml(config)
     # A resume that changes settings (more epochs, another data.root) says so on the run: its

@@ -273,6 +273,30 @@ def test_a_run_another_job_trained_while_this_one_started_is_refused(
         run_training(load_config("local", settings), printer=lambda *a, **k: None)
 
 
+def test_a_rerun_removes_the_checkpoints_ray_trains_record_does_not_hold(
+    finished_run, tmp_path, ray_must_not_start,
+):  # fmt: skip
+    """A job stopped between a checkpoint's upload and its registration leaves it in the run
+    folder, where nothing would ever resume from it or remove it (`checkpoints_to_keep` counts
+    registered ones). The next job of the run removes it; the registered ones stay."""
+    from pipeline.training.driver import run_training
+
+    config, summary, _ = finished_run
+    run_folder = tmp_path / "runs" / "kept"
+    shutil.copytree(Path(summary.checkpoint_path).parent, run_folder)
+    registered = sorted(p.name for p in run_folder.glob("checkpoint_*"))
+    for name in ("checkpoint_2099-01-01_00-00-00.000000", "checkpoint_2099-01-01_00-00-01.000000"):
+        shutil.copytree(summary.checkpoint_path, run_folder / name)
+    settings = TINY + [f"data.cache_dir={config.data.cache_dir}", f"train.storage_path={tmp_path / 'runs'}",
+                       "train.run_name=kept"]
+    printed = []
+    with pytest.raises(AssertionError, match="reached for Ray"):
+        run_training(load_config("local", settings), printer=lambda *a, **k: printed.append(" ".join(a)))
+    assert sorted(p.name for p in run_folder.glob("checkpoint_*")) == registered
+    assert ("run kept: removed 2 checkpoint(s) that Ray Train's record does not hold (left by a stopped job): "
+            "checkpoint_2099-01-01_00-00-00.000000, checkpoint_2099-01-01_00-00-01.000000") in printed
+
+
 def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, metric_history):
     """Also the seen-class hold-out of a loss other than Magnet's: its kNN accuracy per epoch."""
     from mlflow import MlflowClient

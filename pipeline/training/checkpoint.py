@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import time
 from pathlib import Path
 
@@ -91,20 +92,8 @@ class CheckpointRecordUnreadable(ValueError):
     """Ray Train's checkpoint record of a run stayed unreadable through every retry."""
 
 
-def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5,
-                          retry_seconds: float = 0.5):
-    """(filesystem, directory, step) of the run's latest checkpoint in Ray Train's own record
-    (its checkpoint manager's snapshot) - the one Ray Train resumes a rerun from - or None.
-
-    A checkpoint that reached storage but was not registered when the driver died (a job
-    stopped between the upload and the report) is not in that record, and Ray Train does not
-    resume from it: neither may the driver, which plans the data from the resume step.
-
-    A run that is still training rewrites the record in place after every report (not
-    atomically), and deletes checkpoints past `num_to_keep` just after: a read can find the
-    file empty or half written, or name a checkpoint that is gone a moment later. Such a read
-    is retried up to `attempts` times, `retry_seconds` apart; a record that stays unreadable
-    (corrupt, or written by another Ray version) raises `CheckpointRecordUnreadable`."""
+def _train_record(storage_path: str, run_name: str, attempts: int, retry_seconds: float):
+    """(filesystem, run folder, Ray Train's `Result` of the run or None when it has no record)."""
     import ray.train
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
     from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
@@ -119,8 +108,7 @@ def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5
     try:
         for attempt in range(1, attempts + 1):
             try:
-                result = ray.train.Result.from_path(root, storage_filesystem=filesystem)
-                break
+                return filesystem, root, ray.train.Result.from_path(root, storage_filesystem=filesystem)
             except CheckpointManagerInitializationError as error:
                 if attempt == attempts:
                     raise CheckpointRecordUnreadable(
@@ -131,12 +119,50 @@ def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5
                     ) from error
                 time.sleep(retry_seconds)
             except RuntimeError:  # no run folder, or nothing registered yet
-                return None
+                return filesystem, root, None
     finally:
         quiet.setLevel(level)
-    if result.checkpoint is None:
+    raise AssertionError("unreachable")
+
+
+def registered_checkpoint(storage_path: str, run_name: str, *, attempts: int = 5,
+                          retry_seconds: float = 0.5):
+    """(filesystem, directory, step) of the run's latest checkpoint in Ray Train's own record
+    (its checkpoint manager's snapshot) - the one Ray Train resumes a rerun from - or None.
+
+    A checkpoint that reached storage but was not registered when the driver died (a job
+    stopped between the upload and the report) is not in that record, and Ray Train does not
+    resume from it: neither may the driver, which plans the data from the resume step.
+
+    A run that is still training rewrites the record in place after every report (not
+    atomically), and deletes checkpoints past `num_to_keep` just after: a read can find the
+    file empty or half written, or name a checkpoint that is gone a moment later. Such a read
+    is retried up to `attempts` times, `retry_seconds` apart; a record that stays unreadable
+    (corrupt, or written by another Ray version) raises `CheckpointRecordUnreadable`."""
+    filesystem, _, result = _train_record(storage_path, run_name, attempts, retry_seconds)
+    if result is None or result.checkpoint is None:
         return None
     return filesystem, result.checkpoint.path, int(result.metrics["step"])
+
+
+def unregistered_checkpoints(storage_path: str, run_name: str) -> tuple[object, list[str]]:
+    """(filesystem, directories): the run's checkpoint directories that Ray Train's record
+    does not hold - uploaded by a job stopped before it registered them, never resumed from
+    and never removed by `checkpoints_to_keep`. Only for a run Ray Train keeps a record of
+    (a folder of checkpoints copied on their own holds none, and is left alone). Call it only
+    while no job trains the run (under its lock): a running job's next checkpoint is one."""
+    import pyarrow.fs as pafs
+
+    filesystem, root, result = _train_record(storage_path, run_name, attempts=5, retry_seconds=0.5)
+    if result is None or result.checkpoint is None:
+        return filesystem, []
+    kept = {posixpath.basename(checkpoint.path.rstrip("/")) for checkpoint, _ in result.best_checkpoints}
+    found = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return filesystem, sorted(
+        info.path for info in found
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        and info.base_name not in kept
+    )
 
 
 def latest_checkpoint(storage_path: str, run_name: str, *, with_files: tuple[str, ...] = ()):

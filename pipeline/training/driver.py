@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import posixpath
 from dataclasses import dataclass, field
 
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
@@ -21,7 +22,11 @@ from pipeline.data.format import (
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
 from pipeline.storage import absolute_location
-from pipeline.training.checkpoint import load_metrics, registered_checkpoint
+from pipeline.training.checkpoint import (
+    load_metrics,
+    registered_checkpoint,
+    unregistered_checkpoints,
+)
 from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
 from pipeline.training.resume import (
     check_recorded_run,
@@ -284,6 +289,8 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         except ValueError as err:
             held.close()
             raise RunRefused(str(err)) from err
+        if resume_from is not None:
+            _remove_unregistered_checkpoints(_storage_path(config), name, printer)
     config_yaml = config_to_yaml(config)
     # A resume that changes settings (more epochs, another data.root) says so on the run: its
     # params are the first attempt's, and MLflow params cannot change.
@@ -419,6 +426,19 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             tracking.finish_run(uri, run_id, None, failed=True, killed=interrupted)
         held.close()
     return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
+
+
+def _remove_unregistered_checkpoints(storage_path: str, name: str, printer) -> None:
+    """Remove the run's checkpoints Ray Train's record does not hold (a job stopped between an
+    upload and its registration, or one whose record dropped them): no rerun resumes from them
+    and `checkpoints_to_keep` never removes them. Only under the run's lock."""
+    filesystem, stale = unregistered_checkpoints(storage_path, name)
+    for directory in stale:
+        filesystem.delete_dir(directory)
+    if stale:
+        names = ", ".join(posixpath.basename(directory) for directory in stale)
+        printer(f"run {name}: removed {len(stale)} checkpoint(s) that Ray Train's record does not "
+                f"hold (left by a stopped job): {names}", flush=True)
 
 
 def resume_hint(config: Config) -> str:

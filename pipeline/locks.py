@@ -40,6 +40,12 @@ def holder_name() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
+def keeps_apart(location: str) -> bool:
+    """Whether `exclusive` keeps processes apart under `location` (a local path, `file://` or
+    `s3://`; not other object stores)."""
+    return "://" not in location or urlsplit(location).scheme in ("file", "s3")
+
+
 @contextlib.contextmanager
 def exclusive(location: str, name: str, busy: Callable[[str], str], *, lease_s: float = LEASE_S,
               warn=None) -> Iterator[None]:

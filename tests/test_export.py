@@ -176,6 +176,10 @@ def test_an_export_into_a_directory_another_export_is_writing_is_refused_before_
     assert [p.name for p in out.iterdir()] == [f"{LOCK_NAME}.lock"]
     with pytest.raises(AssertionError, match="reached for Ray"):  # ended: this one goes on
         export_embeddings(*args, printer=lambda *a, **k: None)
+    # An export that fails leaves no directory it made that holds only its lock.
+    with pytest.raises(AssertionError, match="reached for Ray"):
+        export_embeddings(*args[:2], str(tmp_path / "new"), printer=lambda *a, **k: None)
+    assert not (tmp_path / "new").exists()
 
 
 def test_index_search_matches_brute_force_and_returns_ids():

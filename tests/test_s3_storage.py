@@ -498,6 +498,9 @@ def test_a_file_uri_is_locked_as_its_path_is(tmp_path):
 
     from pipeline import locks
 
+    assert [locks.keeps_apart(where) for where in ("runs", f"file://{tmp_path}", "s3://b/runs", "gs://b/runs")] == [
+        True, True, True, False]
+
     with lock_held_elsewhere(str(tmp_path), "r") as holder:
         with pytest.raises(ValueError, match=rf"^pid {holder.pid} on "):
             with locks.exclusive(f"file://{tmp_path}", "r", str):

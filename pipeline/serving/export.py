@@ -6,7 +6,9 @@ Layout of an export directory (local or `s3://`):
     embeddings/part-00000.parquet   id, label, embedding (fixed-size list of float32), id order
     index.faiss                     faiss IDMap2 index (searches return dataset ids)
     export.json                     what was exported from what; written last
-    .export.lock                    local directories only: the lock of the export writing it
+    .export.lock                    the lock of the export writing it (`pipeline.locks`): a
+                                    file that stays in a local directory; in S3 an object
+                                    deleted when the export ends
 
 Everything that can be wrong (the output directory, the dataset, the split, the checkpoint,
 the index description) is found before Ray starts, and an existing export is never overwritten.
@@ -15,6 +17,7 @@ Two exports into one new directory at once: the second is refused (`pipeline.loc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import tempfile
@@ -108,47 +111,70 @@ def export_embeddings(
 
     # Held while this export writes: another export into the same new directory is refused,
     # and one that finished meanwhile is found by checking the directory again.
-    with locks.exclusive(export_dir, LOCK_NAME, lambda holder: (
-        f"output directory {export_dir}: another export is writing into it ({holder}); choose a "
-        "new directory"
-    )):
-        check_export_dir(export_dir)
-        start_ray(verbose)
-        dataset = embed_split(
-            model, config, shard_uris(dataset_root, split), batch_size or config.eval.batch_size, actors
-        )
-        ids, labels, embeddings = collect_embeddings(dataset)
-        if len(ids) != num_images:
-            raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {num_images}")
+    filesystem, path = filesystem_for(export_dir)
+    created = filesystem.get_file_info(path).type == pafs.FileType.NotFound
+    try:
+        with locks.exclusive(export_dir, LOCK_NAME, lambda holder: (
+            f"output directory {export_dir}: another export is writing into it ({holder}); "
+            "choose a new directory"
+        )):
+            check_export_dir(export_dir)
+            return _export(model, config, dataset_root, split, export_dir, shown, step, metadata,
+                           index_description, batch_size, actors, verbose, printer)
+    except BaseException:
+        if created:  # a failed export leaves no directory it made that holds only its lock
+            _remove_if_only_lock(filesystem, path)
+        raise
 
-        # Built before anything is written, should faiss still refuse to train it.
-        index = build_index(embeddings, ids, index_description)
-        filesystem, path = filesystem_for(export_dir)
-        filesystem.create_dir(path)
-        write_embeddings(export_dir, ids, labels, embeddings)
-        index_path = save_index(index, export_dir)
-        manifest = {
-            "checkpoint": shown,
-            "checkpoint_step": step,
-            "dataset_root": dataset_root,
-            "dataset_name": metadata.name,
-            "dataset_fingerprint": metadata.fingerprint,
-            "split": split,
-            "num_embeddings": int(len(ids)),
-            "embedding_dim": int(embeddings.shape[1]),
-            "metric": "squared_l2",
-            "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{index_description}"},
-            "model": {
-                "backbone": config.model.backbone,
-                "embedding_dim": config.model.embedding_dim,
-                "normalize": config.model.normalize,
-            },
-            "transform": {"image_size": config.data.image_size, "eval_resize": config.data.eval_resize},
-        }
-        with filesystem.open_output_stream(f"{path}/{MANIFEST_FILE}") as stream:
-            stream.write(json.dumps(manifest, indent=2).encode())
-        printer(
-            f"wrote {len(ids)} embeddings of dimension {embeddings.shape[1]} and {index_path}",
-            flush=True,
-        )
-        return ExportSummary(export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)
+
+def _remove_if_only_lock(filesystem, path: str) -> None:
+    with contextlib.suppress(OSError):
+        entries = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if all(posixpath.basename(entry.path) == f"{LOCK_NAME}.lock" for entry in entries):
+            filesystem.delete_dir(path)
+
+
+def _export(model, config, dataset_root: str, split: str, export_dir: str, shown: str, step,
+            metadata, index_description: str, batch_size: int, actors: int, verbose: bool,
+            printer) -> ExportSummary:
+    """Embed, index and write the export (its checks passed and its lock held)."""
+    num_images = metadata.split(split).num_images
+    start_ray(verbose)
+    dataset = embed_split(
+        model, config, shard_uris(dataset_root, split), batch_size or config.eval.batch_size, actors
+    )
+    ids, labels, embeddings = collect_embeddings(dataset)
+    if len(ids) != num_images:
+        raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {num_images}")
+
+    # Built before anything is written, should faiss still refuse to train it.
+    index = build_index(embeddings, ids, index_description)
+    filesystem, path = filesystem_for(export_dir)
+    filesystem.create_dir(path)
+    write_embeddings(export_dir, ids, labels, embeddings)
+    index_path = save_index(index, export_dir)
+    manifest = {
+        "checkpoint": shown,
+        "checkpoint_step": step,
+        "dataset_root": dataset_root,
+        "dataset_name": metadata.name,
+        "dataset_fingerprint": metadata.fingerprint,
+        "split": split,
+        "num_embeddings": int(len(ids)),
+        "embedding_dim": int(embeddings.shape[1]),
+        "metric": "squared_l2",
+        "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{index_description}"},
+        "model": {
+            "backbone": config.model.backbone,
+            "embedding_dim": config.model.embedding_dim,
+            "normalize": config.model.normalize,
+        },
+        "transform": {"image_size": config.data.image_size, "eval_resize": config.data.eval_resize},
+    }
+    with filesystem.open_output_stream(f"{path}/{MANIFEST_FILE}") as stream:
+        stream.write(json.dumps(manifest, indent=2).encode())
+    printer(
+        f"wrote {len(ids)} embeddings of dimension {embeddings.shape[1]} and {index_path}",
+        flush=True,
+    )
+    return ExportSummary(export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)

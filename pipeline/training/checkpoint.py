@@ -156,7 +156,9 @@ def unregistered_checkpoints(storage_path: str, run_name: str) -> tuple[object, 
     filesystem, root, result = _train_record(storage_path, run_name, attempts=5, retry_seconds=0.5)
     if result is None or result.checkpoint is None:
         return filesystem, []
-    kept = {posixpath.basename(checkpoint.path.rstrip("/")) for checkpoint, _ in result.best_checkpoints}
+    # The latest is kept whatever the best ones are (Ray Train resumes from it).
+    held = [result.checkpoint, *(checkpoint for checkpoint, _ in result.best_checkpoints)]
+    kept = {posixpath.basename(checkpoint.path.rstrip("/")) for checkpoint in held}
     found = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     return filesystem, sorted(
         info.path for info in found

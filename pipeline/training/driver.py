@@ -11,6 +11,7 @@ import logging
 import posixpath
 from dataclasses import dataclass, field
 
+from pipeline import locks
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
 from pipeline.data.format import (
     DatasetMetadata,
@@ -23,6 +24,7 @@ from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import gallery_split, resolve_evaluation
 from pipeline.storage import absolute_location
 from pipeline.training.checkpoint import (
+    CheckpointRecordUnreadable,
     load_metrics,
     registered_checkpoint,
     unregistered_checkpoints,
@@ -277,25 +279,24 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     # The run's lock, for as long as this driver trains it; taken after the checks that write
     # nothing (it makes a folder in the storage). Tune runs one attempt of a trial at a time.
     held = contextlib.ExitStack()
-    if not in_sweep:
-        try:
-            held.enter_context(run_lock(_storage_path(config), name))
-            # A job of this run that ended between the checks above and the lock moved the run
-            # on: what was checked (and where a resume starts) is stale.
-            now = registered_checkpoint(_storage_path(config), name)
-            if (now and now[1:]) != (resume_from and resume_from[1:]):  # (directory, step)
-                raise ValueError(f"train.run_name: run {name!r} was trained by another job while "
-                                 "this one started; run the command again")
-        except ValueError as err:
-            held.close()
-            raise RunRefused(str(err)) from err
-        if resume_from is not None:
-            _remove_unregistered_checkpoints(_storage_path(config), name, printer)
-    config_yaml = config_to_yaml(config)
-    # A resume that changes settings (more epochs, another data.root) says so on the run: its
-    # params are the first attempt's, and MLflow params cannot change.
-    changes = "" if saved is None else resume_changes(saved, config)
     try:
+        if not in_sweep:
+            try:
+                held.enter_context(run_lock(_storage_path(config), name))
+                # A job of this run that ended between the checks above and the lock moved the
+                # run on: what was checked (and where a resume starts) is stale.
+                now = registered_checkpoint(_storage_path(config), name)
+                if (now and now[1:]) != (resume_from and resume_from[1:]):  # (directory, step)
+                    raise ValueError(f"train.run_name: run {name!r} was trained by another job while "
+                                     "this one started; run the command again")
+            except ValueError as err:
+                raise RunRefused(str(err)) from err
+            if resume_from is not None and locks.keeps_apart(_storage_path(config)):
+                _remove_unregistered_checkpoints(_storage_path(config), name, printer)
+        config_yaml = config_to_yaml(config)
+        # A resume that changes settings (more epochs, another data.root) says so on the run:
+        # its params are the first attempt's, and MLflow params cannot change.
+        changes = "" if saved is None else resume_changes(saved, config)
         run_id = tracking.start_run(
             config,
             name,
@@ -432,9 +433,14 @@ def _remove_unregistered_checkpoints(storage_path: str, name: str, printer) -> N
     """Remove the run's checkpoints Ray Train's record does not hold (a job stopped between an
     upload and its registration, or one whose record dropped them): no rerun resumes from them
     and `checkpoints_to_keep` never removes them. Only under the run's lock."""
-    filesystem, stale = unregistered_checkpoints(storage_path, name)
-    for directory in stale:
-        filesystem.delete_dir(directory)
+    try:
+        filesystem, stale = unregistered_checkpoints(storage_path, name)
+        for directory in stale:
+            filesystem.delete_dir(directory)
+    except (OSError, CheckpointRecordUnreadable) as err:  # housekeeping: the run goes on
+        printer(f"warning: run {name}: could not remove the checkpoints Ray Train's record does not "
+                f"hold ({err})", flush=True)
+        return
     if stale:
         names = ", ".join(posixpath.basename(directory) for directory in stale)
         printer(f"run {name}: removed {len(stale)} checkpoint(s) that Ray Train's record does not "

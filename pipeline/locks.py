@@ -1,6 +1,6 @@
-"""One process at a time per name under a storage location: the same training run, or the same
-sweep, started twice would write into one checkpoint folder (or Tune experiment) and one MLflow
-record.
+"""One process at a time per name under a storage location: the same training run or sweep
+started twice would write into one checkpoint folder (or Tune experiment) and one MLflow record,
+and two exports into one directory would write over each other's files.
 
 - Local storage: an exclusive `flock` on a file. The system frees it when the holding process
   ends, however it ends (killed included), so a rerun after a crash is never locked out.
@@ -52,8 +52,10 @@ def exclusive(location: str, name: str, busy: Callable[[str], str], *, lease_s: 
     """Hold lock `name` under `location` (a folder, local or URI) for the `with` block.
 
     When another process holds it: ValueError(busy(holder)), `holder` naming that process (and,
-    on an object store, when its lock lapses). `warn` (default: print to stderr) hears of a
-    lease lost or a store that ignores conditional writes; the block goes on either way."""
+    on an object store, when its lock lapses); when the store refuses or does not answer, a
+    ValueError naming the lock object. `warn` (default: print to stderr) hears of a lease that
+    cannot be renewed or was lost, or of a store that ignores conditional writes; the block
+    goes on either way."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
     parts = urlsplit(location) if "://" in location else None
     if parts is None or parts.scheme == "file":

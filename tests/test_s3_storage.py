@@ -217,6 +217,10 @@ class FlakyS3Proxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.1 answers botocore's "Expect: 100-continue" at once (under 1.0 each PUT
+            # waited a second for it).
+            protocol_version = "HTTP/1.1"
+
             def _fail(self):
                 error = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
                 self.send_response(503)
@@ -369,7 +373,7 @@ def _lock_record(bucket: str, key: str) -> dict:
 
 
 def test_an_s3_lock_is_renewed_while_held_and_taken_over_once_its_holder_is_gone(s3_env, s3_bucket):
-    """A 4 s lease: renewed, it keeps a second claimer out well past 4 s; its holder killed
+    """A 3 s lease: renewed, it keeps a second claimer out well past 3 s; its holder killed
     (nothing given back), it keeps them out until it lapses, then the claimer takes it."""
     import time
 
@@ -378,10 +382,10 @@ def test_an_s3_lock_is_renewed_while_held_and_taken_over_once_its_holder_is_gone
     from pipeline import locks
 
     location, key = f"s3://{s3_bucket}/runs/.run-locks", "runs/.run-locks/r.lock"
-    with lock_held_elsewhere(location, "r", lease_s=4, env={**os.environ}) as holder:
-        time.sleep(6)
+    with lock_held_elsewhere(location, "r", lease_s=3, env={**os.environ}) as holder:
+        time.sleep(4.5)
         with pytest.raises(ValueError, match=rf"^pid {holder.pid} on \S+ \(if that process is gone, "
-                                             r"its lock lapses in [1-4] s\)$"):
+                                             r"its lock lapses in [1-3] s\)$"):
             with locks.exclusive(location, "r", str):
                 pass
         holder.kill()
@@ -389,7 +393,7 @@ def test_an_s3_lock_is_renewed_while_held_and_taken_over_once_its_holder_is_gone
         with pytest.raises(ValueError, match=rf"^pid {holder.pid} on "):  # not yet lapsed
             with locks.exclusive(location, "r", str):
                 pass
-        time.sleep(5.5)
+        time.sleep(4.5)
         with locks.exclusive(location, "r", str, lease_s=30):  # lapsed: taken over
             assert _lock_record(s3_bucket, key)["holder"] == locks.holder_name()
     with pytest.raises(ClientError, match="NoSuchKey"):  # given back
@@ -437,10 +441,14 @@ def test_a_holder_that_cannot_renew_its_s3_lock_says_so_before_it_lapses(flaky_s
         storage.s3_client().get_object(Bucket=s3_bucket, Key=key)
 
 
-def test_an_s3_lock_whose_reply_was_lost_is_still_this_processes(flaky_s3, s3_bucket):
+def test_an_s3_lock_whose_reply_was_lost_is_still_this_processes(flaky_s3, s3_bucket, monkeypatch):
     """The create (and the takeover) landed but their replies were lost: botocore's retry
     then meets the lock object it wrote, which is this process's, not another's."""
+    import time
+
     from pipeline import locks
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the one retry that matters (each backs off)
 
     key = "runs/.run-locks/r.lock"
     lost = []
@@ -461,6 +469,7 @@ def test_an_s3_lock_whose_reply_was_lost_is_still_this_processes(flaky_s3, s3_bu
 
     lapsed = json.dumps({"holder": "pid 1 on elsewhere", "lease_s": 0.001}).encode()
     storage.s3_client().put_object(Bucket=s3_bucket, Key=key, Body=lapsed)
+    time.sleep(1.1)  # (the store's times are whole seconds)
     lost.clear()
     flaky_s3.rule = lose_first("If-Match")
     with locks.exclusive(f"s3://{s3_bucket}/runs/.run-locks", "r", str):

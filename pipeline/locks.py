@@ -57,15 +57,15 @@ def exclusive(location: str, name: str, busy: Callable[[str], str], *, lease_s: 
     cannot be renewed or was lost, or of a store that ignores conditional writes; the block
     goes on either way."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
-    parts = urlsplit(location) if "://" in location else None
-    if parts is None or parts.scheme == "file":
-        with _file_lock(Path(parts.path if parts else location) / f"{name}.lock", busy):
-            yield
-    elif parts.scheme == "s3":
+    if not keeps_apart(location):
+        yield
+    elif urlsplit(location).scheme == "s3":
         with _s3_lease(location, name, busy, lease_s, warn):
             yield
     else:
-        yield
+        path = urlsplit(location).path if "://" in location else location  # a path, or file://
+        with _file_lock(Path(path) / f"{name}.lock", busy):
+            yield
 
 
 @contextlib.contextmanager

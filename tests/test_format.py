@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.data.format import (
     IMAGE_SCHEMA,
+    STAGING_PREFIX,
     DatasetFormatError,
     DatasetMetadata,
     read_metadata,
@@ -167,6 +168,31 @@ def test_overwrite_replaces_and_leaves_no_stale_shards(root):
     assert set(meta.splits) == {"query"}
     assert not any(name.endswith(".parquet") for name in os.listdir(os.path.join(root, "train")))
     validate_dataset(root, check_images=True, check_fingerprint=True)
+
+
+def test_failed_overwrite_leaves_the_old_dataset_whole(root):
+    """A replacement that fails part-way (here a bad record in its second split, after the first
+    split's shards were written) leaves the old dataset as it was, and no staging folder."""
+    before = {split: read_split(root, split) for split in ("train", "test")}
+    fingerprint = read_metadata(root).fingerprint
+    with pytest.raises(DatasetFormatError, match="label"):
+        _write(root, train=_records([3, 3, 3, 3]), test=_records([2, 99]), overwrite=True)
+    assert read_metadata(root).fingerprint == fingerprint
+    assert all(read_split(root, split).equals(table) for split, table in before.items())
+    validate_dataset(root, check_images=True, check_fingerprint=True)
+    assert sorted(os.listdir(root)) == ["metadata.json", "test", "train"]
+
+
+def test_overwrite_removes_a_killed_replacements_staging_folder(root):
+    """A staging folder left by a replacement that was killed goes with the next one."""
+    left = os.path.join(root, STAGING_PREFIX + "killed", "train")
+    os.makedirs(left)
+    with open(os.path.join(left, "part-00000.parquet"), "wb") as f:
+        f.write(b"half a shard")
+    meta = _write(root, train=_records([1, 1]), overwrite=True)
+    assert sorted(os.listdir(root)) == ["metadata.json", "test", "train"]
+    assert sorted(os.listdir(os.path.join(root, "train"))) == ["part-00000.parquet"]
+    assert validate_dataset(root, check_images=True, check_fingerprint=True) == meta
 
 
 def test_unfinished_write_is_not_silently_reused(root):

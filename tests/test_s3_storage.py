@@ -22,7 +22,13 @@ from botocore.exceptions import ClientError
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.config.settings import ModelConfig
-from pipeline.data.format import read_split, shard_uris, validate_dataset
+from pipeline.data.format import (
+    DatasetFormatError,
+    read_split,
+    shard_uris,
+    validate_dataset,
+    write_dataset,
+)
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic, generate_synthetic
 from pipeline.models import build_model
 from pipeline.training.checkpoint import METRICS_FILE, latest_checkpoint
@@ -130,6 +136,28 @@ def test_datasets_are_written_validated_and_read_on_s3(s3_env, s3_bucket, tmp_pa
         f"datasets/tiny/{shard}" for split in meta.splits for shard in meta.split(split).shards
     }
     assert shard_uris(root, "test") == [f"{root}/{s}" for s in meta.split("test").shards]
+
+
+def test_a_dataset_on_s3_is_replaced_only_once_its_replacement_is_whole(s3_env, s3_bucket):
+    root = f"s3://{s3_bucket}/datasets/tiny"
+    old = generate_synthetic(root, SyntheticSpec(num_classes=4, images_per_class=3, image_size=16, modes_per_class=1))
+    train = read_split(root, "train")
+    bad_rows = [{"label": 0, "image": train["image"][0].as_py(), "width": 16, "height": 16},
+                {"label": 7, "image": b"", "width": 16, "height": 16}]  # label 7: no such class
+    with pytest.raises(DatasetFormatError, match="label"):
+        write_dataset(root, name="bad", source="test", class_names=old.class_names,
+                      splits={"train": bad_rows}, image_format="png", overwrite=True)
+    assert validate_dataset(root, check_images=True, check_fingerprint=True) == old
+
+    new = generate_synthetic(
+        root, SyntheticSpec(num_classes=4, images_per_class=5, image_size=16, modes_per_class=1), overwrite=True
+    )
+    assert validate_dataset(root, check_images=True, check_fingerprint=True) == new != old
+    listed = storage.s3_client().list_objects_v2(Bucket=s3_bucket)["Contents"]
+    keys = {item["Key"] for item in listed if not item["Key"].endswith("/")}  # no dir markers
+    assert keys == {"datasets/tiny/metadata.json"} | {
+        f"datasets/tiny/{shard}" for split in new.splits for shard in new.split(split).shards
+    }  # no staging copy left
 
 
 def test_a_second_writer_of_the_built_in_dataset_never_touches_a_copy_in_use(s3_env, s3_bucket):

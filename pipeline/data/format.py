@@ -9,6 +9,7 @@ use this module without a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -17,6 +18,8 @@ import os
 import posixpath
 import re
 import struct
+import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +41,8 @@ STANDARD_SPLITS = ("train", "test", "query", "gallery")
 """Split names the pipeline knows; other lower-case names are allowed but unused."""
 DEFAULT_SHARD_SIZE = 1000
 """Rows per shard: small enough that Ray Data reads a split with several tasks."""
+STAGING_PREFIX = ".overwrite-"
+"""Name prefix of the folder inside a root where a dataset replacing it is written first."""
 
 IMAGE_SCHEMA = pa.schema(
     [
@@ -710,37 +715,79 @@ def _conform(table: pa.Table, offset: int, where: str) -> pa.Table:
         raise DatasetFormatError(f"{where}: table does not cast to {IMAGE_SCHEMA} ({err})") from err
 
 
-def _prepare_root(loc: _Location, splits: Iterable[str], overwrite: bool) -> None:
-    """Refuse to clobber a dataset unless asked; with overwrite, remove the old shards."""
+def _replaced_splits(loc: _Location, splits: Iterable[str], overwrite: bool) -> set[str] | None:
+    """The splits whose shards a write to `loc` replaces, or None when the root holds no dataset
+    and no shards. Refuses to clobber anything unless `overwrite` (nothing is changed here)."""
     meta_path = loc.join(METADATA_FILE)
-    old_splits: set[str] = set()
-    if _exists(loc.fs, meta_path):
+    replaced: set[str] = set()
+    holds_dataset = _exists(loc.fs, meta_path)
+    if holds_dataset:
         if not overwrite:
             raise FileExistsError(
                 f"{loc.uri(meta_path)}: a dataset already exists here; pass overwrite=True to "
                 "replace it"
             )
         try:
-            old_splits = set(read_metadata(loc.uri(loc.path)).splits)
+            replaced = set(read_metadata(loc.uri(loc.path)).splits)
         except DatasetFormatError:
-            pass  # a broken old dataset: remove what the new splits' directories hold
-        # Metadata goes first so that a crash below leaves no root that claims to be complete.
-        loc.fs.delete_file(meta_path)
-    for split in sorted(set(splits) | old_splits):
-        directory = loc.join(split)
-        selector = pafs.FileSelector(directory, allow_not_found=True)
-        stale = [
-            info.path
-            for info in loc.fs.get_file_info(selector)
-            if _SHARD_FILE.match(posixpath.basename(info.path))
-        ]
-        if stale and not overwrite:
-            raise FileExistsError(
-                f"{loc.uri(directory)}: already holds shards (an unfinished earlier write?); "
-                "pass overwrite=True to replace them"
-            )
-        for path in stale:
-            loc.fs.delete_file(path)
+            pass  # a broken old dataset: replace what the new splits' directories hold
+    for split in sorted(set(splits) | replaced):
+        if _shard_paths(loc, split):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{loc.uri(loc.join(split))}: already holds shards (an unfinished earlier "
+                    "write?); pass overwrite=True to replace them"
+                )
+            replaced.add(split)
+    return replaced if holds_dataset or replaced else None
+
+
+def _shard_paths(loc: _Location, split: str) -> list[str]:
+    """The shard files in a split's directory (none when it is missing)."""
+    selector = pafs.FileSelector(loc.join(split), allow_not_found=True)
+    return [
+        info.path for info in loc.fs.get_file_info(selector)
+        if _SHARD_FILE.match(posixpath.basename(info.path))
+    ]  # fmt: skip
+
+
+def _swap_in(loc: _Location, staged: _Location, meta: DatasetMetadata, replaced: set[str]) -> None:
+    """Replace the dataset at `loc` with the complete one written to `staged` (inside it).
+
+    metadata.json goes first, so that a failure part-way leaves a root nothing reads; then the
+    old shards; then the new shards move into place (a rename on a local disk, a copy inside
+    the store on S3, whose objects cannot be renamed); metadata.json last. Any other staging
+    folder there is a killed earlier replacement's, and goes too.
+    """
+    try:
+        if _exists(loc.fs, loc.join(METADATA_FILE)):
+            loc.fs.delete_file(loc.join(METADATA_FILE))
+        for split in sorted(replaced | set(meta.splits)):
+            for path in _shard_paths(loc, split):
+                loc.fs.delete_file(path)
+        local = isinstance(loc.fs, pafs.LocalFileSystem)
+        for split, info in sorted(meta.splits.items()):
+            loc.fs.create_dir(loc.join(split), recursive=True)
+            for shard in info.shards:
+                (loc.fs.move if local else loc.fs.copy_file)(staged.join(shard), loc.join(shard))
+        with loc.fs.open_output_stream(loc.join(METADATA_FILE)) as stream:
+            stream.write(meta.to_json().encode("utf-8"))
+    except (OSError, pa.ArrowException) as err:
+        raise OSError(
+            f"{loc.uri(loc.path)}: replacing the dataset failed part-way ({err}). The old dataset "
+            f"is gone and the root has no {METADATA_FILE}, so nothing reads it; write it again"
+        ) from err
+    for info in loc.fs.get_file_info(pafs.FileSelector(loc.path)):
+        if info.type == pafs.FileType.Directory and posixpath.basename(info.path).startswith(
+            STAGING_PREFIX
+        ):
+            try:
+                loc.fs.delete_dir(info.path)
+            except (OSError, pa.ArrowException) as err:  # the new dataset is in place: not fatal
+                warnings.warn(
+                    f"{loc.uri(info.path)}: could not remove this staging folder ({err})",
+                    stacklevel=3,
+                )
 
 
 def _check_write_args(
@@ -782,9 +829,11 @@ def write_dataset(
 
     A split is a pa.Table or an iterable of records (dicts with label, image, width, height and
     optionally id); records are streamed, so a split need not fit in memory. Ids are the row's
-    position in its split. Refuses a root that already holds a dataset unless overwrite=True.
-    metadata.json is written last: a root without it is an unfinished write. `evaluation`
-    records the dataset's evaluation protocol (optional).
+    position in its split. Refuses a root that already holds a dataset unless overwrite=True;
+    with it, the new dataset is written whole into a staging folder inside the root
+    (`STAGING_PREFIX` + a token) and only then swapped in, so a failed write leaves the old one
+    intact. metadata.json is written last: a root without it is an unfinished write.
+    `evaluation` records the dataset's evaluation protocol (optional).
     """
     loc = _locate(root)
     class_names = list(class_names)
@@ -792,7 +841,32 @@ def write_dataset(
     _check_write_args(name, class_names, splits, image_format, shard_size, extra)
     if evaluation is not None:
         _check_evaluation(evaluation, splits)
-    _prepare_root(loc, splits, overwrite)
+    replaced = _replaced_splits(loc, splits, overwrite)
+    if replaced is None:
+        return _write_all(
+            loc, name, source, class_names, splits, image_format, shard_size, extra, evaluation
+        )
+    # The old dataset stays whole and readable until the new one is: a write that fails
+    # (a corrupt source image, a killed job) leaves it as it was.
+    staged = _Location(loc.fs, loc.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"), loc.scheme)
+    try:
+        meta = _write_all(
+            staged, name, source, class_names, splits, image_format, shard_size, extra, evaluation
+        )
+    except BaseException:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            staged.fs.delete_dir(staged.path)
+        raise
+    _swap_in(loc, staged, meta, replaced)
+    return meta
+
+
+def _write_all(
+    loc: _Location, name: str, source: str, class_names: list[str],
+    splits: Mapping[str, Iterable[Record] | pa.Table], image_format: str, shard_size: int,
+    extra: dict[str, Any], evaluation: EvaluationProtocol | None,
+) -> DatasetMetadata:  # fmt: skip
+    """Write every split's shards into `loc`, then metadata.json."""
     infos, digests = {}, {}
     for split in sorted(splits):
         infos[split], digests[split] = _write_split(

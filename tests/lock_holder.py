@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 HOLD = """
-import sys, time
+import signal, sys, time
 from pipeline import locks
+# A process started in the background by a shell without job control (as CI may start the
+# tests) inherits SIGINT ignored: without this the holder would sit out its 30 s and be killed,
+# leaving an S3 lock behind.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 location, name, lease_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
 try:
     with locks.exclusive(location, name, str, lease_s=lease_s):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -517,6 +518,14 @@ def test_every_layout_converts_on_ray(ray_local, tmp_path):
     folders = read_metadata(out["folders"])
     assert sum(i.num_images for i in folders.splits.values()) == 10
     assert len(folders.splits["test"].classes) == 2  # round(5 x 0.5) of the 5 classes
+
+    # --overwrite replaces a dataset, and its summary, whole (the new one is written beside the
+    # old one first: test_format.py's failed-overwrite test), leaving no staging folder.
+    summary = convert_dataset("folders", str(sources["folders"]), str(out["cub"]),
+                              replace(options, overwrite=True), printer=lambda *a, **k: None)  # fmt: skip
+    assert validate_dataset(out["cub"], check_fingerprint=True).fingerprint == folders.fingerprint
+    assert json.loads((out["cub"] / SUMMARY_FILE).read_text()) == summary and summary["layout"] == "folders"
+    assert sorted(p.name for p in out["cub"].iterdir()) == [SUMMARY_FILE, "metadata.json", "test", "train"]
 
 
 def test_a_training_run_records_the_conversion_summary(tmp_path):

@@ -187,8 +187,6 @@ def convert_dataset(
             num_cpus=options.cpus_per_task, runtime_env={"env_vars": worker_env_vars()}
         )
         skipped: list[SkippedImage] = list(plan.skipped)
-        if options.overwrite:  # a stale summary must not sit beside an unfinished rewrite
-            _delete_if_present(destination, SUMMARY_FILE)
         metadata = write_dataset(
             destination,
             name=plan.name,
@@ -241,13 +239,6 @@ def convert_dataset(
     with fs.open_output_stream(posixpath.join(path, SUMMARY_FILE)) as stream:
         stream.write((json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return summary
-
-
-def _delete_if_present(destination: str, name: str) -> None:
-    fs, path = root_filesystem(destination)
-    target = posixpath.join(path, name)
-    if fs.get_file_info(target).type == pafs.FileType.File:
-        fs.delete_file(target)
 
 
 def read_summary(root: str) -> dict[str, Any] | None:

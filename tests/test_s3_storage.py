@@ -258,8 +258,21 @@ class FlakyS3Proxy:
                 if self.command != "HEAD":
                     self.wfile.write(error)
 
+            def _body(self) -> bytes:
+                """The request's body; a chunked one (pyarrow's uploads) is read whole and sent
+                on with a Content-Length."""
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline().strip():  # trailers, up to the blank line
+                    pass
+                return b"".join(chunks)
+
             def _serve(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 with proxy.lock:
                     action = proxy.rule(self.command, self.headers) if proxy.rule else None
                     fail = proxy.failures_left > 0 or action == "fail"
@@ -270,7 +283,8 @@ class FlakyS3Proxy:
                     self._fail()
                     return
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.dropped_headers}
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in proxy.dropped_headers | {"transfer-encoding"}}
                 upstream_conn.request(self.command, self.path, body=body, headers=headers)
                 reply = upstream_conn.getresponse()
                 data = reply.read()
@@ -339,6 +353,22 @@ def test_transient_s3_errors_are_retried_up_to_the_configured_attempts(
     filesystem, path = storage.filesystem_for(uri)
     with pytest.raises(OSError):
         filesystem.open_input_stream(path).read()
+
+
+def test_a_replacement_that_fails_while_swapping_in_says_the_root_is_no_dataset(flaky_s3, s3_bucket, monkeypatch):
+    """The one window a replacement cannot close: the store failing while the new shards are
+    copied into place (after the old ones went). The error says so, and the root reads as no
+    dataset rather than as a mix of the two."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    root = f"s3://{s3_bucket}/datasets/tiny"
+    spec = SyntheticSpec(num_classes=4, images_per_class=3, image_size=16, modes_per_class=1)
+    generate_synthetic(root, spec)
+    flaky_s3.rule = lambda method, headers: "fail" if "x-amz-copy-source" in headers else None
+    with pytest.raises(OSError, match=r"tiny: replacing the dataset failed part-way .* nothing reads it"):
+        generate_synthetic(root, spec, overwrite=True)
+    assert flaky_s3.failed == 1
+    with pytest.raises(DatasetFormatError, match="metadata.json: no such file"):
+        validate_dataset(root)
 
 
 def test_a_filesystem_sent_to_a_ray_worker_keeps_its_retry_budget(flaky_s3, s3_bucket):

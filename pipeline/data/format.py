@@ -759,9 +759,9 @@ def _swap_in(loc: _Location, staged: _Location, meta: DatasetMetadata, replaced:
     the store on S3, whose objects cannot be renamed); metadata.json last. Any other staging
     folder there is a killed earlier replacement's, and goes too.
     """
+    if _exists(loc.fs, loc.join(METADATA_FILE)):
+        loc.fs.delete_file(loc.join(METADATA_FILE))  # fails with the old dataset still whole
     try:
-        if _exists(loc.fs, loc.join(METADATA_FILE)):
-            loc.fs.delete_file(loc.join(METADATA_FILE))
         for split in sorted(replaced | set(meta.splits)):
             for path in _shard_paths(loc, split):
                 loc.fs.delete_file(path)

@@ -10,6 +10,7 @@
 #     bash benchmarks/device/pack.sh --python-version 3.11 --out /tmp/site311.tar.xz \
 #         --provided-pins /tmp/provided311.txt
 #     python3 -m venv /tmp/devsim && /tmp/devsim/bin/pip install -r /tmp/provided311.txt
+#     /tmp/devsim/bin/pip install pytest pytest-timeout   # the device image has them; no resolution pins them
 #     OUT=/tmp/devout PYTHON=/tmp/devsim/bin/python bash benchmarks/device/run.sh --smoke \
 #         --site /tmp/site311.tar.xz --budget 1500
 #

@@ -171,12 +171,13 @@ def test_overwrite_replaces_and_leaves_no_stale_shards(root):
 
 
 def test_failed_overwrite_leaves_the_old_dataset_whole(root):
-    """A replacement that fails part-way (here a bad record in its second split, after the first
-    split's shards were written) leaves the old dataset as it was, and no staging folder."""
+    """A replacement that fails part-way (here a bad record in its second split, "train", after
+    the "test" split's shards were written) leaves the old dataset as it was, and no staging
+    folder."""
     before = {split: read_split(root, split) for split in ("train", "test")}
     fingerprint = read_metadata(root).fingerprint
-    with pytest.raises(DatasetFormatError, match="label"):
-        _write(root, train=_records([3, 3, 3, 3]), test=_records([2, 99]), overwrite=True)
+    with pytest.raises(DatasetFormatError, match="split 'train'.*label"):
+        _write(root, train=_records([3, 3, 3, 99]), test=_records([2, 3]), overwrite=True)
     assert read_metadata(root).fingerprint == fingerprint
     assert all(read_split(root, split).equals(table) for split, table in before.items())
     validate_dataset(root, check_images=True, check_fingerprint=True)

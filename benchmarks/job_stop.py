@@ -57,7 +57,7 @@ def main() -> None:
             raise SystemExit(submitted.stdout + submitted.stderr)
         deadline = time.monotonic() + 600
         while registered_checkpoint(str(storage), name) is None:
-            if time.monotonic() > deadline or cluster.job_status("stop-me") != "RUNNING":
+            if time.monotonic() > deadline or cluster.job_status("stop-me") in ("FAILED", "STOPPED", "SUCCEEDED"):
                 raise SystemExit(cluster.job_logs("stop-me")[-3000:])
             time.sleep(0.5)
         time.sleep(2)
@@ -68,7 +68,7 @@ def main() -> None:
         hint = re.findall(r"interrupted: .* at step (\d+)", cluster.job_logs("stop-me"))
         found = registered_checkpoint(str(storage), name)
         print(json.dumps({
-            "signal": args.signal or "SIGTERM (Ray's default)", "wait_s": args.wait or 3,
+            "signal": args.signal or "SIGTERM (Ray's default)", "wait_s": 3 if args.wait is None else args.wait,
             "stop_rc": stopped.returncode, "stop_seconds": round(seconds, 1),
             "job_status": cluster.job_status("stop-me"),
             "hint_step": int(hint[-1]) if hint else None,

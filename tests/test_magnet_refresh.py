@@ -152,11 +152,8 @@ def test_resumed_run_goes_on_from_the_checkpointed_index(ray_local, tmp_path, me
     assert min(m.value for m in used) > saved_version, (used, saved_version)
 
 
-def test_the_actor_hands_back_the_metrics_mlflow_did_not_get(ray_local, tmp_path):
-    """At the end of training the driver has the actor send its queued metrics before killing
-    it (`close_metrics`); what the tracking server never took is named, not lost unseen."""
-    import socket
-
+def _refresh_actor(config, uri: str, run_id: str):
+    """The run's refresh actor as `start_refresh_actor` makes it, logging to `uri`."""
     import numpy as np
     import ray
 
@@ -167,16 +164,22 @@ def test_the_actor_hands_back_the_metrics_mlflow_did_not_get(ray_local, tmp_path
     from pipeline.refresh.actor import RefreshActor
     from pipeline.training.driver import resolve_dataset
 
-    config = _config(tmp_path, [])
     root, _ = resolve_dataset(config)
     # The training split's store as a run builds it (`build_training_data`).
     store = EncodedImageStore.from_dataset(read_shards(shard_uris(root, "train")).select_columns(["id", "label", "image"]))
-    with socket.socket() as sock:  # a port nothing listens on: an MLflow server that is down
-        sock.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    actor = ray.remote(RefreshActor).options(max_concurrency=4).remote(
-        config_to_dict(config), store, np.zeros(0, np.int64), "run-id", down
+    return ray.remote(RefreshActor).options(max_concurrency=4).remote(
+        config_to_dict(config), store, np.zeros(0, np.int64), run_id, uri
     )
+
+
+def test_the_actor_hands_back_the_metrics_mlflow_did_not_get(ray_local, tmp_path):
+    """At the end of training the driver has the actor send its queued metrics before killing
+    it (`close_metrics`); what the tracking server never took is named, not lost unseen."""
+    import ray
+    from server_process import free_port
+
+    # A port nothing listens on: an MLflow server that is down.
+    actor = _refresh_actor(_config(tmp_path, []), f"http://127.0.0.1:{free_port()}", "run-id")
     try:
         assert ray.get(actor.wait_for_index.remote(0, 120.0))["version"] >= 1
         lines = ray.get(actor.close_metrics.remote(1.0))
@@ -184,3 +187,35 @@ def test_the_actor_hands_back_the_metrics_mlflow_did_not_get(ray_local, tmp_path
         assert ray.get(actor.close_metrics.remote(1.0)) == []  # closed once; nothing more to send
     finally:
         ray.kill(actor, no_restart=True)
+
+
+def test_a_failed_run_s_refresh_actor_sends_what_an_outage_held_before_it_is_killed(ray_local, tmp_path):
+    """A run that fails (or is stopped) kills its refresh actor too: the metrics it queued while
+    the tracking server was down are sent first, as at the end of a finished run."""
+    import time
+
+    import ray
+    from mlflow import MlflowClient
+    from server_process import MlflowServerProcess
+
+    from pipeline.training.driver import REFRESH_METRICS_FLUSH_S, end_refresh_actor
+
+    server = MlflowServerProcess(tmp_path)
+    # The run exists in the server's store; the server itself is not up yet.
+    store = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = store.create_run(store.create_experiment("outage")).info.run_id
+    actor = _refresh_actor(_config(tmp_path, []), server.uri, run_id)
+    try:
+        assert ray.get(actor.wait_for_index.remote(0, 120.0))["version"] >= 1
+        time.sleep(1.0)  # its first send of the index's metrics fails; the next waits out a backoff
+        server.start()
+        printed = []
+        end_refresh_actor(actor, server.uri, run_id, lambda *a, **k: printed.append(a), REFRESH_METRICS_FLUSH_S)
+        assert printed == []  # nothing left unsent
+        count = MlflowClient(server.uri).get_metric_history(run_id, "refresh/count")
+        assert [(m.step, m.value) for m in count] == [(0, 1.0)]
+        with pytest.raises(ray.exceptions.RayActorError):  # and it is gone
+            ray.get(actor.status.remote(), timeout=60)
+    finally:
+        ray.kill(actor, no_restart=True)
+        server.stop()

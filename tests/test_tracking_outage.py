@@ -7,15 +7,10 @@ the same port and store (the shared `mlflow_server` fixture must stay up for oth
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from server_process import stop, wait_until_up
+from server_process import MlflowServerProcess, free_port
 
 from pipeline.sweep.records import TrialRecord, register_best
 from pipeline.tracking import (
@@ -25,56 +20,6 @@ from pipeline.tracking import (
     load_unlogged,
     save_unlogged,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServerProcess:
-    """`mlflow server` on a fixed loopback port and store, which can be stopped and restarted."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        """Start the server and wait until it answers /health."""
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child holds it open
-        self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("mlflow")),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--backend-store-uri",
-                f"sqlite:///{self.root}/mlflow.db",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--workers",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-        )
-        log.close()
-        # A loaded 2-core machine can take minutes.
-        wait_until_up(self.process, f"{self.uri}/health", self.root / "server.log",
-                      "mlflow server", 300)
-
-    def stop(self) -> None:
-        """Stop the server (its port then refuses connections)."""
-        if self.process is not None and self.process.poll() is None:
-            stop(self.process)
-            self.process.wait()
-        self.process = None
 
 
 @pytest.fixture
@@ -119,7 +64,7 @@ def test_unlogged_metrics_survive_a_checkpoint_and_say_what_they_are(tmp_path):
 def test_an_unreachable_server_never_blocks_or_raises_and_the_buffer_is_bounded():
     # Nothing listens on this port: every send is refused.
     logger = MetricsLogger(
-        f"http://127.0.0.1:{_free_port()}",
+        f"http://127.0.0.1:{free_port()}",
         "0" * 32,
         max_buffered=6,
         first_backoff_s=0.05,

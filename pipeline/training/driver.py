@@ -422,9 +422,14 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         raise
     finally:
         if refresh_actor is not None:
-            ray.kill(refresh_actor, no_restart=True)
+            # Closed above when training ended; a failed or stopped run's actor may still hold
+            # what an outage of the server kept from MLflow.
+            flush_s = REFRESH_METRICS_FLUSH_STOPPED_S if interrupted else REFRESH_METRICS_FLUSH_S
+            end_refresh_actor(refresh_actor, uri, run_id, printer, flush_s if failed else None)
         if failed:
-            tracking.finish_run(uri, run_id, None, failed=True, killed=interrupted)
+            tracking.print_not_recorded(
+                tracking.finish_run(uri, run_id, None, failed=True, killed=interrupted), uri, run_id, printer
+            )
         held.close()
     return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
 
@@ -482,22 +487,41 @@ def _fit(trainer, queue, printer):
 
 
 REFRESH_METRICS_FLUSH_S = 60.0
-"""How long the refresh actor may take to send its queued metrics when training has ended."""
+"""How long the refresh actor may take to send its queued metrics when training has ended (or
+failed)."""
+
+REFRESH_METRICS_FLUSH_STOPPED_S = 5.0
+"""The same for a stopped run (Ctrl+C, `ray job stop`): whoever stopped it is waiting."""
 
 
-def close_refresh_metrics(actor, uri: str, run_id: str, printer=print) -> list[str]:
-    """Have the refresh actor send its queued metrics (`RefreshActor.close_metrics`) before it is
-    killed; prints and returns one line per metric MLflow did not get."""
+def close_refresh_metrics(actor, uri: str, run_id: str, printer=print,
+                          timeout_s: float = REFRESH_METRICS_FLUSH_S) -> list[str]:
+    """Have the refresh actor send its queued metrics (`RefreshActor.close_metrics`, for at most
+    `timeout_s`) before it is killed; prints and returns one line per metric MLflow did not get.
+    Never raises: a Ctrl+C meanwhile ends the wait, and the metrics count as not sent."""
     import ray
 
     from pipeline.tracking import describe_error, print_not_recorded
 
     try:
-        lines = ray.get(actor.close_metrics.remote(REFRESH_METRICS_FLUSH_S), timeout=REFRESH_METRICS_FLUSH_S + 30)
+        # Beyond its own deadline, time for a busy actor to take the call (less for a stopped run).
+        lines = ray.get(actor.close_metrics.remote(timeout_s), timeout=timeout_s + min(timeout_s, 30))
     except Exception as err:  # noqa: BLE001 - a dead or stuck actor must not cost the run its record
         lines = [f"refresh metrics: not sent ({describe_error(err)})"]
+    except KeyboardInterrupt:  # the caller goes on to close the run: a second Ctrl+C ends the wait only
+        lines = ["refresh metrics: not sent (interrupted)"]
     print_not_recorded(lines, uri, run_id, printer, what="every refresh metric")
     return lines
+
+
+def end_refresh_actor(actor, uri: str, run_id: str, printer=print, flush_s: float | None = None) -> None:
+    """Kill the run's refresh actor, first having it send its queued metrics for at most
+    `flush_s` (`close_refresh_metrics`; None: they were closed already)."""
+    import ray
+
+    if flush_s is not None:
+        close_refresh_metrics(actor, uri, run_id, printer, flush_s)
+    ray.kill(actor, no_restart=True)
 
 
 def scaling_config(config: Config):

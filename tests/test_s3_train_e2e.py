@@ -116,6 +116,19 @@ def test_a_run_reads_and_writes_everything_on_s3(
     from pipeline.serving.checkpoints import locate_checkpoint
 
     assert locate_checkpoint(summary.run_name, f"{base}/runs")[1] == directory
+    # `jobs.evaluate` of the run by name, the endpoint given only by its `--set` (the run left it
+    # in this process's environment: taken out first, and left out after).
+    from pipeline.serving.evaluation import evaluate_checkpoint
+
+    for name in storage.WORKER_ENV:
+        os.environ.pop(name, None)
+    evaluated = evaluate_checkpoint(
+        summary.run_name,
+        [f"train.storage_path={base}/runs", f"storage.s3_endpoint_url={s3_server}", "storage.s3_max_attempts=2"],
+        printer=lambda *a, **k: None,
+    )
+    assert 0 <= evaluated.metrics["test/recall@1"] <= 1
+    assert not storage.s3_endpoint_url()
 
     # MLflow: the database stays on this machine, the artifacts are in S3.
     assert summary.tracking_uri == f"sqlite:///{tmp_path}/runs/s3/{s3_bucket}/runs/mlflow.db"

@@ -95,11 +95,14 @@ def fetch_checkpoint(reference: str, storage_path: str, scratch: str) -> str:
     filesystem, directory = locate_checkpoint(reference, storage_path)
     if isinstance(filesystem, pafs.LocalFileSystem):
         return directory
-    local = str(Path(scratch) / posixpath.basename(directory.rstrip("/")))
+    local = Path(scratch) / posixpath.basename(directory.rstrip("/"))
+    # pyarrow makes the folders it finds below a prefix, not the destination itself (without
+    # it, every checkpoint on S3 failed here: "Failed to open local file .../config.yaml").
+    local.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(
         directory,
         local,
         source_filesystem=filesystem,
         destination_filesystem=pafs.LocalFileSystem(),
     )
-    return local
+    return str(local)

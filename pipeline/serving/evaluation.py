@@ -19,6 +19,7 @@ from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.serving.checkpoints import fetch_checkpoint
 from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
+from pipeline.storage import export_settings, exported_settings
 from pipeline.training.checkpoint import (
     CONFIG_FILE,
     load_embedding_model,
@@ -92,18 +93,28 @@ def evaluate_checkpoint(
     """Recall@K, MAP@R, R-Precision and NMI of the checkpoint `reference` (a directory or a run
     name) on `data.test_split`: queries against each other, or against `gallery_split` (by
     default the dataset's, when its metadata.json names a query/gallery protocol)."""
+    overrides = list(overrides or [])
+    # The command line's storage settings (an S3 endpoint, its retries) reach the checkpoint;
+    # then the evaluation's own, the checkpoint's config under them, reach the dataset. Put
+    # back as they were when it returns.
+    with exported_settings(load_config(None, overrides)):
+        return _evaluate(reference, overrides, gallery_split, verbose, printer)
+
+
+def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, verbose: bool,
+              printer) -> EvaluationSummary:
     from pipeline import tracking
     from pipeline.evaluation.protocol import gallery_split as dataset_gallery_split
     from pipeline.evaluation.protocol import resolve_evaluation
     from pipeline.training.driver import run_name_for
 
-    overrides = list(overrides or [])
     with tempfile.TemporaryDirectory() as scratch:
         directory = fetch_checkpoint(reference, storage_path_of(overrides), scratch)
         model, trained_config = load_embedding_model(directory)
         config = evaluation_config(f"{directory}/{CONFIG_FILE}", trained_config, overrides)
         step = load_metrics(directory).get("step")
         source = load_run_record(directory)
+    export_settings(config)
     # (A checkpoint from before checkpoints named their run: the name its config hashes to,
     # right only when the run left no evaluation setting to its dataset's protocol.)
     source_run = source.get("run_name") or run_name_for(trained_config)

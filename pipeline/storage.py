@@ -163,6 +163,19 @@ def exported_settings(config):
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def store_errors_named(where: str):
+    """An OSError inside the block (an unreachable store, an unreadable file: pyarrow's message
+    names which) becomes a ValueError that names the argument or setting `where`, which the
+    jobs print as `error: ...` before Ray starts, not as a traceback."""
+    try:
+        yield
+    except FileExistsError:  # the jobs' own refusals of an output that is there
+        raise
+    except OSError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
 def worker_env_vars() -> dict[str, str]:
     """The S3 settings of this process, for a Ray `runtime_env`'s env_vars (no credentials)."""
     return {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}

@@ -156,6 +156,79 @@ def test_export_job_refuses_a_mistyped_uri_before_ray(trained, tmp_path, monkeyp
     assert not (tmp_path / "s3:bucket").exists()
 
 
+def _damaged(trained, tmp_path, name: str, content: bytes | None):
+    """A copy of the trained checkpoint with file `name` replaced by `content` (None: removed)."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(trained["checkpoint"], copy)
+    if content is None:
+        (copy / name).unlink()
+    else:
+        (copy / name).write_bytes(content)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("model.pt", b"not a torch file", "model.pt: does not load"),
+        ("config.yaml", b"model: [unclosed", "config.yaml: does not load"),
+        ("config.yaml", b"model:\n  backbonez: tiny_cnn\n", "config.yaml: does not load (model.backbonez"),
+        ("metrics.json", None, "metrics.json: does not load"),
+        ("metrics.json", b"{step: 4", "metrics.json: does not load"),
+    ],
+)
+def test_evaluate_and_export_name_the_checkpoint_file_that_does_not_load_before_ray(
+    trained, tmp_path, capsys, ray_must_not_start, name, content, says
+):
+    from jobs.evaluate import main as evaluate_main
+    from jobs.export_embeddings import main as export_main
+
+    checkpoint = _damaged(trained, tmp_path, name, content)
+    assert export_main([str(checkpoint), trained["dataset"], str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: checkpoint {checkpoint}/{says}")
+    assert evaluate_main([str(checkpoint)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: checkpoint {checkpoint}/{says}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_fit_the_checkpoint_s_config_are_named_before_ray(
+    trained, tmp_path, capsys, ray_must_not_start
+):
+    from jobs.evaluate import main as evaluate_main
+
+    checkpoint = _damaged(trained, tmp_path, "config.yaml", None)
+    text = (trained["checkpoint"] / "config.yaml").read_text()
+    dim = trained["config"].model.embedding_dim
+    (checkpoint / "config.yaml").write_text(text.replace(f"embedding_dim: {dim}", f"embedding_dim: {dim * 2}"))
+    assert evaluate_main([str(checkpoint)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: checkpoint {checkpoint}/model.pt: does not fit the network its config.yaml describes "
+        f"(model.backbone 'tiny_cnn', model.embedding_dim {dim * 2}) (Error(s) in loading state_dict"
+    )
+
+
+def test_a_dataset_root_that_is_a_file_and_bad_export_sizes_are_named_before_ray(
+    trained, tmp_path, capsys, ray_must_not_start
+):
+    from jobs.evaluate import main as evaluate_main
+    from jobs.export_embeddings import main as export_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a dataset")
+    assert export_main([str(trained["checkpoint"]), str(a_file), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {a_file}/metadata.json: no such file (not a dataset root?)"
+    )
+    assert evaluate_main([str(trained["checkpoint"]), "--set", f"data.root={a_file}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {a_file}/metadata.json: no such file (not a dataset root?)"
+    )
+    for flags in (["--batch-size", "-5"], ["--actors", "-3"]):
+        assert export_main([str(trained["checkpoint"]), trained["dataset"], str(tmp_path / "out"), *flags]) == 2
+        assert "error: --batch-size and --actors: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_export_into_a_directory_another_export_is_writing_is_refused_before_ray(
     trained, tmp_path, ray_must_not_start,
 ):  # fmt: skip

@@ -389,7 +389,7 @@ def read_metadata(root: str | os.PathLike[str]) -> DatasetMetadata:
     try:
         with loc.fs.open_input_stream(path) as stream:
             raw = stream.read()
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:  # (the root itself may be a file)
         raise DatasetFormatError(f"{where}: no such file (not a dataset root?)") from err
     try:
         text = raw.decode("utf-8")

@@ -10,9 +10,12 @@ import pyarrow.fs as pafs
 from pipeline.storage import absolute_location, filesystem_for
 from pipeline.training.checkpoint import (
     CONFIG_FILE,
+    METRICS_FILE,
     MODEL_FILE,
     CheckpointRecordUnreadable,
     latest_checkpoint,
+    load_checkpoint_config,
+    load_metrics,
     registered_checkpoint,
 )
 
@@ -106,3 +109,37 @@ def fetch_checkpoint(reference: str, storage_path: str, scratch: str) -> str:
         destination_filesystem=pafs.LocalFileSystem(),
     )
     return str(local)
+
+
+def load_served_checkpoint(directory: str):
+    """(model, config, step) of a local checkpoint directory, for evaluate and export. A file
+    that is missing or does not load (damaged, cut short, from another version, weights that
+    do not fit the network its config describes) raises a ValueError that names the file."""
+    import torch
+    import yaml
+
+    from pipeline.models import EmbeddingNet
+
+    def refused(name: str, what: str, err: BaseException) -> ValueError:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return ValueError(f"checkpoint {directory}/{name}: {what} ({detail})")
+
+    try:
+        config = load_checkpoint_config(directory)
+    except (ValueError, OSError, yaml.YAMLError) as err:  # ConfigError is a ValueError
+        raise refused(CONFIG_FILE, "does not load", err) from err
+    try:
+        step = load_metrics(directory).get("step")
+    except (ValueError, OSError, AttributeError) as err:  # missing, not JSON, not an object
+        raise refused(METRICS_FILE, "does not load", err) from err
+    try:
+        state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike: a damaged file
+        raise refused(MODEL_FILE, "does not load", err) from err
+    model = EmbeddingNet(config.model.backbone, config.model.embedding_dim, config.model.normalize)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise refused(MODEL_FILE, f"does not fit the network its {CONFIG_FILE} describes (model.backbone "
+                      f"{config.model.backbone!r}, model.embedding_dim {config.model.embedding_dim})", err) from err
+    return model, config, step

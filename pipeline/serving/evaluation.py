@@ -17,15 +17,10 @@ from pipeline.config import config_to_yaml, load_config
 from pipeline.data.format import read_metadata, shard_uris, validate_dataset
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.metrics import retrieval_metrics
-from pipeline.serving.checkpoints import fetch_checkpoint
+from pipeline.serving.checkpoints import fetch_checkpoint, load_served_checkpoint
 from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
-from pipeline.storage import export_settings, exported_settings
-from pipeline.training.checkpoint import (
-    CONFIG_FILE,
-    load_embedding_model,
-    load_metrics,
-    load_run_record,
-)
+from pipeline.storage import export_settings, exported_settings, store_errors_named
+from pipeline.training.checkpoint import CONFIG_FILE, load_run_record
 
 
 @dataclass
@@ -109,10 +104,10 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, v
     from pipeline.training.driver import run_name_for
 
     with tempfile.TemporaryDirectory() as scratch:
-        directory = fetch_checkpoint(reference, storage_path_of(overrides), scratch)
-        model, trained_config = load_embedding_model(directory)
+        with store_errors_named(f"checkpoint {reference}"):
+            directory = fetch_checkpoint(reference, storage_path_of(overrides), scratch)
+        model, trained_config, step = load_served_checkpoint(directory)
         config = evaluation_config(f"{directory}/{CONFIG_FILE}", trained_config, overrides)
-        step = load_metrics(directory).get("step")
         source = load_run_record(directory)
     export_settings(config)
     # (A checkpoint from before checkpoints named their run: the name its config hashes to,
@@ -120,11 +115,12 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, v
     source_run = source.get("run_name") or run_name_for(trained_config)
     shown = reference if "://" in reference else directory  # a fetched copy is gone by now
 
-    if config.data.root:
-        root = config.data.root
-    else:
-        root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
-    metadata = read_metadata(root)
+    with store_errors_named("data.root" if config.data.root else "data.cache_dir"):
+        if config.data.root:
+            root = config.data.root
+        else:
+            root = ensure_synthetic(config.data.cache_dir, SyntheticSpec(**vars(config.data.synthetic)))
+        metadata = read_metadata(root)
     # The dataset's own protocol (In-Shop: query vs gallery, its Recall@K cut-offs) where the
     # settings are left empty, as in training.
     config = resolve_evaluation(config, metadata)
@@ -135,7 +131,8 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, v
             raise ValueError(
                 f"{where}: {root} has no split {name!r} (it has {', '.join(metadata.splits)})"
             )
-    validate_dataset(root)
+    with store_errors_named("data.root" if config.data.root else "data.cache_dir"):
+        validate_dataset(root)
 
     name = evaluation_run_name(
         source_run, step, metadata.name, metadata.fingerprint, split, gallery_split

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 from pipeline import locks
 from pipeline.data.format import read_metadata, shard_uris, validate_dataset
 from pipeline.refresh.hard_pools import check_index_trains
-from pipeline.serving.checkpoints import fetch_checkpoint
+from pipeline.serving.checkpoints import fetch_checkpoint, load_served_checkpoint
 from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
 from pipeline.serving.index import (
     INDEX_FILE,
@@ -38,8 +38,7 @@ from pipeline.serving.index import (
     save_index,
     write_embeddings,
 )
-from pipeline.storage import filesystem_for
-from pipeline.training.checkpoint import load_embedding_model, load_metrics
+from pipeline.storage import filesystem_for, store_errors_named
 
 
 @dataclass
@@ -88,16 +87,21 @@ def export_embeddings(
 ) -> ExportSummary:
     """Embed `split` of the dataset at `dataset_root` with the checkpoint (a directory or a run
     name under `storage_path`), write the embeddings and a faiss index to `export_dir`."""
-    check_export_dir(export_dir)
-    metadata = read_metadata(dataset_root)
-    if split not in metadata.splits:
-        splits = ", ".join(metadata.splits)
-        raise ValueError(f"split {split!r}: {dataset_root} has no such split (it has {splits})")
-    validate_dataset(dataset_root)
+    if batch_size < 0 or actors < 0:
+        raise ValueError(f"--batch-size and --actors: must be >= 0 (0: the default), got "
+                         f"{batch_size} and {actors}")
+    with store_errors_named("out_dir"):
+        check_export_dir(export_dir)
+    with store_errors_named("dataset_root"):
+        metadata = read_metadata(dataset_root)
+        if split not in metadata.splits:
+            splits = ", ".join(metadata.splits)
+            raise ValueError(f"split {split!r}: {dataset_root} has no such split (it has {splits})")
+        validate_dataset(dataset_root)
     with tempfile.TemporaryDirectory() as scratch:
-        directory = fetch_checkpoint(checkpoint, storage_path, scratch)
-        model, config = load_embedding_model(directory)
-        step = load_metrics(directory).get("step")
+        with store_errors_named(f"checkpoint {checkpoint}"):
+            directory = fetch_checkpoint(checkpoint, storage_path, scratch)
+        model, config, step = load_served_checkpoint(directory)
     shown = checkpoint if "://" in checkpoint else directory  # a fetched copy is gone by now
     check_index_description(config.model.embedding_dim, index_description)
     num_images = metadata.split(split).num_images

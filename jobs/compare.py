@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
-    # MlflowClient would create an empty sqlite store where there is none: say so instead.
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    # MlflowClient would create an empty sqlite store where there is none (and retry for
+    # minutes on a folder): say so instead.
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         print(
             f"no MLflow store at {uri.removeprefix('sqlite:///')}: train a run first, or give "
             "--tracking-uri",

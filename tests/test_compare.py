@@ -135,6 +135,17 @@ def test_the_command_prints_the_table_and_names_what_is_wrong(
     )
     err = capsys.readouterr().err
     assert "has metric 'test/recal_at_1'" in err and "test/recall_at_1" in err
+    # More runs than MLflow returns in one search, and a name it cannot order by: one line each.
+    assert main(["--experiment", experiment, "--tracking-uri", mlflow_server, "--top", "100000"]) == 2
+    assert "--top must be between 1 and 50000" in capsys.readouterr().err
+    assert main(["--experiment", experiment, "--tracking-uri", mlflow_server, "--metric", "bad`name"]) == 2
+    assert "--metric 'bad`name': " in capsys.readouterr().err
+    # A folder where the sqlite file should be: refused at once, and nothing written beside it.
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert main(["--tracking-uri", f"sqlite:///{folder}"]) == 2
+    assert f"no MLflow store at {folder}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [folder]
     missing = tmp_path / "nothing" / "mlflow.db"
     assert main(["--tracking-uri", f"sqlite:///{missing}"]) == 2
     assert f"no MLflow store at {missing}" in capsys.readouterr().err

@@ -32,16 +32,23 @@ def best_runs(client, experiment: str, metric: str = DEFAULT_METRIC, top: int = 
     experiment or a metric no run has."""
     import time
 
-    if top < 1:
-        raise ValueError(f"--top must be at least 1, got {top}")
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
+
+    if not 1 <= top <= SEARCH_MAX_RESULTS_THRESHOLD:
+        raise ValueError(f"--top must be between 1 and {SEARCH_MAX_RESULTS_THRESHOLD} (MLflow's most "
+                         f"per search), got {top}")
     metric = metric_name(metric)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"no experiment {experiment!r} (there are: {', '.join(names) or 'none'})")
-    runs = client.search_runs(
-        [found.experiment_id], order_by=[f"metrics.`{metric}` DESC"], max_results=top
-    )
+    try:
+        runs = client.search_runs(
+            [found.experiment_id], order_by=[f"metrics.`{metric}` DESC"], max_results=top
+        )
+    except MlflowException as err:  # a name MLflow cannot order by (a backquote in it)
+        raise ValueError(f"--metric {metric!r}: {err.message}") from err
     if runs and all(metric not in run.data.metrics for run in runs):
         names = sorted({m for run in runs for m in run.data.metrics if m.startswith("test/")})
         raise ValueError(

@@ -183,6 +183,29 @@ def test_preview_contact_sheet(tmp_path):
         assert sheet.size == (3 * 5 * 34 + 2, 6 * 34)
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--test-fraction", "1.5"], "error: --test-fraction must be in (0, 1), got 1.5"),
+        (["--images-per-class", "1"], "error: --images-per-class (1) must be >= --modes-per-class (3)"),
+        (["--preview", "{tmp}/no_folder/x.png"], "error: --preview {tmp}/no_folder/x.png: "),
+        (["--out", "{tmp}/a_file"], "error: --out {tmp}/a_file: "),
+        (["--out", "{tmp}/data", "--num-classes", "4"], "a dataset already exists here; pass --overwrite"),
+    ],
+)
+def test_the_command_line_names_the_flag_that_is_wrong(tmp_path, capsys, argv, says):
+    """A usage error (exit 2) that names the flag, never a traceback; what is there is kept."""
+    (tmp_path / "a_file").write_text("kept")
+    generate_synthetic(str(tmp_path / "data"), SMALL)
+    before = (tmp_path / "data" / "metadata.json").read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        synthetic.main([arg.format(tmp=tmp_path) for arg in argv])
+    assert stopped.value.code == 2
+    assert says.format(tmp=tmp_path) in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "kept"
+    assert (tmp_path / "data" / "metadata.json").read_bytes() == before
+
+
 
 def test_a_writer_never_writes_into_another_writers_scratch_folder(tmp_path):
     # Jobs in two containers that mount one cache folder can have the same pid: a scratch folder

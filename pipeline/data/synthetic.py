@@ -22,6 +22,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -615,15 +616,29 @@ def main(argv: list[str] | None = None) -> None:
         check_location(args.out or "", "--out")  # a mistyped URI would be a local folder
     except ValueError as err:
         parser.error(str(err))
-    spec = SyntheticSpec(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)}
-    )
+    try:
+        spec = SyntheticSpec(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)}
+        )
+    except ValueError as err:  # named by field: said as the flag that set it
+        message = str(err)
+        for field in dataclasses.fields(SyntheticSpec):
+            message = re.sub(rf"\b{field.name}\b", f"--{field.name.replace('_', '-')}", message)
+        parser.error(message)
     if args.preview:
-        Image.fromarray(contact_sheet(spec)).save(args.preview)
+        try:
+            Image.fromarray(contact_sheet(spec)).save(args.preview)
+        except (OSError, ValueError) as err:  # no such folder, an unknown file extension
+            parser.error(f"--preview {args.preview}: {err}")
         print(f"wrote {args.preview}")
     if args.out:
         start = time.perf_counter()
-        meta = generate_synthetic(args.out, spec, overwrite=args.overwrite)
+        try:
+            meta = generate_synthetic(args.out, spec, overwrite=args.overwrite)
+        except FileExistsError as err:
+            parser.error(f"--out {args.out}: {str(err).replace('overwrite=True', '--overwrite')}")
+        except (OSError, ValueError) as err:
+            parser.error(f"--out {args.out}: {err}")
         seconds = time.perf_counter() - start
         counts = {name: info.num_images for name, info in meta.splits.items()}
         print(

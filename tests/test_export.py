@@ -223,6 +223,10 @@ def test_a_dataset_root_that_is_a_file_and_bad_export_sizes_are_named_before_ray
     assert capsys.readouterr().err.strip() == (
         f"error: {a_file}/metadata.json: no such file (not a dataset root?)"
     )
+    # A run name under the export's own flag is looked up there, and the refusal names the flag.
+    runs = tmp_path / "runs"
+    assert export_main(["no-such-run", trained["dataset"], str(tmp_path / "out"), "--storage-path", str(runs)]) == 2
+    assert f"no run of that name has a checkpoint under --storage-path={runs} " in capsys.readouterr().err
     for flags in (["--batch-size", "-5"], ["--actors", "-3"]):
         assert export_main([str(trained["checkpoint"]), trained["dataset"], str(tmp_path / "out"), *flags]) == 2
         assert "error: --batch-size and --actors: must be >= 0" in capsys.readouterr().err

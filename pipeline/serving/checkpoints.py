@@ -62,10 +62,11 @@ def run_checkpoint(storage_path: str, run_name: str):
     return latest_checkpoint(storage_path, run_name, with_files=_SERVED_FILES)
 
 
-def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSystem, str]:
+def locate_checkpoint(reference: str, storage_path: str,
+                      storage_setting: str = "train.storage_path") -> tuple[pafs.FileSystem, str]:
     """(filesystem, directory) of the checkpoint `reference` names: a checkpoint directory, a
     run directory (its latest checkpoint, see `run_checkpoint`), or a run name under
-    `storage_path` (likewise)."""
+    `storage_path` (likewise; `storage_setting` is what the user set it with, for messages)."""
     filesystem, path = filesystem_for(reference)
     if filesystem.get_file_info(path).type == pafs.FileType.Directory:
         if _is_checkpoint(filesystem, path):
@@ -86,16 +87,17 @@ def locate_checkpoint(reference: str, storage_path: str) -> tuple[pafs.FileSyste
     if found is None:
         raise CheckpointNotFound(
             f"checkpoint {reference}: not a directory, and no run of that name has a checkpoint "
-            f"under train.storage_path={storage_path} (a run that is training has none until "
+            f"under {storage_setting}={storage_path} (a run that is training has none until "
             f"Ray Train registers its first; a checkpoint directory can be named itself)"
         )
     return found[0], found[1]
 
 
-def fetch_checkpoint(reference: str, storage_path: str, scratch: str) -> str:
+def fetch_checkpoint(reference: str, storage_path: str, scratch: str,
+                     storage_setting: str = "train.storage_path") -> str:
     """A local directory holding the checkpoint `reference` names: the directory itself when it
     is local, else a copy under `scratch` (from s3:// or any URI pyarrow reads)."""
-    filesystem, directory = locate_checkpoint(reference, storage_path)
+    filesystem, directory = locate_checkpoint(reference, storage_path, storage_setting)
     if isinstance(filesystem, pafs.LocalFileSystem):
         return directory
     local = Path(scratch) / posixpath.basename(directory.rstrip("/"))

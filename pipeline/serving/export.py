@@ -100,7 +100,7 @@ def export_embeddings(
         validate_dataset(dataset_root)
     with tempfile.TemporaryDirectory() as scratch:
         with store_errors_named(f"checkpoint {checkpoint}"):
-            directory = fetch_checkpoint(checkpoint, storage_path, scratch)
+            directory = fetch_checkpoint(checkpoint, storage_path, scratch, "--storage-path")
         model, config, step = load_served_checkpoint(directory)
     shown = checkpoint if "://" in checkpoint else directory  # a fetched copy is gone by now
     check_index_description(config.model.embedding_dim, index_description)

@@ -45,6 +45,12 @@ def tracking_uri(config) -> str:
     return f"sqlite:///{local_store_dir(config) / 'mlflow.db'}"
 
 
+def tracking_setting(config) -> str:
+    """The setting that decides `tracking_uri(config)`, for messages: `tracking.tracking_uri`,
+    or, when that is empty, `train.storage_path` (the local store goes under it)."""
+    return "tracking.tracking_uri" if config.tracking.tracking_uri else "train.storage_path"
+
+
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     if uri.startswith("sqlite:///"):

@@ -94,6 +94,19 @@ def test_a_tracking_server_that_does_not_answer_is_refused_before_ray(
     assert not [key for key in os.environ if key.startswith("MLFLOW_HTTP_REQUEST")]
 
 
+def test_a_storage_path_that_is_a_file_is_named_as_the_setting_to_change(tmp_path, capsys, ray_must_not_start):
+    """The local MLflow store goes under train.storage_path when tracking.tracking_uri is empty:
+    the refusal names the setting the user gave, and the file is kept."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    args = ["--preset", "local", *[a for item in _overrides(tmp_path, []) for a in ("--set", item)]]
+    assert train_main([*args, "--set", f"train.storage_path={a_file}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: train.storage_path: the local MLflow store sqlite:///{a_file}/mlflow.db does not open ("
+    )
+    assert a_file.read_text() == "kept"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the gpu preset's 4 GPUs")
 def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsys, monkeypatch, ray_must_not_start):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local run

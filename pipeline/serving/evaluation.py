@@ -138,7 +138,7 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, v
         source_run, step, metadata.name, metadata.fingerprint, split, gallery_split
     )
     uri = tracking.tracking_uri(config)
-    tracking.check_store(uri)
+    tracking.check_store(uri, tracking.tracking_setting(config))
     run_id = tracking.start_run(
         config,
         name,

@@ -137,7 +137,7 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     if have is not None:  # a trial (with its driver function) fits a local Ray, or stop here
         trial_concurrency(configs, have, spec.max_concurrent_trials)
     try:
-        tracking.check_store(uri)
+        tracking.check_store(uri, tracking.tracking_setting(base))
     except ValueError as err:
         raise SweepError(str(err)) from err
     # The sweep's lock while this driver runs it, taken after the checks that write nothing: a

@@ -268,7 +268,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         # checkpoint trained with the same settings is resumed.
         resume_from = registered_checkpoint(_storage_path(config), name)
         saved = None if resume_from is None else check_resume(config, name, resume_from, metadata.fingerprint)
-        tracking.check_store(uri)  # (creates a local store: after the refusals that need none)
+        tracking.check_store(uri, tracking.tracking_setting(config))  # (creates a local store: after the refusals that need none)
         recorded = tracking.recorded_run(config, name)
         if recorded is not None and saved is None:  # stopped before its first checkpoint
             check_recorded_run(config, name, recorded, metadata.fingerprint)

@@ -339,6 +339,28 @@ def test_a_mistyped_uri_is_refused_not_written_to_a_local_folder(
     assert sorted(os.listdir(tmp_path)) == ["release"]
 
 
+def test_a_task_larger_than_a_local_ray_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    """Ray would never schedule it: the conversion would wait for ever, having begun writing."""
+    import ray
+
+    from jobs.prepare_data import main as prepare_main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the conversion started Ray")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh job process
+    source = str(build_sop(tmp_path / "release"))
+    cpus = os.cpu_count() or 1
+    assert prepare_main(["sop", source, str(tmp_path / "out"), "--cpus-per-task", str(cpus + 1)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--cpus-per-task: each encoding task would need {cpus + 1} CPUs but a local Ray has {cpus}; "
+        "lower it, or set RAY_ADDRESS to run on a cluster"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_existing_destination_is_refused_and_left_untouched(tmp_path):
     source = str(build_sop(tmp_path))
     destination = tmp_path / "sop_out"

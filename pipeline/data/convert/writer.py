@@ -160,6 +160,21 @@ def _init_ray() -> bool:
     return True
 
 
+def check_cpus_per_task(cpus_per_task: float) -> None:
+    """Raise ValueError when a Ray this process would start here cannot hold one encoding task:
+    Ray never schedules it, and the conversion would wait for ever with nothing said. Not
+    checked against a cluster (RAY_ADDRESS; an autoscaler may add nodes) or a Ray already up."""
+    import os
+
+    import ray
+
+    have = os.cpu_count() or 1
+    if os.environ.get("RAY_ADDRESS") or cpus_per_task <= have or ray.is_initialized():
+        return
+    raise ValueError(f"--cpus-per-task: each encoding task would need {cpus_per_task:g} CPUs but a "
+                     f"local Ray has {have}; lower it, or set RAY_ADDRESS to run on a cluster")
+
+
 def convert_dataset(
     layout: str, source: str, destination: str, options: ConversionOptions | None = None,
     printer=print,
@@ -171,6 +186,7 @@ def convert_dataset(
     options = options or ConversionOptions()
     start = time.perf_counter()
     check_destination(destination, options.overwrite)
+    check_cpus_per_task(options.cpus_per_task)
     plan = read_plan(layout, source, options)
     sizes = ", ".join(f"{split} {len(images)}" for split, images in sorted(plan.splits.items()))
     printer(

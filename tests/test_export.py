@@ -208,7 +208,7 @@ def test_weights_that_do_not_fit_the_checkpoint_s_config_are_named_before_ray(
 
 
 def test_a_dataset_root_that_is_a_file_and_bad_export_sizes_are_named_before_ray(
-    trained, tmp_path, capsys, ray_must_not_start
+    trained, tmp_path, capsys, monkeypatch, ray_must_not_start
 ):
     from jobs.evaluate import main as evaluate_main
     from jobs.export_embeddings import main as export_main
@@ -227,6 +227,10 @@ def test_a_dataset_root_that_is_a_file_and_bad_export_sizes_are_named_before_ray
     runs = tmp_path / "runs"
     assert export_main(["no-such-run", trained["dataset"], str(tmp_path / "out"), "--storage-path", str(runs)]) == 2
     assert f"no run of that name has a checkpoint under --storage-path={runs} " in capsys.readouterr().err
+    # More embedding actors than a local Ray holds: Ray Data would wait for them for ever.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert export_main([str(trained["checkpoint"]), trained["dataset"], str(tmp_path / "out"), "--actors", "500"]) == 2
+    assert "error: --actors: 500 embedding actors " in capsys.readouterr().err
     for flags in (["--batch-size", "-5"], ["--actors", "-3"]):
         assert export_main([str(trained["checkpoint"]), trained["dataset"], str(tmp_path / "out"), *flags]) == 2
         assert "error: --batch-size and --actors: must be >= 0" in capsys.readouterr().err

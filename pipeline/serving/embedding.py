@@ -79,6 +79,27 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 
+def check_actors_fit_locally(actors: int, flag: str = "--actors") -> None:
+    """Raise ValueError naming `flag` when a local Ray (no RAY_ADDRESS) cannot hold `actors`
+    embedding actors (`embed_split`'s: a GPU each, else `CPU_ACTOR_CPUS`) and a read task: Ray
+    Data would wait for ever for the actors it cannot place."""
+    from pipeline.data.ray_datasets import READ_CPUS
+    from pipeline.training.resources import local_resources, uses_local_ray
+
+    if not actors or not uses_local_ray():
+        return
+    have = local_resources()
+    if have["GPU"]:
+        if actors > have["GPU"]:
+            raise ValueError(f"{flag}: {actors} embedding actors need a GPU each but this machine has "
+                             f"{have['GPU']:g}; lower it, or set RAY_ADDRESS to run on a cluster")
+    elif actors * CPU_ACTOR_CPUS + READ_CPUS > have["CPU"]:
+        most = int((have["CPU"] - READ_CPUS) / CPU_ACTOR_CPUS)
+        raise ValueError(f"{flag}: {actors} embedding actors of {CPU_ACTOR_CPUS:g} CPU each do not fit the "
+                         f"{have['CPU']:g} logical CPUs of a local Ray (at most {most}); lower it, or set "
+                         "RAY_ADDRESS to run on a cluster")
+
+
 def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: int = 0):
     """Ray Dataset of the embeddings of the shards' images under `model` (an EmbeddingNet built
     from `config.model`), with `config.data`'s evaluation transform.

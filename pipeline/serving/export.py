@@ -29,7 +29,12 @@ from pipeline import locks
 from pipeline.data.format import read_metadata, shard_uris, validate_dataset
 from pipeline.refresh.hard_pools import check_index_trains
 from pipeline.serving.checkpoints import fetch_checkpoint, load_served_checkpoint
-from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
+from pipeline.serving.embedding import (
+    check_actors_fit_locally,
+    collect_embeddings,
+    embed_split,
+    start_ray,
+)
 from pipeline.serving.index import (
     INDEX_FILE,
     MANIFEST_FILE,
@@ -90,6 +95,7 @@ def export_embeddings(
     if batch_size < 0 or actors < 0:
         raise ValueError(f"--batch-size and --actors: must be >= 0 (0: the default), got "
                          f"{batch_size} and {actors}")
+    check_actors_fit_locally(actors)
     with store_errors_named("out_dir"):
         check_export_dir(export_dir)
     with store_errors_named("dataset_root"):

@@ -122,7 +122,10 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     tune_experiment = f"{tune_storage}/{spec.name}"
 
     def check_name() -> None:
-        exists = tune.Tuner.can_restore(tune_experiment, tune_filesystem)
+        try:
+            exists = tune.Tuner.can_restore(tune_experiment, tune_filesystem)
+        except OSError as err:  # an unreachable store: pyarrow's message names it
+            raise SweepError(f"train.storage_path: {err}") from err
         if resume and not exists:
             raise SweepError(f"--resume: there is no sweep to resume at {experiment_path}")
         if exists and not resume:

@@ -381,7 +381,7 @@ def _check_trial_config(spec: SweepSpec, config: Config, where: str) -> None:
         )
     try:
         reported = reported_metrics(config)
-    except ValueError as err:  # data.root holds no readable metadata.json (named in err)
+    except (ValueError, OSError) as err:  # no readable metadata.json, an unreachable store (named in err)
         raise SweepError(f"{spec.path}: {where}: data.root: {err}") from err
     if spec.metric not in reported:
         raise SweepError(

@@ -28,7 +28,7 @@ from pipeline.data.convert.inshop import read_inshop
 from pipeline.data.convert.sop import read_sop
 from pipeline.data.convert.source import ConversionPlan, SkippedImage, SourceImage, SourceTree
 from pipeline.data.format import DEFAULT_SHARD_SIZE, METADATA_FILE, root_filesystem, write_dataset
-from pipeline.storage import worker_env_vars
+from pipeline.storage import store_errors_named, worker_env_vars
 
 SUMMARY_FILE = "conversion_summary.json"
 """Written at the dataset root after metadata.json: counts, skipped images, options."""
@@ -185,9 +185,11 @@ def convert_dataset(
 
     options = options or ConversionOptions()
     start = time.perf_counter()
-    check_destination(destination, options.overwrite)
+    with store_errors_named("destination"):
+        check_destination(destination, options.overwrite)
     check_cpus_per_task(options.cpus_per_task)
-    plan = read_plan(layout, source, options)
+    with store_errors_named("source"):
+        plan = read_plan(layout, source, options)
     sizes = ", ".join(f"{split} {len(images)}" for split, images in sorted(plan.splits.items()))
     printer(
         f"{layout}: {len(plan.class_names)} classes, {plan.num_images} images ({sizes}) from "

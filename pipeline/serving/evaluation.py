@@ -115,7 +115,9 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, v
     source_run = source.get("run_name") or run_name_for(trained_config)
     shown = reference if "://" in reference else directory  # a fetched copy is gone by now
 
-    with store_errors_named("data.root" if config.data.root else "data.cache_dir"):
+    # Without data.root the built-in dataset is generated under data.cache_dir.
+    data_setting = "data.root" if config.data.root else "data.cache_dir"
+    with store_errors_named(data_setting):
         if config.data.root:
             root = config.data.root
         else:
@@ -131,7 +133,7 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, v
             raise ValueError(
                 f"{where}: {root} has no split {name!r} (it has {', '.join(metadata.splits)})"
             )
-    with store_errors_named("data.root" if config.data.root else "data.cache_dir"):
+    with store_errors_named(data_setting):
         validate_dataset(root)
 
     name = evaluation_run_name(

@@ -168,8 +168,10 @@ def check_cpus_per_task(cpus_per_task: float) -> None:
 
     import ray
 
-    have = os.cpu_count() or 1
-    if os.environ.get("RAY_ADDRESS") or cpus_per_task <= have or ray.is_initialized():
+    from pipeline.training.resources import uses_local_ray
+
+    have = os.cpu_count() or 1  # what `_init_ray` gives a local Ray
+    if not uses_local_ray() or cpus_per_task <= have or ray.is_initialized():
         return
     raise ValueError(f"--cpus-per-task: each encoding task would need {cpus_per_task:g} CPUs but a "
                      f"local Ray has {have}; lower it, or set RAY_ADDRESS to run on a cluster")

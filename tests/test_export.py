@@ -108,6 +108,9 @@ def test_a_checkpoint_is_found_by_directory_run_directory_or_run_name(trained):
         locate_checkpoint("no-such-run", storage)
     with pytest.raises(CheckpointNotFound, match="no such directory"):
         locate_checkpoint(str(trained["root"] / "missing"), storage)
+    model_file = str(trained["checkpoint"] / "model.pt")
+    with pytest.raises(CheckpointNotFound, match="model.pt: a file, not a checkpoint directory"):
+        locate_checkpoint(model_file, storage)
     with pytest.raises(CheckpointNotFound, match="neither model.pt"):
         locate_checkpoint(str(trained["root"] / "data"), storage)
 

@@ -101,6 +101,13 @@ def test_bad_sweep_files_name_the_field(tmp_path, text, message):
     assert message in str(err.value)
 
 
+def test_a_sweep_file_that_is_missing_or_a_folder_says_which(tmp_path):
+    with pytest.raises(SweepError, match=f"sweep file {tmp_path / 'none.yaml'} does not exist"):
+        load_sweep(tmp_path / "none.yaml")
+    with pytest.raises(SweepError, match=f"sweep file {tmp_path} is a folder"):
+        load_sweep(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("text", "cli", "message"),
     [

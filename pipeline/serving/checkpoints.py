@@ -68,7 +68,8 @@ def locate_checkpoint(reference: str, storage_path: str,
     run directory (its latest checkpoint, see `run_checkpoint`), or a run name under
     `storage_path` (likewise; `storage_setting` is what the user set it with, for messages)."""
     filesystem, path = filesystem_for(reference)
-    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+    kind = filesystem.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
         if _is_checkpoint(filesystem, path):
             return filesystem, path
         run_dir = absolute_location(reference)
@@ -82,7 +83,8 @@ def locate_checkpoint(reference: str, storage_path: str,
             )
         return found[0], found[1]
     if "://" in reference or "/" in reference:
-        raise CheckpointNotFound(f"checkpoint {reference}: no such directory")
+        what = "a file, not a checkpoint directory" if kind == pafs.FileType.File else "no such directory"
+        raise CheckpointNotFound(f"checkpoint {reference}: {what}")
     found = run_checkpoint(absolute_location(storage_path), reference)
     if found is None:
         raise CheckpointNotFound(

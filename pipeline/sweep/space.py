@@ -137,7 +137,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     `candidate_configs`)."""
     path = Path(path)
     if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist")
+        raise SweepError(f"sweep file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
     text = path.read_text()
     try:
         raw = parse_yaml(text) or {}

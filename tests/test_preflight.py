@@ -255,7 +255,7 @@ def test_a_run_another_process_is_training_is_refused_until_that_process_ends(tm
 
 
 def test_a_run_on_s3_storage_another_job_is_training_is_refused_until_that_job_ends(
-    tmp_path, s3_server, s3_bucket, restored_environ, ray_must_not_start,
+    tmp_path, s3_server, s3_bucket, restored_environ, ray_must_not_start, monkeypatch,
 ):  # fmt: skip
     """The same, with the checkpoints in S3: the lock is a lease object (pipeline.locks), which
     the holder deletes when it ends; the refused run neither takes nor touches it."""
@@ -267,6 +267,9 @@ def test_a_run_on_s3_storage_another_job_is_training_is_refused_until_that_job_e
     from pipeline.training.driver import run_training
     from pipeline.training.run_lock import LOCK_DIR
 
+    # The run that gets past the lock opens its local MLflow store under ./runs/s3/...: here, not
+    # in the checkout the tests run from.
+    monkeypatch.chdir(tmp_path)
     storage = f"s3://{s3_bucket}/runs"
     config = load_config("local", _overrides(tmp_path, [
         "train.run_name=busy", f"train.storage_path={storage}", f"storage.s3_endpoint_url={s3_server}",

@@ -48,5 +48,6 @@ def test_every_job_names_the_location_of_a_store_that_does_not_answer(
     _refused(capsys, sweep_main([str(space), *once, "--set", "train.storage_path=s3://bucket/runs"]),
              "sweep error: train.storage_path: ")
     _refused(capsys, sweep_main([str(space), *once, "--set", "data.root=s3://bucket/data",
-                                 "--set", f"train.storage_path={tmp_path / 'runs'}"]), "sweep error: ")
+                                 "--set", f"train.storage_path={tmp_path / 'runs'}"]),
+             f"sweep error: {space}: losses.triplet: data.root: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "space.yaml", "src"]

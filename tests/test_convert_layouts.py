@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -270,6 +271,17 @@ BAD_METADATA = {
         "folders", lambda r: [os.rename(r / n, r / "anchor" / n) for n in
                               ("bell", "clock", "drum", "easel")],  # fmt: skip
         ["found 1 class folder(s)", "needs at least 2"],
+    ),
+    "folders: source is a file": (
+        "folders", lambda r: (shutil.rmtree(r), r.write_text("not a folder")),
+        [": a file, not a directory"],
+    ),
+    "folders: source is missing": (
+        "folders", lambda r: shutil.rmtree(r), [": directory is missing"],
+    ),
+    "cub: images is a file": (
+        "cub", lambda r: (shutil.rmtree(r / "images"), (r / "images").write_text("x")),
+        ["images: a file, not a directory (CUB-200-2011 keeps its images under images/)"],
     ),
 }
 BUILDERS = {"cub": build_cub, "cars196": build_cars196, "sop": build_sop, "inshop": build_inshop,

@@ -30,8 +30,7 @@ def read_folders(tree: SourceTree, *, test_fraction: float = 0.5, seed: int = 0)
     """List the class folders' files into a conversion plan (no image is read)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if not tree.is_dir(""):
-        raise SourceLayoutError(f"{tree.root}: directory is missing")
+    tree.require_dir("")
     files_of: dict[str, list[str]] = {}
     for path in tree.files_below(""):
         if "/" in path and not _hidden(path):

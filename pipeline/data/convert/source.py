@@ -112,7 +112,7 @@ class SourceTree:
 
     def uri(self, relative: str) -> str:
         """The path or URI of a file below the root, for messages."""
-        return posixpath.join(self.root, relative)
+        return posixpath.join(self.root, relative) if relative else self.root
 
     def exists(self, relative: str) -> bool:
         """Whether a file or directory exists below the root."""
@@ -146,10 +146,15 @@ class SourceTree:
         ]
         return sorted(found)
 
-    def require_dir(self, relative: str, what: str) -> None:
-        """SourceLayoutError unless `relative` is a directory (checked before any Ray work)."""
-        if not self.is_dir(relative):
-            raise SourceLayoutError(f"{self.uri(relative)}: directory is missing ({what})")
+    def require_dir(self, relative: str, what: str = "") -> None:
+        """SourceLayoutError unless `relative` is a directory (checked before any Ray work); it
+        says whether the path is missing or a file."""
+        # (no trailing "/" for the root: a local file named "x/" is not found)
+        info = self.fs.get_file_info(posixpath.join(self.path, relative) if relative else self.path)
+        if info.type == pafs.FileType.Directory:
+            return
+        problem = "a file, not a directory" if info.type == pafs.FileType.File else "directory is missing"
+        raise SourceLayoutError(f"{self.uri(relative)}: {problem}" + (f" ({what})" if what else ""))
 
 
 def text_rows(

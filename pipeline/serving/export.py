@@ -24,9 +24,11 @@ import tempfile
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
+import torch
 
 from pipeline import locks
-from pipeline.data.format import read_metadata, shard_uris, validate_dataset
+from pipeline.config.settings import Config
+from pipeline.data.format import DatasetMetadata, read_metadata, shard_uris, validate_dataset
 from pipeline.refresh.hard_pools import check_index_trains
 from pipeline.serving.checkpoints import fetch_checkpoint, load_served_checkpoint
 from pipeline.serving.embedding import (
@@ -129,8 +131,9 @@ def export_embeddings(
             "choose a new directory"
         )):
             check_export_dir(export_dir)
-            return _export(model, config, dataset_root, split, export_dir, shown, step, metadata,
-                           index_description, batch_size, actors, verbose, printer)
+            return _export(_Plan(model, config, step, shown, dataset_root, metadata, split,
+                                 export_dir, index_description, batch_size, actors),
+                           verbose, printer)
     except BaseException:
         if created:  # a failed export leaves no directory it made that holds only its lock
             _remove_if_only_lock(filesystem, path)
@@ -144,36 +147,54 @@ def _remove_if_only_lock(filesystem, path: str) -> None:
             filesystem.delete_dir(path)
 
 
-def _export(model, config, dataset_root: str, split: str, export_dir: str, shown: str, step,
-            metadata, index_description: str, batch_size: int, actors: int, verbose: bool,
-            printer) -> ExportSummary:
+@dataclass(frozen=True)
+class _Plan:
+    """What an export's checks settled: the loaded model and where it came from, what it
+    embeds, and where and how the export is written."""
+
+    model: torch.nn.Module
+    config: Config
+    step: int | None
+    shown: str  # the checkpoint as the manifest and messages name it
+    dataset_root: str
+    metadata: DatasetMetadata
+    split: str
+    export_dir: str
+    index_description: str
+    batch_size: int
+    actors: int
+
+
+def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:
     """Embed, index and write the export (its checks passed and its lock held)."""
+    config, metadata, split = plan.config, plan.metadata, plan.split
     num_images = metadata.split(split).num_images
     start_ray(verbose)
     dataset = embed_split(
-        model, config, shard_uris(dataset_root, split), batch_size or config.eval.batch_size, actors
+        plan.model, config, shard_uris(plan.dataset_root, split),
+        plan.batch_size or config.eval.batch_size, plan.actors,
     )
     ids, labels, embeddings = collect_embeddings(dataset)
     if len(ids) != num_images:
         raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {num_images}")
 
     # Built before anything is written, should faiss still refuse to train it.
-    index = build_index(embeddings, ids, index_description)
-    filesystem, path = filesystem_for(export_dir)
+    index = build_index(embeddings, ids, plan.index_description)
+    filesystem, path = filesystem_for(plan.export_dir)
     filesystem.create_dir(path)
-    write_embeddings(export_dir, ids, labels, embeddings)
-    index_path = save_index(index, export_dir)
+    write_embeddings(plan.export_dir, ids, labels, embeddings)
+    index_path = save_index(index, plan.export_dir)
     manifest = {
-        "checkpoint": shown,
-        "checkpoint_step": step,
-        "dataset_root": dataset_root,
+        "checkpoint": plan.shown,
+        "checkpoint_step": plan.step,
+        "dataset_root": plan.dataset_root,
         "dataset_name": metadata.name,
         "dataset_fingerprint": metadata.fingerprint,
         "split": split,
         "num_embeddings": int(len(ids)),
         "embedding_dim": int(embeddings.shape[1]),
         "metric": "squared_l2",
-        "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{index_description}"},
+        "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{plan.index_description}"},
         "model": {
             "backbone": config.model.backbone,
             "embedding_dim": config.model.embedding_dim,
@@ -187,4 +208,4 @@ def _export(model, config, dataset_root: str, split: str, export_dir: str, shown
         f"wrote {len(ids)} embeddings of dimension {embeddings.shape[1]} and {index_path}",
         flush=True,
     )
-    return ExportSummary(export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)
+    return ExportSummary(plan.export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from short_runs import SHORT_MAGNET
@@ -152,24 +153,69 @@ def test_resumed_run_goes_on_from_the_checkpointed_index(ray_local, tmp_path, me
     assert min(m.value for m in used) > saved_version, (used, saved_version)
 
 
+def _training_store(config):
+    """The training split's store as a run builds it (`build_training_data`)."""
+    from pipeline.data.decoding import EncodedImageStore
+    from pipeline.data.format import shard_uris
+    from pipeline.data.ray_datasets import read_shards
+    from pipeline.training.driver import resolve_dataset
+
+    root, _ = resolve_dataset(config)
+    return EncodedImageStore.from_dataset(read_shards(shard_uris(root, "train")).select_columns(["id", "label", "image"]))
+
+
 def _refresh_actor(config, uri: str, run_id: str):
     """The run's refresh actor as `start_refresh_actor` makes it, logging to `uri`."""
     import numpy as np
     import ray
 
     from pipeline.config import config_to_dict
-    from pipeline.data.decoding import EncodedImageStore
-    from pipeline.data.format import shard_uris
-    from pipeline.data.ray_datasets import read_shards
     from pipeline.refresh.actor import RefreshActor
-    from pipeline.training.driver import resolve_dataset
 
-    root, _ = resolve_dataset(config)
-    # The training split's store as a run builds it (`build_training_data`).
-    store = EncodedImageStore.from_dataset(read_shards(shard_uris(root, "train")).select_columns(["id", "label", "image"]))
     return ray.remote(RefreshActor).options(max_concurrency=4).remote(
-        config_to_dict(config), store, np.zeros(0, np.int64), run_id, uri
+        config_to_dict(config), _training_store(config), np.zeros(0, np.int64), run_id, uri
     )
+
+
+def test_an_actor_that_cannot_build_its_model_fails_the_planners_instead_of_leaving_them_waiting(
+    ray_local, tmp_path,
+):  # fmt: skip
+    """The actor builds its model in its refresh thread. A model it cannot build (weights the
+    driver's node had but the actor's has not) used to end that thread without a word: the
+    planners waited for a first index for ever and training hung at its first step."""
+    import ray
+
+    missing = tmp_path / "elsewhere" / "weights.pt"
+    actor = _refresh_actor(_config(tmp_path, [f"model.pretrained={missing}"]), "", "")
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError) as raised:
+            ray.get(actor.plan_tables.remote(0, 0, 0, True), timeout=120)
+        assert "could not build an index: building the model" in str(raised.value)
+        assert str(missing) in str(raised.value)
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+def test_the_actor_gets_the_storage_settings_the_train_workers_get(ray_local, tmp_path):
+    """The driver's S3 endpoint and retries are in its own environment, which a process on
+    another node does not inherit: the actor is given them as the Train workers are."""
+    import os
+
+    import numpy as np
+    import ray
+
+    from pipeline.training.driver import start_refresh_actor
+
+    variable = "AWS_ENDPOINT_URL_S3"
+    assert variable not in os.environ  # else this local Ray's actors would inherit it
+    config = _config(tmp_path, [])
+    data = SimpleNamespace(store=_training_store(config), holdout_ids=np.zeros(0, np.int64))
+    actor = start_refresh_actor(config, "env-test", data, "", "", env_vars={variable: "http://127.0.0.1:9"})
+    try:
+        seen = ray.get(actor.__ray_call__.remote(lambda _: os.environ.get(variable)), timeout=120)
+        assert seen == "http://127.0.0.1:9"
+    finally:
+        ray.kill(actor, no_restart=True)
 
 
 def test_the_actor_hands_back_the_metrics_mlflow_did_not_get(ray_local, tmp_path):

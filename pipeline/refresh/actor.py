@@ -347,7 +347,16 @@ class RefreshActor:
         torch.set_num_threads(max(1, int(self.config.refresh.num_cpus)))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(self.config.train.seed)
-        model = build_model(self.config.model).to(device).eval()
+        try:
+            model = build_model(self.config.model).to(device).eval()
+        except Exception as err:  # noqa: BLE001 - planners wait for a first index: say why none comes
+            import traceback
+
+            with self.cond:
+                self.error = f"building the model: {type(err).__name__}: {err}"
+                self.cond.notify_all()
+            traceback.print_exc()
+            return
         while True:
             with self.cond:
                 while not self.pending:

@@ -394,7 +394,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
             resume_state = saved_refresh_state(resume_from)
             # Held here for the whole run: a restarted actor is constructed again from it.
             resume_ref = None if resume_state is None else ray.put(resume_state)
-            refresh_actor = start_refresh_actor(config, actor_name, data, run_id, uri, resume_ref)
+            refresh_actor = start_refresh_actor(config, actor_name, data, run_id, uri, resume_ref, worker_env)
             if resume_state is not None:
                 printer(
                     f"refresh actor resumes from the checkpoint's index (model step "
@@ -588,10 +588,12 @@ def saved_refresh_state(found) -> dict | None:
         return None
 
 
-def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri: str, resume_state=None):
+def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri: str, resume_state=None,
+                        env_vars: dict[str, str] | None = None):
     """Start the run's refresh actor with its own resources; it begins embedding at once,
     or, for a resumed run, goes on from the checkpoint's index and losses (`resume_state`, a
-    dict or an ObjectRef of one).
+    dict or an ObjectRef of one). `env_vars`: the storage settings the Train workers get
+    (`storage.worker_env_vars`), which an actor on another node would not have.
 
     Threaded (max_concurrency) so that planners, losses and weights are served while a
     refresh runs in its background thread; restarted by Ray if it dies.
@@ -608,6 +610,9 @@ def start_refresh_actor(config: Config, actor_name: str, data, run_id: str, uri:
             num_gpus=config.refresh.num_gpus,
             max_restarts=config.refresh.max_restarts,
             max_concurrency=16,
+            # The S3 endpoint and retries (a pretrained model on S3, the MLflow artifact store):
+            # the driver's environment reaches only processes started on its own node.
+            runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
             # Outside any placement group of the caller: a sweep trial's driver runs in Tune's
             # 1-CPU trial group, which refuses the actor; the sweep counts its CPUs itself.
             scheduling_strategy="DEFAULT",

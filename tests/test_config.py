@@ -69,6 +69,7 @@ def test_numbers_without_a_dot_are_numbers(tmp_path):
         (["eval.seen_knn_k=0"], "eval.seen_knn_k: must be >= 1"),
         (["train.use_gpu=true", "train.gpus_per_worker=0.5"], "train.gpus_per_worker: must be in (0.5, 1], got 0.5"),
         (["train.use_gpu=true", "train.gpus_per_worker=2"], "train.gpus_per_worker: must be in (0.5, 1], got 2"),
+        (["refresh.num_gpus=1.5"], "refresh.num_gpus: above 1 it must be a whole number, got 1.5"),
         (["eval.recall_ks=[1, 0]"], "eval.recall_ks"),
         (["storage.s3_endpoint_url=minio:9000"], "storage.s3_endpoint_url: 'minio:9000' is not an http"),
         (["storage.s3_max_attempts=0"], "storage.s3_max_attempts: must be >= 1"),

@@ -120,6 +120,31 @@ def test_the_gpu_preset_is_refused_on_a_machine_without_its_gpus(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("shares", "gpus", "refusal"), [
+    # Their sum (2) fits 2 GPUs, but a 0.75 worker and a 0.5 actor never share one.
+    (["train.num_workers=2", "train.gpus_per_worker=0.75", "refresh.num_gpus=0.5"], 2,
+     "train.use_gpu: the run's GPU shares (train.num_workers=2 x train.gpus_per_worker=0.75, "
+     "refresh.num_gpus=0.5) do not fit on this machine's 2 GPUs: Ray never splits a share across GPUs"),
+    (["train.num_workers=2", "train.gpus_per_worker=0.75", "refresh.num_gpus=0.25"], 2, None),
+    (["train.num_workers=2", "refresh.num_gpus=0.5"], 2, "train.use_gpu: the run needs 2.5 GPUs"),
+    (["train.num_workers=2", "refresh.num_gpus=0.5"], 3, None),
+    (["train.use_gpu=false", "refresh.num_gpus=1"], 0,
+     "refresh.num_gpus: the refresh actor asks for 1 GPUs but this machine has 0; set refresh.num_gpus=0"),
+])
+def test_gpu_shares_are_checked_as_ray_places_them(shares, gpus, refusal):
+    """Ray places a fractional GPU share within one GPU: a run whose shares only fit when
+    summed would wait for ever for its refresh actor or its last worker."""
+    from pipeline.training.resources import check_fits_locally
+
+    config = load_config("magnet", ["train.use_gpu=true", *shares])
+    if refusal is None:
+        check_fits_locally(config, {"CPU": 64.0, "GPU": float(gpus)})
+    else:
+        with pytest.raises(ValueError) as raised:
+            check_fits_locally(config, {"CPU": 64.0, "GPU": float(gpus)})
+        assert str(raised.value).startswith(refusal)
+
+
 def test_a_sweep_trial_is_not_checked_against_the_machine_its_driver_function_is_on(
     tmp_path, monkeypatch, ray_must_not_start,
 ):  # fmt: skip

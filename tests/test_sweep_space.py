@@ -239,8 +239,13 @@ def test_concurrency_follows_the_clusters_resources(tmp_path):
     assert trial_concurrency(configs, {"CPU": 4.0}) == 1
     assert trial_concurrency(configs, {"CPU": 11.0}) == 4
     assert trial_concurrency(configs, {"CPU": 11.0}, requested=2) == 2
-    with pytest.raises(SweepError, match="a trial needs 2.75 CPU .* the cluster has 2"):
+    with pytest.raises(SweepError, match="a trial needs 2.75 CPU .* the cluster has 2$"):
         trial_concurrency(configs, {"CPU": 2.0})
+    # A cluster whose autoscaler has not started its nodes yet (cluster.yaml: a CPU-0 head and
+    # min_workers 0): the sweep file's number is used, and Tune's trials wait for the nodes.
+    assert trial_concurrency(configs, {"CPU": 0.0}, 3, nodes_may_come=True) == 3
+    with pytest.raises(SweepError, match="the cluster has 0; on an autoscaling cluster .* set max_concurrent_trials"):
+        trial_concurrency(configs, {"CPU": 0.0}, nodes_may_come=True)
     # Magnet: each rank has its own decode actors, and the refresh actor has 0.5 CPU:
     # 1 + 2 x 0.5 + 2 x 1 x 0.5 + 0.25 + 0.5.
     assert resource_need(load_config("magnet", []))["CPU"] == 3.75
@@ -257,6 +262,15 @@ def test_a_shared_gpu_counts_the_workers_share_and_the_refresh_actors():
     assert resource_need(shared)["GPU"] == pytest.approx(1.0)
     assert trial_concurrency([shared], {"CPU": 64.0, "GPU": 2.0}) == 2
     assert scaling_config(shared).resources_per_worker == {"CPU": 0.5, "GPU": 0.9}
+    # Shares that sum to whole GPUs but that Ray cannot place so: a 0.75 worker and a 0.5
+    # actor never share a GPU (two actors do), so a trial of 2 such workers takes 3 GPUs.
+    apart = load_config("magnet", ["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=0.75",
+                                   "refresh.num_gpus=0.5"])
+    assert resource_need(apart)["GPU"] == pytest.approx(2.0)
+    assert trial_concurrency([apart], {"CPU": 64.0, "GPU": 4.0}) == 1  # (2 by their sum)
+    assert trial_concurrency([apart], {"CPU": 64.0, "GPU": 5.0}) == 2
+    with pytest.raises(SweepError, match=r"GPU shares \[0.5, 0.75, 0.75\] do not fit on the cluster's 2 GPUs"):
+        trial_concurrency([apart], {"CPU": 64.0, "GPU": 2.0})
     # Without GPUs the share asks for nothing; with them the default is a whole GPU each.
     assert "GPU" not in scaling_config(load_config("local", ["train.gpus_per_worker=0.7"])).resources_per_worker
     whole = load_config("local", ["train.use_gpu=true", "train.num_workers=2"])

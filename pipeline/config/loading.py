@@ -289,6 +289,9 @@ def validate(config: Config) -> None:
     if config.train.use_gpu and not 0.5 < config.train.gpus_per_worker <= 1.0:
         # Above half a GPU each, Ray never puts two DDP ranks on one GPU (NCCL refuses that).
         raise ConfigError(f"train.gpus_per_worker: must be in (0.5, 1], got {config.train.gpus_per_worker}")
+    if config.refresh.num_gpus > 1 and config.refresh.num_gpus != int(config.refresh.num_gpus):
+        # Ray places a fraction within one GPU, and takes more than one only as whole GPUs.
+        raise ConfigError(f"refresh.num_gpus: above 1 it must be a whole number, got {config.refresh.num_gpus:g}")
     if config.eval.seen_knn_k < 1:
         raise ConfigError(f"eval.seen_knn_k: must be >= 1, got {config.eval.seen_knn_k}")
     magnet = config.loss.magnet

@@ -171,6 +171,7 @@ def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: s
     from pipeline import tracking
     from pipeline.sweep.progress import SweepProgress
     from pipeline.training.driver import _init_ray
+    from pipeline.training.resources import uses_local_ray
 
     base = configs[0]
     uri = tracking.tracking_uri(base)
@@ -183,16 +184,17 @@ def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: s
         if value:  # trials run in their own working directory
             located.append(override(key, absolute_location(value)))
 
+    import ray
+
+    # Before the parent run is opened: a cluster that cannot hold a trial leaves no run behind.
+    _init_ray(verbose)
+    concurrency = trial_concurrency(configs, ray.cluster_resources(), spec.max_concurrent_trials,
+                                    nodes_may_come=not uses_local_ray())
     client = MlflowClient(uri)
     parent_run_id = records.open_parent_run(
         client, base, spec, overrides, experiment_path, sweep_fingerprint(spec, overrides), resume
     )
     setup = TrialSetup(spec.preset, tuple(overrides + located), spec.name, parent_run_id)
-
-    import ray
-
-    _init_ray(verbose)
-    concurrency = trial_concurrency(configs, ray.cluster_resources(), spec.max_concurrent_trials)
     printer(
         f"sweep {spec.name}: {spec.search} search over {', '.join(spec.losses)}, "
         f"{concurrency} trial(s) at a time; Tune experiment {experiment_path}; "

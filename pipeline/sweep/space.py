@@ -426,9 +426,15 @@ def resource_need(config: Config) -> dict[str, float]:
     return {"CPU": TRIAL_DRIVER_CPUS + need["CPU"], "GPU": need["GPU"]}
 
 
-def trial_concurrency(configs: list[Config], cluster: dict[str, float], requested: int = 0) -> int:
+def trial_concurrency(configs: list[Config], cluster: dict[str, float], requested: int = 0,
+                      *, nodes_may_come: bool = False) -> int:
     """How many trials run at once: as many as the cluster's CPUs and GPUs hold for the most
-    demanding trial config (or `requested`, if smaller). Raises when not even one fits."""
+    demanding trial config (or `requested`, if smaller). GPU shares are packed as Ray places
+    them (`gpu_requests_fit`), not summed. Raises when not even one fits, unless
+    `nodes_may_come` (a cluster whose autoscaler starts nodes for waiting trials) and the sweep
+    file asked for a number (`requested`), which is then used."""
+    from pipeline.training.resources import gpu_requests, gpu_requests_fit
+
     need = {
         kind: max(resource_need(c)[kind] for c in configs) for kind in ("CPU", "GPU")
     }
@@ -438,11 +444,34 @@ def trial_concurrency(configs: list[Config], cluster: dict[str, float], requeste
             continue
         have = cluster.get(kind, 0.0)
         if have + 1e-9 < amount:
+            if nodes_may_come and requested:
+                return requested
             raise SweepError(
                 f"a trial needs {amount:g} {kind} (driver, workers, decode and refresh actors) "
-                f"but the cluster has {have:g}"
+                f"but the cluster has {have:g}" + (
+                    "; on an autoscaling cluster whose nodes are not up yet, set "
+                    "max_concurrent_trials in the sweep file (trials then wait for the nodes)"
+                    if nodes_may_come else ""
+                )
             )
         fits.append(math.floor(have / amount + 1e-9))
+    gpus = int(cluster.get("GPU", 0))
+    for config in configs:
+        requests = gpu_requests(config)
+        if requests:  # how many trials' GPU shares Ray can place together (at most their sum's)
+            trials = 0
+            while trials < math.floor(gpus / sum(requests) + 1e-9) and gpu_requests_fit(requests * (trials + 1), gpus):
+                trials += 1
+            if trials == 0 and nodes_may_come and requested:
+                return requested
+            if trials == 0:
+                raise SweepError(
+                    f"a trial's GPU shares {requests} do not fit on the cluster's "
+                    f"{cluster.get('GPU', 0):g} GPUs: Ray never splits a share across GPUs, and the "
+                    "refresh actor shares a worker's GPU only when refresh.num_gpus <= 1 - "
+                    "train.gpus_per_worker"
+                )
+            fits.append(trials)
     derived = max(1, min(fits))
     return min(derived, requested) if requested else derived
 

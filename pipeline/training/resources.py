@@ -30,6 +30,36 @@ def run_resources(config: Config) -> dict[str, float]:
     return {"CPU": cpus, "GPU": gpus}
 
 
+def gpu_requests(config: Config) -> list[float]:
+    """The GPU requests of one run, in the order Ray places them: the refresh actor's (started
+    before the trainer), then one per Train worker."""
+    refresh = [config.refresh.num_gpus] if config.uses_refresh_actor and config.refresh.num_gpus > 0 else []
+    return refresh + ([config.train.gpus_per_worker] * config.train.num_workers if config.train.use_gpu else [])
+
+
+def gpu_requests_fit(requests: list[float], gpus: int) -> bool:
+    """Whether Ray can place `requests`, in order, on `gpus` GPUs. Ray never splits a fraction
+    across GPUs: it must fit in what one GPU has left; a whole number takes that many unused
+    GPUs. Placed first fit, as Ray's scheduler does; so 2 workers of 0.75 and a refresh actor
+    of 0.5 need 3 GPUs, though their shares sum to 2."""
+    free = [1.0] * int(gpus)
+    for request in requests:
+        if request >= 1:
+            unused = [i for i, left in enumerate(free) if left >= 1 - 1e-9]
+            if len(unused) < request:
+                return False
+            for i in unused[: int(request)]:
+                free[i] = 0.0
+            continue
+        for i, left in enumerate(free):
+            if left + 1e-9 >= request:
+                free[i] = left - request
+                break
+        else:
+            return False
+    return True
+
+
 def uses_local_ray() -> bool:
     """True when Ray will start on this machine (no `RAY_ADDRESS` names a cluster to join). A
     notebook that joins a cluster itself (`ray.init(address=...)`) sets RAY_ADDRESS instead, or
@@ -48,14 +78,23 @@ def local_resources() -> dict[str, float]:
 def check_fits_locally(config: Config, have: dict[str, float]) -> None:
     """Raise ValueError naming the settings when one run needs more than `have`."""
     need = run_resources(config)
-    if need["GPU"] > have["GPU"] + 1e-9:
-        raise ValueError(
-            f"train.use_gpu: the run needs {need['GPU']:g} GPUs (train.num_workers="
-            f"{config.train.num_workers} x train.gpus_per_worker={config.train.gpus_per_worker:g}"
-            + (f", refresh.num_gpus={config.refresh.num_gpus:g}" if config.uses_refresh_actor else "")
-            + f") but this machine has {have['GPU']:g}; set train.use_gpu=false or fewer "
-            f"workers, or set RAY_ADDRESS to run on a cluster"
-        )
+    if not gpu_requests_fit(gpu_requests(config), int(have["GPU"])):
+        refresh_asks = config.uses_refresh_actor and config.refresh.num_gpus > 0
+        if not config.train.use_gpu:
+            raise ValueError(f"refresh.num_gpus: the refresh actor asks for {config.refresh.num_gpus:g} GPUs "
+                             f"but this machine has {have['GPU']:g}; set refresh.num_gpus=0, or set "
+                             "RAY_ADDRESS to run on a cluster")
+        shares = (f"train.num_workers={config.train.num_workers} x train.gpus_per_worker="
+                  f"{config.train.gpus_per_worker:g}"
+                  + (f", refresh.num_gpus={config.refresh.num_gpus:g}" if refresh_asks else ""))
+        if need["GPU"] > have["GPU"] + 1e-9:
+            problem = f"the run needs {need['GPU']:g} GPUs ({shares}) but this machine has {have['GPU']:g}"
+        else:
+            problem = (f"the run's GPU shares ({shares}) do not fit on this machine's {have['GPU']:g} GPUs: Ray "
+                       "never splits a share across GPUs, and the refresh actor shares a worker's GPU only "
+                       "when refresh.num_gpus <= 1 - train.gpus_per_worker")
+        raise ValueError(f"train.use_gpu: {problem}; set train.use_gpu=false or fewer workers, or set "
+                         "RAY_ADDRESS to run on a cluster")
     if need["CPU"] > have["CPU"] + 1e-9:
         raise ValueError(
             f"train.num_workers: the run needs {need['CPU']:g} logical CPUs (workers, decode "

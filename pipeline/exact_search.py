@@ -108,6 +108,27 @@ def gpu_backend(k: int) -> str | None:
     return None
 
 
+def faiss_to_gpu(index):
+    """A faiss-gpu copy of a CPU `index` on this process's own GPU (torch's current device).
+    Not faiss's `index_cpu_to_all_gpus`: a Train rank sees the GPUs of the ranks beside it on
+    its node, and would put a copy and faiss's scratch memory on each of theirs."""
+    import faiss
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return faiss.index_cpu_to_gpus_list(index, gpus=[device])
+
+
+def faiss_kmeans(dim: int, k: int, *, on_gpu: bool, **parameters):
+    """`faiss.Kmeans(dim, k, **parameters)`, its assignment index on this process's own GPU
+    (`faiss_to_gpu`) when `on_gpu`: faiss's own `gpu=True` takes every GPU the process sees."""
+    import faiss
+
+    kmeans = faiss.Kmeans(dim, k, **parameters)
+    if on_gpu:
+        kmeans.index = faiss_to_gpu(kmeans.index)
+    return kmeans
+
+
 def torch_device() -> torch.device:
     """The device of the "torch" backend."""
     return torch.device("cuda")
@@ -126,7 +147,7 @@ def flat_l2_index(vectors: np.ndarray, *, use_gpu: bool, k: int):
     else:
         index = faiss.IndexFlatL2(vectors.shape[1])
         if backend == "faiss":
-            index = faiss.index_cpu_to_all_gpus(index)
+            index = faiss_to_gpu(index)
     index.add(vectors)
     return index
 

@@ -123,3 +123,18 @@ def test_torch_search_on_cuda_equals_the_float64_brute_force():
     expected_d, expected_ids = _brute_force(vectors[:300], vectors, 40)
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_allclose(distances, expected_d, rtol=1e-4, atol=1e-3)
+
+
+def test_faiss_kmeans_is_faiss_s_kmeans_on_the_cpu():
+    """`faiss_kmeans` (which moves only the assignment index to this process's GPU, when asked)
+    is faiss's own k-means: the same centroids for the same seed."""
+    import faiss
+
+    from pipeline.exact_search import faiss_kmeans
+
+    points = np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32)
+    ours = faiss_kmeans(8, 7, on_gpu=False, niter=10, seed=3, verbose=False)
+    theirs = faiss.Kmeans(8, 7, niter=10, seed=3, verbose=False)
+    ours.train(points)
+    theirs.train(points)
+    np.testing.assert_array_equal(ours.centroids, theirs.centroids)

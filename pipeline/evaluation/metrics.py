@@ -11,10 +11,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 
-from pipeline.exact_search import flat_l2_index, gpu_backend, torch_kmeans
+from pipeline.exact_search import faiss_kmeans, flat_l2_index, gpu_backend, torch_kmeans
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
 """Recall@K cut-offs used for CUB-200-2011, Cars196 and In-Shop."""
@@ -136,13 +135,13 @@ def kmeans_nmi(
     if backend == "torch":
         assignment = torch_kmeans(embeddings, num_clusters, seed=seed, niter=niter)
         return _nmi(labels, assignment)
-    kmeans = faiss.Kmeans(
+    kmeans = faiss_kmeans(
         embeddings.shape[1],
         num_clusters,
         niter=niter,
         seed=seed,
         verbose=False,
-        gpu=backend == "faiss",
+        on_gpu=backend == "faiss",
         # Test sets such as SOP have ~5 items per class: the defaults would print a warning
         # (too few points per centroid) or subsample large sets; we want plain k-means on all.
         min_points_per_centroid=1,

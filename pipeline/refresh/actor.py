@@ -47,6 +47,15 @@ def refresh_actor_name(run_name: str) -> str:
     return f"dml-refresh-{run_name}"
 
 
+def refresh_device(gpu_ids: list, cuda_available: bool):
+    """The actor's torch device: the GPU Ray gave it (refresh.num_gpus > 0), else the CPU. A GPU
+    it merely sees is a Train worker's: Ray does not hide a node's GPUs from an actor that asked
+    for none, and using it would take memory and time the worker was promised."""
+    import torch
+
+    return torch.device("cuda" if gpu_ids and cuda_available else "cpu")
+
+
 class RefreshActor:
     """Holds the cluster index and the per-example losses of one run (a threaded Ray actor)."""
 
@@ -340,12 +349,13 @@ class RefreshActor:
     # ---- the refresh thread -------------------------------------------------------------
 
     def _serve(self) -> None:
+        import ray
         import torch
 
         from pipeline.models import build_model
 
         torch.set_num_threads(max(1, int(self.config.refresh.num_cpus)))
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = refresh_device(ray.get_gpu_ids(), torch.cuda.is_available())
         torch.manual_seed(self.config.train.seed)
         try:
             model = build_model(self.config.model).to(device).eval()
@@ -367,6 +377,8 @@ class RefreshActor:
                 start_step = self.latest_step
             try:
                 self._refresh(model, device, step, ref, sigma2, min_version, start_step)
+                if device.type == "cuda":  # hand its search blocks back to the worker on this GPU
+                    torch.cuda.empty_cache()
             except Exception as err:  # noqa: BLE001 - keep serving the last index; report why
                 import traceback
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.exact_search import faiss_gpu_count, flat_l2_index
+from pipeline.exact_search import faiss_gpu_count, faiss_kmeans, flat_l2_index
 
 # Per-class k-means on the GPU only pays off for large classes: a GPU launch costs more than
 # clustering a few hundred points on the CPU.
@@ -61,12 +61,6 @@ class ClusterIndex:
         return np.diff(self.offsets)
 
 
-def _faiss():
-    import faiss
-
-    return faiss
-
-
 def kmeans_assign(points: np.ndarray, k: int, *, seed: int, niter: int = 20, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """faiss k-means of `points` [n, d] into at most k clusters -> (centroids, assignment).
 
@@ -77,10 +71,9 @@ def kmeans_assign(points: np.ndarray, k: int, *, seed: int, niter: int = 20, use
     n, dim = points.shape
     if n <= k:
         return points.copy(), np.arange(n, dtype=np.int64)
-    faiss = _faiss()
-    kmeans = faiss.Kmeans(
+    kmeans = faiss_kmeans(
         dim, k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
-        gpu=bool(use_gpu and n >= GPU_KMEANS_MIN_POINTS and faiss_gpu_count() > 0),
+        on_gpu=bool(use_gpu and n >= GPU_KMEANS_MIN_POINTS and faiss_gpu_count() > 0),
     )
     kmeans.train(points)
     _, assignment = kmeans.index.search(points, 1)

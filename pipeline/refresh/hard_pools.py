@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.exact_search import FAISS_GPU_MAX_K, faiss_gpu_count, flat_l2_index
+from pipeline.exact_search import FAISS_GPU_MAX_K, faiss_gpu_count, faiss_to_gpu, flat_l2_index
 
 # Queries per faiss search call: bounds the [rows, k] result arrays.
 QUERY_ROWS = 16384
@@ -150,7 +150,6 @@ def hard_negative_pools(
 def _search_index(vectors, description, search_params, use_gpu, k):
     """The kNN index over `vectors`: trained if it needs it, on the GPUs when asked and able
     (the exact search through pipeline.exact_search: faiss-gpu, else torch's CUDA device)."""
-    import faiss
 
     if description == EXACT_INDEX and not search_params:
         return flat_l2_index(vectors, use_gpu=use_gpu, k=k)
@@ -163,7 +162,7 @@ def _search_index(vectors, description, search_params, use_gpu, k):
         try:
             # Flat and IVF indexes move to the GPU, keeping nprobe; HNSW has no GPU form, so
             # it searches on the CPU rather than failing the refresh.
-            index = faiss.index_cpu_to_all_gpus(index)
+            index = faiss_to_gpu(index)
         except RuntimeError:
             pass
     if not index.is_trained:

@@ -102,6 +102,13 @@ class DeviceFeed:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast precision of every forward pass on `device`: bfloat16 on a GPU, none (float32)
+    on the CPU. Training, its evaluation, the refresh actor and `jobs.evaluate` / export all
+    ask here, so a checkpoint's embeddings are the same numbers wherever they are computed."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def embed_rows(
     model: torch.nn.Module,
     rows: Iterable[Row],

@@ -79,7 +79,11 @@ class EmbeddingNet(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.backbone((images - self.mean) / self.std))
+        features = self.backbone((images - self.mean) / self.std)
+        # The projection and normalisation in float32 under bf16 autocast too: the embedding's
+        # 8-bit bf16 mantissa would tie near neighbours that retrieval and mining must order.
+        with torch.autocast(features.device.type, enabled=False):
+            x = self.head(features.float())
         return F.normalize(x, dim=1) if self.normalize else x
 
 

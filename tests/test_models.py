@@ -18,6 +18,57 @@ def test_embeddings_are_normalised_with_the_configured_size(backbone):
     torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
 
 
+def test_the_projection_runs_in_float32_under_bf16_autocast():
+    """Under bf16 autocast (training and evaluation on a GPU) the backbone runs in bf16 but the
+    projection and normalisation do not: embeddings keep float32's resolution, so retrieval and
+    mining order near neighbours as in float32. (CPU autocast, the same code path.)"""
+    torch.manual_seed(0)
+    model = EmbeddingNet("tiny_cnn", 32).eval()
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+        features = model.backbone((images - model.mean) / model.std)
+    assert features.dtype == torch.bfloat16  # (the backbone does run in bf16)
+    assert out.dtype == torch.float32
+    expected = torch.nn.functional.normalize(model.head(features.float()), dim=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast on the GPU)")
+def test_export_embeds_as_the_training_run_s_evaluation_does_on_a_gpu(ray_local):
+    """`jobs.evaluate` and export (EmbedImages) use the precision of training's evaluation
+    (`embed_rows` with `autocast_dtype`): on a GPU both bf16, so their embeddings agree."""
+    import io
+
+    import numpy as np
+    import ray
+    from PIL import Image
+
+    from pipeline.data.decoding import decode_rgb, eval_transform
+    from pipeline.device_feed import autocast_dtype, embed_rows
+    from pipeline.serving.embedding import EmbedImages, embedding_matrix
+
+    torch.manual_seed(0)
+    model = EmbeddingNet("resnet18", 16)
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(6):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        encoded.append(buffer.getvalue())
+    embed = EmbedImages([ray.put(model.state_dict())], {"backbone": "resnet18", "embedding_dim": 16}, 32, 36)
+    exported = embedding_matrix(embed({"id": np.arange(6), "label": np.zeros(6, np.int32),
+                                       "image": np.array(encoded, dtype=object)}))
+    device = torch.device("cuda")
+    transform = eval_transform(32, 36)
+    images = torch.stack([transform(decode_rgb(data)) for data in encoded]).numpy()  # uint8, as evaluation's
+    model.to(device).eval()
+    with torch.no_grad():
+        (_, evaluated), = embed_rows(model, [images], device, lambda batch: batch, autocast_dtype(device))
+    # (float32 against bf16 differs by ~5e-3 here, as measured with CPU autocast)
+    np.testing.assert_allclose(exported, evaluated, rtol=0, atol=1e-5)
+
+
 def test_pretrained_backbone_loads_from_a_path(tmp_path):
     source = EmbeddingNet("resnet18", 16)
     state = dict(source.backbone.state_dict())

@@ -481,9 +481,9 @@ class RefreshActor:
         """Embeddings [N, dim] float32 of every id of the split (eval preprocessing)."""
         import torch
 
-        from pipeline.device_feed import embed_rows
+        from pipeline.device_feed import autocast_dtype, embed_rows
 
-        autocast = torch.bfloat16 if device.type == "cuda" else None
+        autocast = autocast_dtype(device)
         with torch.inference_mode():
             return np.concatenate([
                 out for _, out in embed_rows(model, self._image_batches(), device, lambda images: images, autocast)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.data.decoding import decode_rgb, eval_transform
+from pipeline.device_feed import autocast_dtype
 
 EMBEDDING_COLUMN = "embedding"
 """Fixed-size list of float32 per row, beside `id` and `label`."""
@@ -53,12 +54,14 @@ class EmbedImages:
         self.model.load_state_dict(ray.get(weights[0]))
         self.model.to(self.device).eval()
         self.transform = eval_transform(image_size, resize)
+        self.autocast = autocast_dtype(self.device)  # the training run's evaluation's precision
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images = torch.stack([self.transform(decode_rgb(data)) for data in batch["image"]])
-        embeddings = self.model(images.to(self.device).float().div_(255)).float().cpu().numpy()
-        return embeddings_table(batch["id"], batch["label"], embeddings)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            embeddings = self.model(images.to(self.device).float().div_(255))
+        return embeddings_table(batch["id"], batch["label"], embeddings.float().cpu().numpy())
 
 
 def embeddings_table(ids: np.ndarray, labels: np.ndarray, embeddings: np.ndarray) -> pa.Table:

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import config_to_yaml
 from pipeline.data.decoding import ReplayCache, sub_batch_columns
-from pipeline.device_feed import DeviceFeed
+from pipeline.device_feed import DeviceFeed, autocast_dtype
 from pipeline.distributed import mean_across_ranks
 from pipeline.learner import MetricLearner
 from pipeline.losses import build_loss
@@ -51,7 +51,7 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(config.train.torch_threads)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = autocast_dtype(device)
 
     # Same seed on every rank: DDP broadcasts rank 0's weights anyway, and loss parameters
     # must start equal too.

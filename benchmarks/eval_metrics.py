@@ -21,7 +21,7 @@ import time
 import faiss
 import numpy as np
 
-from pipeline.evaluation import kmeans_nmi, retrieval_metrics
+from pipeline.evaluation import DEFAULT_KS, kmeans_nmi, retrieval_metrics
 
 
 def clustered_embeddings(num: int, dim: int, classes: int, noise: float, seed: int = 0):
@@ -132,10 +132,13 @@ def gpu_run(num: int, dim: int, classes: int, noise: float, chunk: int) -> dict:
 
     from pipeline.exact_search import gpu_backend
 
-    backend = gpu_backend(classes)  # the search depth is about the class size; k-means k=1
+    embeddings, labels = clustered_embeddings(num, dim, classes, noise, seed=1)
+    # The search's depth, as retrieval_metrics takes it: the largest Recall@K or class (R), and
+    # the query itself; k-means searches 1 deep, through the same backend below 2048.
+    depth = min(max(max(DEFAULT_KS), int(np.bincount(labels).max()) - 1), num - 1) + 1
+    backend = gpu_backend(depth)
     if backend is None:
         return {"num": num, "dim": dim, "not_measured": "no GPU visible to faiss or torch here"}
-    embeddings, labels = clustered_embeddings(num, dim, classes, noise, seed=1)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     row = {"num": num, "dim": dim, "classes": classes, "backend": backend,

@@ -154,11 +154,9 @@ def _search_index(vectors, description, search_params, use_gpu, k):
     if description == EXACT_INDEX and not search_params:
         return flat_l2_index(vectors, use_gpu=use_gpu, k=k)
     index = pool_search_index(vectors.shape[1], description, search_params)
-    if use_gpu and faiss_gpu_count() > 0:
-        if k > FAISS_GPU_MAX_K:
-            raise ValueError(
-                f"pool_size + largest class = {k} exceeds GPU faiss's {FAISS_GPU_MAX_K} neighbours"
-            )
+    # Deeper than GPU faiss's k-selection goes (pool_size + largest class), the approximate
+    # index searches on the CPU, as HNSW always does.
+    if use_gpu and faiss_gpu_count() > 0 and k <= FAISS_GPU_MAX_K:
         try:
             # Flat and IVF indexes move to the GPU, keeping nprobe; HNSW has no GPU form, so
             # it searches on the CPU rather than failing the refresh.

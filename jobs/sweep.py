@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_sweep(args.space)
         summary = run_sweep(spec, args.overrides, resume=args.resume, verbose=args.verbose)
-    except (SweepError, ConfigError, RunRefused) as err:  # all before Ray starts
+    except (SweepError, ConfigError, RunRefused) as err:  # all before the sweep's runs exist
         print(f"sweep error: {err}", file=sys.stderr)
         return 2
 

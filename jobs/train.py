@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_training(config, verbose=args.verbose)
-    except RunRefused as err:  # before Ray started: the message names the setting or file
+    except RunRefused as err:  # before the run exists: the message names the setting or file
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (RunInterrupted, KeyboardInterrupt):

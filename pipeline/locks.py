@@ -46,6 +46,14 @@ def keeps_apart(location: str) -> bool:
     return "://" not in location or urlsplit(location).scheme in ("file", "s3")
 
 
+def lock_file(location: str, name: str) -> str | None:
+    """The file `exclusive(location, name, ...)` locks when `location` is local (a path or
+    file://); None for object stores."""
+    if "://" in location and urlsplit(location).scheme != "file":
+        return None
+    return str(Path(urlsplit(location).path if "://" in location else location) / f"{name}.lock")
+
+
 @contextlib.contextmanager
 def exclusive(location: str, name: str, busy: Callable[[str], str], *, lease_s: float = LEASE_S,
               warn=None) -> Iterator[None]:
@@ -63,8 +71,7 @@ def exclusive(location: str, name: str, busy: Callable[[str], str], *, lease_s: 
         with _s3_lease(location, name, busy, lease_s, warn):
             yield
     else:
-        path = urlsplit(location).path if "://" in location else location  # a path, or file://
-        with _file_lock(Path(path) / f"{name}.lock", busy):
+        with _file_lock(Path(lock_file(location, name)), busy):
             yield
 
 

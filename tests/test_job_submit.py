@@ -83,21 +83,22 @@ class LocalRayCluster:
         self.processes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def _start_node(self, name: str, args, ready, attempts: int = 3) -> None:
+    def _start_node(self, name: str, args, ready, attempts: int = 3, wrap=lambda command: command) -> None:
         """`ray start --block` with `args(ports)` until `ready()`. Under load a raylet can give up
-        waiting for its agents and exit; such an attempt is cleaned up and made again."""
+        waiting for its agents and exit; such an attempt is cleaned up and made again. `wrap`
+        turns the command into the one started (another node's view of the files)."""
         for attempt in range(1, attempts + 1):
             ports = _free_ports(9)
             log = self.root / f"{name}-{attempt}.log"
             self.logs.append(log)
             with open(log, "wb") as out:
                 process = subprocess.Popen(
-                    [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+                    wrap([str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
                      f"--temp-dir={self.root / f'{name}-{attempt}'}", "--disable-usage-stats",
                      f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
                      f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
                      f"--runtime-env-agent-port={ports[4]}", f"--metrics-export-port={ports[5]}",
-                     "--object-store-memory=300000000", *args(ports[6:])],
+                     "--object-store-memory=300000000", *args(ports[6:])]),
                     stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
                 )
             self.processes.append(process)
@@ -110,8 +111,9 @@ class LocalRayCluster:
             self.processes.remove(process)
         raise RuntimeError(f"{name} did not start in {attempts} attempts:\n{self.log_tail()}")
 
-    def start(self) -> None:
-        """Start the head (2 CPUs, dashboard) and a second node (2 CPUs); wait until both are up."""
+    def start(self, wrap_second=lambda command: command) -> None:
+        """Start the head (2 CPUs, dashboard) and a second node (2 CPUs, its command through
+        `wrap_second`); wait until both are up."""
 
         def head(ports):
             self.gcs_address = f"127.0.0.1:{ports[0]}"
@@ -122,7 +124,7 @@ class LocalRayCluster:
 
         self._start_node("head", head, lambda: self.alive_nodes() >= 1)
         self._start_node("node", lambda _: [f"--address={self.gcs_address}", "--num-cpus=2"],
-                         lambda: self.alive_nodes() == 2)
+                         lambda: self.alive_nodes() == 2, wrap=wrap_second)
 
     def api(self, path: str, method: str = "GET"):
         """JSON from the dashboard's HTTP API, with the cluster's token."""

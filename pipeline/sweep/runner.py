@@ -108,6 +108,7 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     from ray import tune
 
     from pipeline import tracking
+    from pipeline.training.cluster_reach import run_needs
     from pipeline.training.driver import PreflightCache, preflight
     from pipeline.training.resources import local_resources, uses_local_ray
 
@@ -135,8 +136,8 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     check_name()
     cache = PreflightCache()
     have = local_resources() if uses_local_ray() else None
-    for config in configs:  # every dataset a trial can train on is valid and fits its sampler
-        preflight(config, cache, have=have)
+    # Every dataset a trial can train on is valid and fits its sampler.
+    roots = [preflight(config, cache, have=have)[0] for config in configs]
     if have is not None:  # a trial (with its driver function) fits a local Ray, or stop here
         trial_concurrency(configs, have, spec.max_concurrent_trials)
     try:
@@ -156,20 +157,24 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
         raise SweepError(str(err)) from err
     with held:
         check_name()
+        reach = {need for config, root in zip(configs, roots, strict=True)
+                 for need in run_needs(config, root, locks.lock_file(f"{storage}/{LOCK_DIR}", spec.name))}
         return _run_held(spec, overrides, configs, experiment_path, tune_experiment, tune_storage,
-                         tune_filesystem, resume=resume, verbose=verbose, printer=printer)
+                         tune_filesystem, resume=resume, verbose=verbose, printer=printer,
+                         reach=sorted(reach, key=lambda need: (need.setting, need.target)))
 
 
 def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: str,
               tune_experiment: str, tune_storage: str, tune_filesystem, *, resume: bool,
-              verbose: bool, printer) -> SweepSummary:
+              verbose: bool, printer, reach: list) -> SweepSummary:
     """The sweep, its checks passed and its lock held: the parent run, the Tune experiment, the
-    summary."""
+    summary. `reach`: what its trials open on every node (`cluster_reach.run_needs`)."""
     from mlflow import MlflowClient
     from ray import tune
 
     from pipeline import tracking
     from pipeline.sweep.progress import SweepProgress
+    from pipeline.training.cluster_reach import check_cluster_reach
     from pipeline.training.driver import _init_ray
     from pipeline.training.resources import uses_local_ray
 
@@ -186,8 +191,14 @@ def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: s
 
     import ray
 
-    # Before the parent run is opened: a cluster that cannot hold a trial leaves no run behind.
+    # Before the parent run is opened: a cluster that cannot hold a trial, or whose other nodes
+    # lack the trials' files or servers, leaves no run behind.
     _init_ray(verbose)
+    if not uses_local_ray():
+        try:
+            check_cluster_reach(reach, printer)
+        except ValueError as err:
+            raise SweepError(str(err)) from err
     concurrency = trial_concurrency(configs, ray.cluster_resources(), spec.max_concurrent_trials,
                                     nodes_may_come=not uses_local_ray())
     client = MlflowClient(uri)

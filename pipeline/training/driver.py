@@ -29,6 +29,7 @@ from pipeline.training.checkpoint import (
     registered_checkpoint,
     unregistered_checkpoints,
 )
+from pipeline.training.cluster_reach import check_cluster_reach, run_needs
 from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
 from pipeline.training.resume import (
     check_recorded_run,
@@ -36,7 +37,7 @@ from pipeline.training.resume import (
     check_schedule,
     resume_changes,
 )
-from pipeline.training.run_lock import run_lock
+from pipeline.training.run_lock import run_lock, run_lock_file
 from pipeline.training.worker_entry import RunPlan, train_loop_per_worker
 
 
@@ -289,6 +290,9 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
                 if (now and now[1:]) != (resume_from and resume_from[1:]):  # (directory, step)
                     raise ValueError(f"train.run_name: run {name!r} was trained by another job while "
                                      "this one started; run the command again")
+                if not uses_local_ray():  # other nodes see the same files and servers (after the lock: its file is one)
+                    _init_ray(verbose)
+                    check_cluster_reach(run_needs(config, root, run_lock_file(_storage_path(config), name)), printer)
             except ValueError as err:
                 raise RunRefused(str(err)) from err
             if resume_from is not None and locks.keeps_apart(_storage_path(config)):
@@ -406,6 +410,9 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
                 f"{plan.refresh_every_steps} steps",
                 flush=True,
             )
+            if config.train.use_gpu and not config.refresh.num_gpus:
+                printer("note: the refresh actor re-embeds on its CPUs (refresh.num_gpus=0); give it a "
+                        "share of a worker's GPU: train.gpus_per_worker=0.9 refresh.num_gpus=0.1", flush=True)
         result = _fit(trainer, queue, printer)
         if refresh_actor is not None:  # its last refreshes' metrics, before the run is closed
             not_logged += close_refresh_metrics(refresh_actor, uri, run_id, printer)

@@ -23,3 +23,8 @@ def run_lock(storage_path: str, run_name: str, **options):
         ),
         **options,
     )
+
+
+def run_lock_file(storage_path: str, run_name: str) -> str | None:
+    """The file `run_lock` locks with local storage (None with an object store)."""
+    return locks.lock_file(f"{storage_path}/{LOCK_DIR}", run_name)

@@ -520,3 +520,18 @@ def test_a_sweep_another_process_is_running_is_refused_before_ray_starts(tmp_pat
             run_sweep(spec, cli)
     with pytest.raises(AssertionError, match="reached for Ray"):  # ended: this one goes on
         run_sweep(spec, cli)
+
+
+def test_a_trial_s_config_does_not_read_the_preset_file_where_it_runs(tmp_path):
+    """A trial runs on any node of the cluster, where the YAML preset the sweep names (a path on
+    the driver's machine) may not be: its settings travel with the trial, as the driver read them."""
+    from pipeline.config import read_preset
+    from pipeline.sweep.trial import TrialSetup, trial_config
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("loss:\n  name: contrastive\noptim:\n  lr: 0.0042\n")
+    setup = TrialSetup(str(preset), ("train.epochs=3",), "s", "parent", preset_settings=read_preset(str(preset)))
+    preset.unlink()  # (not on this node)
+    config = trial_config(setup, {"loss.name": "contrastive"}, "abc")
+    assert (config.optim.lr, config.train.epochs, config.train.run_name) == (0.0042, 3, "contrastive-abc")
+    assert setup.preset_settings == {"loss": {"name": "contrastive"}, "optim": {"lr": 0.0042}}  # not changed

@@ -12,6 +12,7 @@ from pipeline.config.loading import (
     flatten,
     load_config,
     parse_yaml,
+    read_preset,
 )
 from pipeline.config.settings import Config
 
@@ -28,4 +29,5 @@ __all__ = [
     "flatten",
     "load_config",
     "parse_yaml",
+    "read_preset",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -44,11 +45,14 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then a preset name or YAML path, then `a.b=value` overrides; validated."""
+def load_config(preset_or_path: str | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a preset name or YAML path (or what `read_preset` read from one), then
+    `a.b=value` overrides; validated."""
     raw: dict[str, Any] = {}
-    if preset_or_path:
-        raw = _read_yaml(preset_or_path)
+    if isinstance(preset_or_path, dict):
+        raw = copy.deepcopy(preset_or_path)
+    elif preset_or_path:
+        raw = read_preset(preset_or_path)
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -79,7 +83,9 @@ def _normalize_locations(config: Config) -> None:
             setattr(node, name, normalize_location(value))
 
 
-def _read_yaml(preset_or_path: str) -> dict[str, Any]:
+def read_preset(preset_or_path: str) -> dict[str, Any]:
+    """The settings of a preset name or YAML file, as read (not yet checked): `load_config`
+    takes them in its place, where the file may not be (a sweep trial on another node)."""
     path = Path(preset_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{preset_or_path}.yaml"

@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from pipeline import locks
+from pipeline.config import read_preset
 from pipeline.storage import absolute_location
 from pipeline.sweep import records
 from pipeline.sweep.search import (
@@ -205,7 +206,8 @@ def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: s
     parent_run_id = records.open_parent_run(
         client, base, spec, overrides, experiment_path, sweep_fingerprint(spec, overrides), resume
     )
-    setup = TrialSetup(spec.preset, tuple(overrides + located), spec.name, parent_run_id)
+    setup = TrialSetup(spec.preset, tuple(overrides + located), spec.name, parent_run_id,
+                       preset_settings=read_preset(spec.preset))
     printer(
         f"sweep {spec.name}: {spec.search} search over {', '.join(spec.losses)}, "
         f"{concurrency} trial(s) at a time; Tune experiment {experiment_path}; "

@@ -27,6 +27,9 @@ class TrialSetup:
     """Base settings: the file's fixed ones, the command line's, and where runs and records go."""
     sweep_name: str
     parent_run_id: str
+    preset_settings: dict | None = None
+    """The preset's settings as the sweep's driver read them (`read_preset`): a trial runs on
+    any node, where a YAML preset's path may not be (None: read `preset` there)."""
 
 
 def trial_run_name(loss: str, trial_id: str) -> str:
@@ -40,7 +43,7 @@ def trial_config(setup: TrialSetup, params: dict, trial_id: str) -> Config:
     settings = trial_settings(params)
     name = trial_run_name(settings["loss.name"], trial_id)
     overrides = [*setup.overrides, *(override(k, v) for k, v in settings.items()), override("train.run_name", name)]
-    return load_config(setup.preset, overrides)
+    return load_config(setup.preset if setup.preset_settings is None else setup.preset_settings, overrides)
 
 
 def run_trial(params: dict, setup: TrialSetup) -> None:

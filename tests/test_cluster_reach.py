@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_convert_layouts import build_folders
 from test_job_submit import TINY, LocalRayCluster
 
 from pipeline.config import load_config
@@ -85,7 +86,7 @@ def test_what_a_node_lacks_is_named(tmp_path):
 # ----------------------------------------------------------------------------- on a cluster
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster_without_shared_folder():
     """(cluster, folder): a two-node cluster whose second node sees an empty `folder`."""
     if not _can_unshare():
@@ -118,7 +119,7 @@ def test_a_run_whose_files_the_other_node_lacks_is_refused_before_it_exists(clus
                          capture_output=True, text=True, timeout=300)
     assert job.returncode == 2, job.stdout + job.stderr
     error = job.stderr
-    assert ("error: the run's processes on other nodes of the cluster would not find what it opens:\n"
+    assert ("error: the run's processes on other nodes of the cluster would not find what they open:\n"
             "  node ") in error, error
     for line in (f"train.storage_path: {runs}/.run-locks/", f"data.cache_dir: {data}/",
                  f"train.storage_path: {runs}/mlflow.db is not on this node's disk"):
@@ -155,3 +156,21 @@ def test_a_run_whose_files_the_other_node_lacks_is_refused_before_it_exists(clus
     assert refused.startswith("refused: node ") and refused.endswith(
         f"): model.pretrained: {folder / 'data'} is not on this node's disk"), checked.stdout
     assert os.path.exists(folder / "data")  # (on the head, it is)
+
+
+def test_a_conversion_whose_source_the_other_node_lacks_is_refused_before_it_writes(
+    cluster_without_shared_folder, tmp_path,
+):  # fmt: skip
+    """The encoding tasks read the source on every node; one without it would skip each image
+    it was given as unreadable, and the dataset would silently lack them."""
+    cluster, folder = cluster_without_shared_folder
+    source = build_folders(folder / "src")
+    destination = tmp_path / "out"
+    job = subprocess.run([sys.executable, "-m", "jobs.prepare_data", "folders", str(source), str(destination)],
+                         env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address}, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode == 2, job.stdout + job.stderr
+    assert ("prepare_data: the conversion's encoding tasks on other nodes of the cluster would not find "
+            "what they open:\n  node ") in job.stderr, job.stderr
+    assert f": source: {source}/" in job.stderr and "is not on this node's disk" in job.stderr, job.stderr
+    assert not destination.exists()

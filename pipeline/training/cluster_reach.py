@@ -40,7 +40,7 @@ class Need:
     target: str
 
 
-def _local_path(location: str) -> str | None:
+def local_path(location: str) -> str | None:
     """The absolute local path of a path or file:// URI; None for other URIs (s3://, ...)."""
     if "://" not in location:
         return os.path.abspath(location)
@@ -65,7 +65,7 @@ def tracking_need(uri: str, setting: str) -> Need | None:
         return Need(setting, uri, "server", server)
     if uri.startswith("databricks"):  # MLflow's names for Databricks' hosted stores
         return None
-    path = _local_path(uri)  # a file store (a folder of runs)
+    path = local_path(uri)  # a file store (a folder of runs)
     return None if path is None else Need(setting, uri, "file", path)
 
 
@@ -78,12 +78,12 @@ def run_needs(config, root: str, lock_file: str | None) -> list[Need]:
     needs = []
     if lock_file is not None:
         needs.append(Need("train.storage_path", config.train.storage_path, "file", os.path.abspath(lock_file)))
-    root_path = _local_path(root)
+    root_path = local_path(root)
     if root_path is not None:
         setting = "data.root" if config.data.root else "data.cache_dir"
         shown = config.data.root or config.data.cache_dir
         needs.append(Need(setting, shown, "file", os.path.join(root_path, "metadata.json")))
-    pretrained = config.model.pretrained and _local_path(config.model.pretrained)
+    pretrained = config.model.pretrained and local_path(config.model.pretrained)
     if pretrained:
         needs.append(Need("model.pretrained", config.model.pretrained, "file", pretrained))
     store = tracking_need(tracking.tracking_uri(config), tracking.tracking_setting(config))
@@ -115,7 +115,8 @@ def unmet(needs: list[Need]) -> list[str]:
     return problems
 
 
-def check_cluster_reach(needs: list[Need], printer=print, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def check_cluster_reach(needs: list[Need], printer=print, timeout_s: float = PROBE_TIMEOUT_S,
+                        whose: str = "the run's processes") -> None:
     """Have every live node of the connected Ray cluster check `needs` (`unmet`); raise
     ValueError naming each node and what it lacks. Nothing to do on one node (the driver's,
     which the preflight checked). The driver's own node is asked too: which of a machine's
@@ -145,7 +146,7 @@ def check_cluster_reach(needs: list[Need], printer=print, timeout_s: float = PRO
         ray.cancel(ref, force=True)
     if problems:
         raise ValueError(
-            "the run's processes on other nodes of the cluster would not find what it opens:\n  "
+            f"{whose} on other nodes of the cluster would not find what they open:\n  "
             + "\n  ".join(problems)
             + "\nput local paths on a filesystem every node mounts at the same path, or use s3://, "
             "and name servers by an address every node reaches (not 127.0.0.1 or localhost); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import posixpath
 import time
 from collections.abc import Callable, Iterator
@@ -177,6 +178,21 @@ def check_cpus_per_task(cpus_per_task: float) -> None:
                      f"local Ray has {have}; lower it, or set RAY_ADDRESS to run on a cluster")
 
 
+def _check_nodes_read_the_source(source: str, plan, printer) -> None:
+    """On a cluster the encoding tasks read the source on every node: a local source must be
+    there too (a node without it would skip every image it was given as unreadable). ValueError
+    naming the nodes that lack it (`cluster_reach`), before anything is written."""
+    from pipeline.training.cluster_reach import Need, check_cluster_reach, local_path
+    from pipeline.training.resources import uses_local_ray
+
+    root = local_path(source)
+    first = next((images[0].path for images in plan.splits.values() if images), None)
+    if uses_local_ray() or root is None or first is None:
+        return
+    check_cluster_reach([Need("source", source, "file", os.path.join(root, first))], printer,
+                        whose="the conversion's encoding tasks")
+
+
 def convert_dataset(
     layout: str, source: str, destination: str, options: ConversionOptions | None = None,
     printer=print,
@@ -200,6 +216,7 @@ def convert_dataset(
     )
     started = _init_ray()
     try:
+        _check_nodes_read_the_source(source, plan, printer)
         slots = ray.cluster_resources().get("CPU", 1.0) / options.cpus_per_task
         in_flight = max(2, 2 * int(slots))
         # Tasks read the source themselves: on a cluster they need this process's S3 endpoint.

@@ -164,7 +164,7 @@ def _training_store(config):
     return EncodedImageStore.from_dataset(read_shards(shard_uris(root, "train")).select_columns(["id", "label", "image"]))
 
 
-def _refresh_actor(config, uri: str, run_id: str):
+def _refresh_actor(config, uri: str, run_id: str, resume_state=None):
     """The run's refresh actor as `start_refresh_actor` makes it, logging to `uri`."""
     import numpy as np
     import ray
@@ -173,7 +173,7 @@ def _refresh_actor(config, uri: str, run_id: str):
     from pipeline.refresh.actor import RefreshActor
 
     return ray.remote(RefreshActor).options(max_concurrency=4).remote(
-        config_to_dict(config), _training_store(config), np.zeros(0, np.int64), run_id, uri
+        config_to_dict(config), _training_store(config), np.zeros(0, np.int64), run_id, uri, resume_state
     )
 
 
@@ -190,10 +190,30 @@ def test_an_actor_that_cannot_build_its_model_fails_the_planners_instead_of_leav
     try:
         with pytest.raises(ray.exceptions.RayTaskError) as raised:
             ray.get(actor.plan_tables.remote(0, 0, 0, True), timeout=120)
-        assert "could not build an index: building the model" in str(raised.value)
+        assert "cannot refresh its index: building the model" in str(raised.value)
         assert str(missing) in str(raised.value)
     finally:
         ray.kill(actor, no_restart=True)
+
+    # A resumed run's actor starts from the checkpoint's index: it would serve that one for the
+    # whole run, never refreshed, and hold every step's weights it was sent. It fails instead.
+    healthy = _refresh_actor(_config(tmp_path, []), "", "")
+    try:
+        assert ray.get(healthy.wait_for_index.remote(0, 120.0)) is not None
+        state = ray.get(healthy.get_state.remote())
+    finally:
+        ray.kill(healthy, no_restart=True)
+    resumed = _refresh_actor(_config(tmp_path, [f"model.pretrained={missing}"]), "", "", resume_state=state)
+    try:
+        deadline = time.monotonic() + 120
+        while ray.get(resumed.status.remote())["error"] is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        ray.get(resumed.publish_weights.remote(5, [ray.put({})]))
+        assert ray.get(resumed.__ray_call__.remote(lambda actor: actor.pending)) == []
+        with pytest.raises(ray.exceptions.RayTaskError, match="cannot refresh its index: building the model"):
+            ray.get(resumed.plan_tables.remote(0, 0, 0, False), timeout=60)
+    finally:
+        ray.kill(resumed, no_restart=True)
 
 
 def test_the_actor_gets_the_storage_settings_the_train_workers_get(ray_local, tmp_path):

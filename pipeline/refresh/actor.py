@@ -109,6 +109,9 @@ class RefreshActor:
         self.seen_accuracy: dict[int, float] = {}
         self.history: list[dict] = []
         self.error: str | None = None
+        self.fatal: str | None = None
+        """Why the refresh thread has ended (its model did not build): no index will come, and
+        a restored one would never be refreshed, so planners are failed rather than served."""
         self._images = ReplayCache(self.config.refresh.cache_max_mb * 2**20)
         self.restored_step: int | None = None
         if not self.reconstructed:
@@ -131,6 +134,8 @@ class RefreshActor:
         planning is lagged: then every step's weights are built, once each."""
         entry = (int(step), weights[0], float(sigma2), int(min_version))
         with self.cond:
+            if self.fatal is not None:  # nothing would build it: do not hold its weights
+                return
             if not self.lag:
                 if not self.pending or step >= self.pending[-1][0]:
                     self.pending = [entry]
@@ -172,6 +177,7 @@ class RefreshActor:
             if wait:
                 while self.index is None and self.error is None:
                     self.cond.wait(timeout=1.0)
+            self._raise_if_fatal()
             if self.error is not None and self.index is None:
                 raise RuntimeError(f"the refresh actor could not build an index: {self.error}")
             reply = {"tables": None, "weights": None, "latest_step": self.latest_step}
@@ -202,6 +208,7 @@ class RefreshActor:
         `step`) is replaced by the first one built after it, the same one in every such run,
         `exact` False; by the newest one if none is built or coming (a refresh failed)."""
         with self.cond:
+            self._raise_if_fatal()
             if self.error is not None and self.index is None:
                 raise RuntimeError(f"the refresh actor could not build an index: {self.error}")
             if step in self.built:
@@ -222,6 +229,11 @@ class RefreshActor:
                 return {"tables": tables, "exact": False}
             weights = None if self.pools else self._seed_weights()
             return {"tables": self._tables_of(self.index, weights, self.loss_stamp), "exact": False}
+
+    def _raise_if_fatal(self) -> None:
+        # Under the lock.
+        if self.fatal is not None:
+            raise RuntimeError(f"the refresh actor cannot refresh its index: {self.fatal}")
 
     def _lagged_tables_upto(self, step: int):
         # Under the lock. Fixes the tables of every built index up to `step` in step order, each
@@ -363,7 +375,8 @@ class RefreshActor:
             import traceback
 
             with self.cond:
-                self.error = f"building the model: {type(err).__name__}: {err}"
+                self.error = self.fatal = f"building the model: {type(err).__name__}: {err}"
+                self.pending.clear()
                 self.cond.notify_all()
             traceback.print_exc()
             return

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 RUN_NAME_TAG = "pipeline.run_name"
 MODEL_LOGGED_TAG = "pipeline.model_logged"
@@ -30,12 +31,14 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 def local_store_dir(config) -> Path:
     """Directory of the default local MLflow store's database. For `s3://bucket/prefix` storage
     it is `runs/s3/bucket/prefix` under the working directory: one store per storage location,
-    so its experiments keep their artifacts in that location."""
+    so its experiments keep their artifacts in that location. A local path or `file://` URI
+    holds its own store."""
     storage = config.train.storage_path
-    if "://" in storage:
+    if "://" in storage and urlsplit(storage).scheme != "file":
         scheme, rest = storage.split("://", 1)
         return Path("runs", scheme, *rest.strip("/").split("/")).resolve()
-    return Path(storage).resolve()
+    # A local path, or file:// naming one: the store sits in the storage itself.
+    return Path(urlsplit(storage).path if "://" in storage else storage).resolve()
 
 
 def tracking_uri(config) -> str:

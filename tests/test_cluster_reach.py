@@ -59,6 +59,11 @@ def test_a_run_needs_its_local_files_and_servers_on_every_node(tmp_path, monkeyp
         Need("tracking.tracking_uri", "https://mlflow.internal", "server", "mlflow.internal:443"),
         Need("storage.s3_endpoint_url", "http://minio.internal:9000", "server", "minio.internal:9000"),
     ]
+    # file:// storage holds its own store, as the same plain path does (it was under the
+    # driver's working directory, which the other nodes do not have).
+    as_uri = load_config("local", [f"train.storage_path=file://{tmp_path / 'runs'}"])
+    store, = (need for need in run_needs(as_uri, "s3://b/data", None) if need.target.endswith("mlflow.db"))
+    assert store.target == str(tmp_path / "runs" / "mlflow.db")
     assert tracking_need(f"sqlite:///{tmp_path}/m.db", "x").kind == "file"
     assert tracking_need("databricks", "x") is None
 

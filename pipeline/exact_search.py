@@ -114,7 +114,9 @@ def faiss_to_gpu(index):
     its node, and would put a copy and faiss's scratch memory on each of theirs."""
     import faiss
 
-    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    # (torch's current device only where torch already uses CUDA: asking would create a
+    # context of some hundred MB in a process where only faiss does)
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
     return faiss.index_cpu_to_gpus_list(index, gpus=[device])
 
 

@@ -1,5 +1,5 @@
 """On a cluster, the run's other nodes must see its local files and reach its servers: checked
-from those nodes before the run is created (`pipeline.training.cluster_reach`).
+from those nodes before the run is created (`pipeline.cluster_reach`).
 
 The cluster is two `ray start` nodes on this machine (the job-submit test's), the second started
 in a mount namespace of its own with an empty tmpfs over one folder: to it, what the driver
@@ -22,8 +22,8 @@ import pytest
 from test_convert_layouts import build_folders
 from test_job_submit import TINY, LocalRayCluster
 
+from pipeline.cluster_reach import Need, run_needs, tracking_need, unmet
 from pipeline.config import load_config
-from pipeline.training.cluster_reach import Need, run_needs, tracking_need, unmet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,9 @@ def test_a_run_needs_its_local_files_and_servers_on_every_node(tmp_path, monkeyp
     assert tracking_need("databricks", "x") is None
 
 
-def test_what_a_node_lacks_is_named(tmp_path):
+def test_what_a_node_lacks_is_named(tmp_path, monkeypatch):
+    for variable in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
     there = tmp_path / "there"
     there.write_text("")
     with socket.socket() as listening, socket.socket() as closed:
@@ -86,6 +88,11 @@ def test_what_a_node_lacks_is_named(tmp_path):
         f"model.pretrained: {tmp_path / 'missing'} is not on this node's disk",
         f"tracking.tracking_uri: http://{dead} does not answer from this node (Connection refused)",
     ]
+    # Through a proxy (MLflow and boto use the environment's), a direct connection proves
+    # nothing either way: not checked.
+    monkeypatch.setenv("http_proxy", "http://proxy.internal:3128")
+    monkeypatch.setenv("no_proxy", "")
+    assert unmet([Need("tracking.tracking_uri", f"http://{dead}", "server", dead)]) == []
 
 
 # ----------------------------------------------------------------------------- on a cluster
@@ -145,7 +152,7 @@ def test_a_run_whose_files_the_other_node_lacks_is_refused_before_it_exists(clus
         hidden = [("model.pretrained", "w", "file", str(folder / "data"))]
         script = (
             "import json, sys, ray\n"
-            "from pipeline.training.cluster_reach import Need, check_cluster_reach\n"
+            "from pipeline.cluster_reach import Need, check_cluster_reach\n"
             "ray.init()\n"
             "for needs in json.loads(sys.argv[1]):\n"
             "    try:\n"

@@ -125,16 +125,31 @@ def test_torch_search_on_cuda_equals_the_float64_brute_force():
     np.testing.assert_allclose(distances, expected_d, rtol=1e-4, atol=1e-3)
 
 
-def test_faiss_kmeans_is_faiss_s_kmeans_on_the_cpu():
-    """`faiss_kmeans` (which moves only the assignment index to this process's GPU, when asked)
-    is faiss's own k-means: the same centroids for the same seed."""
+def test_faiss_gpu_copies_go_to_this_process_s_own_gpu(monkeypatch):
+    """The exact index and k-means's assignment index go to one GPU, torch's current device
+    (device 0 where torch has not started CUDA), through faiss's `index_cpu_to_gpus_list`;
+    faiss's `index_cpu_to_all_gpus` and `Kmeans(gpu=True)` would put a copy on every GPU the
+    process sees, the other ranks' on a node included. (faiss-gpu is not here: its cloner is
+    replaced by one that records the devices and keeps the CPU index.)"""
     import faiss
 
     from pipeline.exact_search import faiss_kmeans
 
+    asked = []
+
+    def to_gpus(index, co=None, gpus=None, ngpu=-1):
+        asked.append(list(gpus))
+        return index
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpus_list", to_gpus)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda *a, **k: pytest.fail("all GPUs"))
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
     points = np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32)
-    ours = faiss_kmeans(8, 7, on_gpu=False, niter=10, seed=3, verbose=False)
-    theirs = faiss.Kmeans(8, 7, niter=10, seed=3, verbose=False)
-    ours.train(points)
-    theirs.train(points)
-    np.testing.assert_array_equal(ours.centroids, theirs.centroids)
+    index = flat_l2_index(points, use_gpu=True, k=5)
+    assert index.ntotal == 500 and asked == [[0]]
+    kmeans = faiss_kmeans(8, 7, on_gpu=True, niter=10, seed=3, verbose=False)
+    kmeans.train(points)
+    assert asked == [[0], [0]]
+    reference = faiss.Kmeans(8, 7, niter=10, seed=3, verbose=False)  # (same algorithm, same seed)
+    reference.train(points)
+    np.testing.assert_array_equal(kmeans.centroids, reference.centroids)

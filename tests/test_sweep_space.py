@@ -243,7 +243,11 @@ def test_concurrency_follows_the_clusters_resources(tmp_path):
         trial_concurrency(configs, {"CPU": 2.0})
     # A cluster whose autoscaler has not started its nodes yet (cluster.yaml: a CPU-0 head and
     # min_workers 0): the sweep file's number is used, and Tune's trials wait for the nodes.
-    assert trial_concurrency(configs, {"CPU": 0.0}, 3, nodes_may_come=True) == 3
+    said = []
+    assert trial_concurrency(configs, {"CPU": 0.0}, 3, nodes_may_come=True, printer=lambda *a, **k: said.append(a)) == 3
+    assert said == [("warning: a trial needs 2.75 CPU but the cluster has 0 now: the sweep's 3 trial(s) wait for "
+                     "the nodes an autoscaler starts; on a cluster of fixed size they would wait for ever (stop "
+                     "the sweep)",)]
     with pytest.raises(SweepError, match="the cluster has 0; on an autoscaling cluster .* set max_concurrent_trials"):
         trial_concurrency(configs, {"CPU": 0.0}, nodes_may_come=True)
     # Magnet: each rank has its own decode actors, and the refresh actor has 0.5 CPU:

@@ -53,8 +53,8 @@ class SoftTripleLoss(MetricLoss):
 
     def class_similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
         """S' [N, C]: each class's similarity, a softmax(1/gamma)-weighted mean over its centers."""
-        # Compute in the wider of the two dtypes: bf16 embeddings from autocast meet float32
-        # centers in float32, and float64 reference tests stay in float64.
+        # Compute in the wider of the two dtypes: float32 embeddings (EmbeddingNet's, under
+        # autocast too) meet float32 centers, and float64 reference tests stay in float64.
         dtype = torch.promote_types(embeddings.dtype, self.centers.dtype)
         x = F.normalize(embeddings.to(dtype), dim=1)
         similarity = (x @ self._normalised_centers(dtype).T).view(

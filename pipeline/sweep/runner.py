@@ -12,7 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from pipeline import locks
-from pipeline.config import read_preset
+from pipeline.config import ConfigError, read_preset
 from pipeline.storage import absolute_location
 from pipeline.sweep import records
 from pipeline.sweep.search import (
@@ -86,7 +86,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], *, resume: bool = False
     The storage settings (S3 endpoint, retries) are in this process's environment only while
     it runs, so a caller in the same process does not inherit them afterwards."""
     from pipeline import storage as storage_settings
-    from pipeline.config.loading import ConfigError, load_config
+    from pipeline.config.loading import load_config
 
     check_search_available(spec)
     overrides = base_overrides(spec, cli_overrides)
@@ -109,7 +109,7 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     from ray import tune
 
     from pipeline import tracking
-    from pipeline.training.cluster_reach import run_needs
+    from pipeline.cluster_reach import run_needs
     from pipeline.training.driver import PreflightCache, preflight
     from pipeline.training.resources import local_resources, uses_local_ray
 
@@ -174,8 +174,8 @@ def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: s
     from ray import tune
 
     from pipeline import tracking
+    from pipeline.cluster_reach import check_cluster_reach
     from pipeline.sweep.progress import SweepProgress
-    from pipeline.training.cluster_reach import check_cluster_reach
     from pipeline.training.driver import _init_ray
     from pipeline.training.resources import uses_local_ray
 
@@ -192,22 +192,25 @@ def _run_held(spec: SweepSpec, overrides: list[str], configs, experiment_path: s
 
     import ray
 
-    # Before the parent run is opened: a cluster that cannot hold a trial, or whose other nodes
-    # lack the trials' files or servers, leaves no run behind.
+    # Before the parent run is opened: a preset that no longer reads, a cluster that cannot hold
+    # a trial, or whose other nodes lack the trials' files or servers, leaves no run behind.
+    try:
+        preset_settings = read_preset(spec.preset)
+    except ConfigError as err:
+        raise SweepError(f"{spec.path}: preset: {err}") from err
     _init_ray(verbose)
-    if not uses_local_ray():
-        try:
-            check_cluster_reach(reach, printer)
-        except ValueError as err:
-            raise SweepError(str(err)) from err
+    try:
+        check_cluster_reach(reach, printer)
+    except ValueError as err:
+        raise SweepError(str(err)) from err
     concurrency = trial_concurrency(configs, ray.cluster_resources(), spec.max_concurrent_trials,
-                                    nodes_may_come=not uses_local_ray())
+                                    nodes_may_come=not uses_local_ray(), printer=printer)
     client = MlflowClient(uri)
     parent_run_id = records.open_parent_run(
         client, base, spec, overrides, experiment_path, sweep_fingerprint(spec, overrides), resume
     )
     setup = TrialSetup(spec.preset, tuple(overrides + located), spec.name, parent_run_id,
-                       preset_settings=read_preset(spec.preset))
+                       preset_settings=preset_settings)
     printer(
         f"sweep {spec.name}: {spec.search} search over {', '.join(spec.losses)}, "
         f"{concurrency} trial(s) at a time; Tune experiment {experiment_path}; "

@@ -427,13 +427,20 @@ def resource_need(config: Config) -> dict[str, float]:
 
 
 def trial_concurrency(configs: list[Config], cluster: dict[str, float], requested: int = 0,
-                      *, nodes_may_come: bool = False) -> int:
+                      *, nodes_may_come: bool = False, printer=print) -> int:
     """How many trials run at once: as many as the cluster's CPUs and GPUs hold for the most
     demanding trial config (or `requested`, if smaller). GPU shares are packed as Ray places
     them (`gpu_requests_fit`), not summed. Raises when not even one fits, unless
-    `nodes_may_come` (a cluster whose autoscaler starts nodes for waiting trials) and the sweep
-    file asked for a number (`requested`), which is then used."""
-    from pipeline.training.resources import gpu_requests, gpu_requests_fit
+    `nodes_may_come` (a cluster, whose autoscaler may start nodes for waiting trials) and the
+    sweep file asked for a number (`requested`): that is used, and `printer` warns that on a
+    cluster of fixed size the trials would wait for ever."""
+    from pipeline.training.resources import GPU_PACKING, gpu_requests, gpu_requests_fit
+
+    def wait_for_nodes(shortfall: str) -> int:
+        printer(f"warning: {shortfall}: the sweep's {requested} trial(s) wait for the nodes an "
+                "autoscaler starts; on a cluster of fixed size they would wait for ever (stop the "
+                "sweep)", flush=True)
+        return requested
 
     need = {
         kind: max(resource_need(c)[kind] for c in configs) for kind in ("CPU", "GPU")
@@ -445,7 +452,7 @@ def trial_concurrency(configs: list[Config], cluster: dict[str, float], requeste
         have = cluster.get(kind, 0.0)
         if have + 1e-9 < amount:
             if nodes_may_come and requested:
-                return requested
+                return wait_for_nodes(f"a trial needs {amount:g} {kind} but the cluster has {have:g} now")
             raise SweepError(
                 f"a trial needs {amount:g} {kind} (driver, workers, decode and refresh actors) "
                 f"but the cluster has {have:g}" + (
@@ -462,15 +469,11 @@ def trial_concurrency(configs: list[Config], cluster: dict[str, float], requeste
             trials = 0
             while trials < math.floor(gpus / sum(requests) + 1e-9) and gpu_requests_fit(requests * (trials + 1), gpus):
                 trials += 1
+            shortfall = f"a trial's GPU shares {requests} do not fit on the cluster's {gpus} GPUs"
             if trials == 0 and nodes_may_come and requested:
-                return requested
+                return wait_for_nodes(shortfall)
             if trials == 0:
-                raise SweepError(
-                    f"a trial's GPU shares {requests} do not fit on the cluster's "
-                    f"{cluster.get('GPU', 0):g} GPUs: Ray never splits a share across GPUs, and the "
-                    "refresh actor shares a worker's GPU only when refresh.num_gpus <= 1 - "
-                    "train.gpus_per_worker"
-                )
+                raise SweepError(f"{shortfall}: {GPU_PACKING}")
             fits.append(trials)
     derived = max(1, min(fits))
     return min(derived, requested) if requested else derived

@@ -12,6 +12,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from pipeline import locks
+from pipeline.cluster_reach import check_cluster_reach, run_needs
 from pipeline.config import Config, config_digest, config_to_dict, config_to_yaml
 from pipeline.data.format import (
     DatasetMetadata,
@@ -29,7 +30,6 @@ from pipeline.training.checkpoint import (
     registered_checkpoint,
     unregistered_checkpoints,
 )
-from pipeline.training.cluster_reach import check_cluster_reach, run_needs
 from pipeline.training.resources import check_fits_locally, local_resources, uses_local_ray
 from pipeline.training.resume import (
     check_recorded_run,

@@ -37,11 +37,17 @@ def gpu_requests(config: Config) -> list[float]:
     return refresh + ([config.train.gpus_per_worker] * config.train.num_workers if config.train.use_gpu else [])
 
 
+GPU_PACKING = ("Ray never splits a share across GPUs, and the refresh actor shares a worker's GPU "
+               "only when refresh.num_gpus <= 1 - train.gpus_per_worker")
+"""Why GPU shares that sum to few enough GPUs may not fit, for messages."""
+
+
 def gpu_requests_fit(requests: list[float], gpus: int) -> bool:
     """Whether Ray can place `requests`, in order, on `gpus` GPUs. Ray never splits a fraction
     across GPUs: it must fit in what one GPU has left; a whole number takes that many unused
-    GPUs. Placed first fit, as Ray's scheduler does; so 2 workers of 0.75 and a refresh actor
-    of 0.5 need 3 GPUs, though their shares sum to 2."""
+    GPUs. Each share goes to the first GPU with room (Ray may choose another, but for a run's
+    shares, equal worker shares above half a GPU and one actor share, the answer is the same);
+    so 2 workers of 0.75 and a refresh actor of 0.5 need 3 GPUs, though their shares sum to 2."""
     free = [1.0] * int(gpus)
     for request in requests:
         if request >= 1:
@@ -90,9 +96,7 @@ def check_fits_locally(config: Config, have: dict[str, float]) -> None:
         if need["GPU"] > have["GPU"] + 1e-9:
             problem = f"the run needs {need['GPU']:g} GPUs ({shares}) but this machine has {have['GPU']:g}"
         else:
-            problem = (f"the run's GPU shares ({shares}) do not fit on this machine's {have['GPU']:g} GPUs: Ray "
-                       "never splits a share across GPUs, and the refresh actor shares a worker's GPU only "
-                       "when refresh.num_gpus <= 1 - train.gpus_per_worker")
+            problem = f"the run's GPU shares ({shares}) do not fit on this machine's {have['GPU']:g} GPUs: {GPU_PACKING}"
         raise ValueError(f"train.use_gpu: {problem}; set train.use_gpu=false or fewer workers, or set "
                          "RAY_ADDRESS to run on a cluster")
     if need["CPU"] > have["CPU"] + 1e-9:

@@ -182,12 +182,11 @@ def _check_nodes_read_the_source(source: str, plan, printer) -> None:
     """On a cluster the encoding tasks read the source on every node: a local source must be
     there too (a node without it would skip every image it was given as unreadable). ValueError
     naming the nodes that lack it (`cluster_reach`), before anything is written."""
-    from pipeline.training.cluster_reach import Need, check_cluster_reach, local_path
-    from pipeline.training.resources import uses_local_ray
+    from pipeline.cluster_reach import Need, check_cluster_reach, local_path
 
     root = local_path(source)
     first = next((images[0].path for images in plan.splits.values() if images), None)
-    if uses_local_ray() or root is None or first is None:
+    if root is None or first is None:
         return
     check_cluster_reach([Need("source", source, "file", os.path.join(root, first))], printer,
                         whose="the conversion's encoding tasks")

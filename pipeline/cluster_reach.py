@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -107,6 +108,8 @@ def unmet(needs: list[Need]) -> list[str]:
                 problems.append(f"{need.setting}: {need.target} is not on this node's disk")
             continue
         host, port = need.target.rsplit(":", 1)
+        if _through_proxy(need.shown, host):  # MLflow and boto go through it: a direct
+            continue  # connection says nothing
         try:
             socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as err:
@@ -115,17 +118,28 @@ def unmet(needs: list[Need]) -> list[str]:
     return problems
 
 
+def _through_proxy(url: str, host: str) -> bool:
+    """Whether this node reaches `url` through an HTTP(S) proxy (its environment's)."""
+    scheme = urlsplit(url).scheme
+    proxies = urllib.request.getproxies()
+    return scheme in proxies and not urllib.request.proxy_bypass(host)
+
+
 def check_cluster_reach(needs: list[Need], printer=print, timeout_s: float = PROBE_TIMEOUT_S,
                         whose: str = "the run's processes") -> None:
-    """Have every live node of the connected Ray cluster check `needs` (`unmet`); raise
-    ValueError naming each node and what it lacks. Nothing to do on one node (the driver's,
-    which the preflight checked). The driver's own node is asked too: which of a machine's
-    nodes a driver attaches to is Ray's choice, and a node there answers at once."""
+    """On a cluster (RAY_ADDRESS; Ray connected), have every live node that has CPUs (where the
+    run's processes can go) check `needs` (`unmet`); raise ValueError naming each node and what
+    it lacks. Nothing to do on a local Ray, or when the only such node is the driver's own (the
+    preflight checked it). The driver's node is asked too when there are others: which of a
+    machine's nodes a driver attaches to is Ray's choice, and a node there answers at once."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [node for node in ray.nodes() if node["Alive"]]
-    if not needs or len(nodes) < 2:
+    from pipeline.training.resources import uses_local_ray
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    if uses_local_ray() or not needs or not nodes or [node["NodeID"] for node in nodes] == [here]:
         return
     probe = ray.remote(num_cpus=0, max_retries=0)(unmet)
     asked = {

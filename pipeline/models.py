@@ -83,7 +83,7 @@ class EmbeddingNet(nn.Module):
         # The projection and normalisation in float32 under bf16 autocast too: the embedding's
         # 8-bit bf16 mantissa would tie near neighbours that retrieval and mining must order.
         with torch.autocast(features.device.type, enabled=False):
-            x = self.head(features.float())
+            x = self.head(features.to(self.head.weight.dtype))  # (float32, or a float64 model's)
         return F.normalize(x, dim=1) if self.normalize else x
 
 

@@ -150,7 +150,6 @@ def hard_negative_pools(
 def _search_index(vectors, description, search_params, use_gpu, k):
     """The kNN index over `vectors`: trained if it needs it, on the GPUs when asked and able
     (the exact search through pipeline.exact_search: faiss-gpu, else torch's CUDA device)."""
-
     if description == EXACT_INDEX and not search_params:
         return flat_l2_index(vectors, use_gpu=use_gpu, k=k)
     index = pool_search_index(vectors.shape[1], description, search_params)

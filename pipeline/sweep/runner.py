@@ -148,9 +148,10 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
     # The sweep's lock while this driver runs it, taken after the checks that write nothing: a
     # sweep of this name started meanwhile is running (refused) or has written its experiment
     # (the name is checked again under the lock).
+    lock_location = f"{storage}/{LOCK_DIR}"
     held = contextlib.ExitStack()
     try:
-        held.enter_context(locks.exclusive(f"{storage}/{LOCK_DIR}", spec.name, lambda holder: (
+        held.enter_context(locks.exclusive(lock_location, spec.name, lambda holder: (
             f"a sweep named {spec.name!r} is being run by {holder}; wait for it to end (or stop "
             "it), or give the sweep another name"
         )))
@@ -158,8 +159,9 @@ def _run_sweep(spec: SweepSpec, overrides: list[str], *, resume: bool, verbose: 
         raise SweepError(str(err)) from err
     with held:
         check_name()
+        lock_file = locks.lock_file(lock_location, spec.name)  # (a node that sees it shares the storage)
         reach = {need for config, root in zip(configs, roots, strict=True)
-                 for need in run_needs(config, root, locks.lock_file(f"{storage}/{LOCK_DIR}", spec.name))}
+                 for need in run_needs(config, root, lock_file)}
         return _run_held(spec, overrides, configs, experiment_path, tune_experiment, tune_storage,
                          tune_filesystem, resume=resume, verbose=verbose, printer=printer,
                          reach=sorted(reach, key=lambda need: (need.setting, need.target)))

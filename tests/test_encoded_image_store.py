@@ -37,6 +37,28 @@ def test_an_id_gives_its_own_bytes_and_label(ray_local):
     np.testing.assert_array_equal(store.classes[store.labels], expected)
 
 
+def test_indexing_leaves_the_images_in_the_object_store(ray_local, monkeypatch):
+    """The driver indexes the split from each block's ids and labels alone: fetching the blocks
+    themselves would copy every encoded image to the head node and into the driver's memory."""
+    import ray
+
+    fetched = []
+    real_get = ray.get
+
+    def recording_get(refs, *args, **kwargs):
+        values = real_get(refs, *args, **kwargs)
+        fetched.extend(values if isinstance(values, list) else [values])
+        return values
+
+    monkeypatch.setattr(ray, "get", recording_get)
+    ids = np.array([5, 2, 7, 0, 3, 6, 1, 4])
+    store = EncodedImageStore.from_dataset(_dataset(ids, ids % 3))
+
+    assert fetched, "the store was indexed without asking the object store"
+    assert not any(isinstance(value, pa.Table) for value in fetched), "a whole block reached the driver"
+    np.testing.assert_array_equal(store.classes[store.labels], np.arange(8) % 3)
+
+
 def test_ids_with_a_gap_are_refused(ray_local):
     ids = np.array([0, 1, 2, 3, 4, 5, 6, 9])  # 7 and 8 missing
     with pytest.raises(ValueError, match=r"example ids must be dense 0\.\.7; found id 9"):

@@ -39,23 +39,30 @@ class EncodedImageStore:
 
     @classmethod
     def from_dataset(cls, dataset) -> EncodedImageStore:
-        """Materialise a Ray Dataset of (id, label, image) rows and index it by id."""
+        """Materialise a Ray Dataset of (id, label, image) rows and index it by id.
+
+        Only each block's ids and labels come to the caller (the driver), read by a task
+        beside the block: the encoded images stay in the object store, so the driver's memory
+        and the head node's network do not grow with the training split's bytes.
+        """
         import ray
 
         refs = dataset.to_arrow_refs()
-        tables = ray.get(refs)
-        num = sum(t.num_rows for t in tables)
+        # Zero CPUs: a few column reads, which must not wait behind a run's reserved CPUs. Ray
+        # resolves each block where its task runs, and prefers the node that holds it.
+        read_columns = ray.remote(num_cpus=0)(_ids_and_labels)
+        columns = ray.get([read_columns.remote(ref) for ref in refs])
+        num = sum(len(ids) for ids, _ in columns)
         block_of = np.full(num, -1, dtype=np.int32)
         row_of = np.zeros(num, dtype=np.int64)
         raw_labels = np.zeros(num, dtype=np.int64)
-        for b, table in enumerate(tables):
-            ids = table.column("id").to_numpy()
+        for b, (ids, block_labels) in enumerate(columns):
             outside = ids[(ids < 0) | (ids >= num)]
             if outside.size:
                 raise ValueError(f"example ids must be dense 0..{num - 1}; found id {outside[0]}")
             block_of[ids] = b
             row_of[ids] = np.arange(len(ids))
-            raw_labels[ids] = table.column("label").to_numpy()
+            raw_labels[ids] = block_labels
         if (block_of < 0).any():
             missing = np.flatnonzero(block_of < 0)[:5].tolist()
             raise ValueError(f"example ids are not dense: ids such as {missing} are missing")
@@ -76,6 +83,12 @@ class EncodedImageStore:
             return columns[block_of[i]][int(row_of[i])].as_py()
 
         return encoded
+
+
+def _ids_and_labels(table) -> tuple[np.ndarray, np.ndarray]:
+    """A block's id and label columns, as int64 arrays."""
+    return (table.column("id").to_numpy().astype(np.int64, copy=False),
+            table.column("label").to_numpy().astype(np.int64, copy=False))
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:

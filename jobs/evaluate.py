@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from pipeline.config import ConfigError
+from pipeline.serving import add_device_flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="rank data.test_split's images against this split (In-Shop: query vs gallery)",
     )
+    add_device_flag(parser)
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's own logs and progress bars"
     )
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_location(args.checkpoint, "checkpoint")  # a mistyped URI would be a local folder
         summary = evaluate_checkpoint(
-            args.checkpoint, args.overrides, gallery_split=args.gallery_split, verbose=args.verbose
+            args.checkpoint, args.overrides, gallery_split=args.gallery_split, device=args.device,
+            verbose=args.verbose,
         )
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.serving import add_device_flag
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--actors", type=int, default=0, help="embedding actors (default: one per GPU, or one)"
     )
+    add_device_flag(parser)
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's own logs and progress bars"
     )
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             index_description=args.index_description,
             batch_size=args.batch_size,
             actors=args.actors,
+            device=args.device,
             verbose=args.verbose,
         )
     except (ValueError, FileExistsError) as err:  # bad input, named in the message

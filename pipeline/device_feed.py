@@ -102,6 +102,14 @@ class DeviceFeed:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
 
+def granted_device(gpu_ids: list, cuda_available: bool) -> torch.device:
+    """A Ray actor's torch device: the GPU Ray gave it (`ray.get_gpu_ids()`), else the CPU. A GPU
+    it merely sees belongs to someone else: Ray does not hide a node's GPUs from an actor that
+    asked for none, and using one would take memory and time promised to another process (a
+    Train worker, another embedding actor)."""
+    return torch.device("cuda" if gpu_ids and cuda_available else "cpu")
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast precision of every forward pass on `device`: bfloat16 on a GPU, none (float32)
     on the CPU. Training, its evaluation, the refresh actor and `jobs.evaluate` / export all

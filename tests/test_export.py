@@ -240,6 +240,40 @@ def test_a_dataset_root_that_is_a_file_and_bad_export_sizes_are_named_before_ray
     assert not (tmp_path / "out").exists()
 
 
+def test_the_embedding_actors_run_where_device_says():
+    """`auto` follows the GPUs up now; `gpu` asks for one per actor even when none is up (an
+    autoscaling cluster then adds GPU nodes, where `auto` would settle for CPUs)."""
+    from pipeline.serving.embedding import CPU_ACTOR_CPUS, embedding_actors
+
+    on_cpus = {"num_gpus": 0, "num_cpus": CPU_ACTOR_CPUS}
+    assert embedding_actors("auto", 0, gpus_up=0) == {"size": 1, **on_cpus}
+    assert embedding_actors("auto", 0, gpus_up=4) == {"size": 4, "num_gpus": 1, "num_cpus": 1}
+    assert embedding_actors("gpu", 0, gpus_up=0) == {"size": 1, "num_gpus": 1, "num_cpus": 1}
+    assert embedding_actors("gpu", 3, gpus_up=0) == {"size": 3, "num_gpus": 1, "num_cpus": 1}
+    assert embedding_actors("cpu", 0, gpus_up=4) == {"size": 1, **on_cpus}
+    assert embedding_actors("cpu", 6, gpus_up=4) == {"size": 6, **on_cpus}
+    with pytest.raises(ValueError, match=r"^--device: 'tpu' is not one of auto, gpu, cpu$"):
+        embedding_actors("tpu", 0, gpus_up=0)
+
+
+def test_device_gpu_without_a_gpu_is_refused_before_ray(trained, tmp_path, capsys, monkeypatch, ray_must_not_start):
+    """A local Ray without a GPU would leave GPU actors waiting for ever."""
+    import torch
+
+    from jobs.evaluate import main as evaluate_main
+    from jobs.export_embeddings import main as export_main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device gpu is satisfiable here")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    says = "error: --device gpu: this machine has no GPU for the embedding actors; use --device auto or cpu"
+    assert export_main([str(trained["checkpoint"]), trained["dataset"], str(tmp_path / "out"), "--device", "gpu"]) == 2
+    assert capsys.readouterr().err.startswith(says)
+    assert not (tmp_path / "out").exists()
+    assert evaluate_main([str(trained["checkpoint"]), "--device", "gpu"]) == 2
+    assert capsys.readouterr().err.startswith(says)
+
+
 def test_an_export_into_a_directory_another_export_is_writing_is_refused_before_ray(
     trained, tmp_path, ray_must_not_start,
 ):  # fmt: skip
@@ -300,6 +334,8 @@ def test_export_and_evaluate_jobs(ray_local, trained, tmp_path, monkeypatch):
                 str(out),
                 "--storage-path",
                 str(trained["root"] / "runs"),
+                "--device",
+                "cpu",
             ]
         )
         == 0

@@ -290,8 +290,8 @@ def test_a_failed_run_s_refresh_actor_sends_what_an_outage_held_before_it_is_kil
 def test_the_actor_uses_a_gpu_only_when_ray_gave_it_one():
     """Ray leaves a node's GPUs visible to an actor that asked for none (refresh.num_gpus=0,
     the default): those GPUs are the Train workers', so the actor embeds on its CPUs."""
-    from pipeline.refresh.actor import refresh_device
+    from pipeline.device_feed import granted_device
 
-    assert refresh_device([], cuda_available=True).type == "cpu"
-    assert refresh_device(["0"], cuda_available=True).type == "cuda"
-    assert refresh_device(["0"], cuda_available=False).type == "cpu"
+    assert granted_device([], cuda_available=True).type == "cpu"
+    assert granted_device(["0"], cuda_available=True).type == "cuda"
+    assert granted_device(["0"], cuda_available=False).type == "cpu"

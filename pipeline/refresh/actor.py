@@ -47,15 +47,6 @@ def refresh_actor_name(run_name: str) -> str:
     return f"dml-refresh-{run_name}"
 
 
-def refresh_device(gpu_ids: list, cuda_available: bool):
-    """The actor's torch device: the GPU Ray gave it (refresh.num_gpus > 0), else the CPU. A GPU
-    it merely sees is a Train worker's: Ray does not hide a node's GPUs from an actor that asked
-    for none, and using it would take memory and time the worker was promised."""
-    import torch
-
-    return torch.device("cuda" if gpu_ids and cuda_available else "cpu")
-
-
 class RefreshActor:
     """Holds the cluster index and the per-example losses of one run (a threaded Ray actor)."""
 
@@ -364,10 +355,11 @@ class RefreshActor:
         import ray
         import torch
 
+        from pipeline.device_feed import granted_device
         from pipeline.models import build_model
 
         torch.set_num_threads(max(1, int(self.config.refresh.num_cpus)))
-        device = refresh_device(ray.get_gpu_ids(), torch.cuda.is_available())
+        device = granted_device(ray.get_gpu_ids(), torch.cuda.is_available())  # refresh.num_gpus
         torch.manual_seed(self.config.train.seed)
         try:
             model = build_model(self.config.model).to(device).eval()

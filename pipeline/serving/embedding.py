@@ -1,5 +1,5 @@
-"""Embed a dataset split with Ray Data batch inference: one model per actor, on a GPU when the
-cluster has GPUs, else on fractional CPUs.
+"""Embed a dataset split with Ray Data batch inference: one model per actor, on a GPU each when
+the cluster has GPUs (or `--device gpu` asks for them), else on fractional CPUs.
 
 Images get the evaluation transform the model was trained with (resize, center crop), so an
 exported embedding is exactly what the training run's evaluation computed.
@@ -12,12 +12,24 @@ import pyarrow as pa
 import torch
 
 from pipeline.data.decoding import decode_rgb, eval_transform
-from pipeline.device_feed import autocast_dtype
+from pipeline.device_feed import autocast_dtype, granted_device
+from pipeline.serving import DEVICES
 
 EMBEDDING_COLUMN = "embedding"
 """Fixed-size list of float32 per row, beside `id` and `label`."""
 CPU_ACTOR_CPUS = 0.5
 """CPUs each embedding actor reserves when there is no GPU (fractions share small machines)."""
+
+
+def embedding_actors(device: str, actors: int, gpus_up: int) -> dict:
+    """The actor pool `embed_split` asks Ray Data for: its `size`, and `num_gpus` / `num_cpus`
+    per actor. `actors` = 0 means one per GPU up (at least one), or one on CPUs."""
+    if device not in DEVICES:
+        raise ValueError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
+    on_gpu = device == "gpu" or (device == "auto" and gpus_up > 0)
+    if on_gpu:
+        return {"size": actors or max(1, gpus_up), "num_gpus": 1, "num_cpus": 1}
+    return {"size": actors or 1, "num_gpus": 0, "num_cpus": CPU_ACTOR_CPUS}
 
 
 def start_ray(verbose: bool = False) -> None:
@@ -47,7 +59,8 @@ class EmbedImages:
 
         from pipeline.models import EmbeddingNet
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # The GPU Ray gave this actor: a CPU actor on a GPU node sees the node's GPUs too.
+        self.device = granted_device(ray.get_gpu_ids(), torch.cuda.is_available())
         if self.device.type == "cpu":
             torch.set_num_threads(1)
         self.model = EmbeddingNet(**model_config)
@@ -82,32 +95,38 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 
-def check_actors_fit_locally(actors: int, flag: str = "--actors") -> None:
-    """Raise ValueError naming `flag` when a local Ray (no RAY_ADDRESS) cannot hold `actors`
-    embedding actors (`embed_split`'s: a GPU each, else `CPU_ACTOR_CPUS`) and a read task: Ray
-    Data would wait for ever for the actors it cannot place."""
+def check_actors_fit_locally(actors: int, device: str = "auto", flag: str = "--actors") -> None:
+    """Raise ValueError naming the flag when a local Ray (no RAY_ADDRESS) cannot hold the
+    embedding actors `embedding_actors(device, actors, ...)` asks for and a read task: Ray Data
+    would wait for ever for actors it cannot place."""
     from pipeline.data.ray_datasets import READ_CPUS
     from pipeline.training.resources import local_resources, uses_local_ray
 
-    if not actors or not uses_local_ray():
+    if device not in DEVICES:
+        raise ValueError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
+    if not uses_local_ray():
         return
     have = local_resources()
-    if have["GPU"]:
-        if actors > have["GPU"]:
+    if device == "gpu" and not have["GPU"]:
+        raise ValueError("--device gpu: this machine has no GPU for the embedding actors; use --device auto "
+                         "or cpu, or set RAY_ADDRESS to run on a cluster")
+    pool = embedding_actors(device, actors, int(have["GPU"]))
+    if pool["num_gpus"]:
+        if pool["size"] > have["GPU"]:
             raise ValueError(f"{flag}: {actors} embedding actors need a GPU each but this machine has "
                              f"{have['GPU']:g}; lower it, or set RAY_ADDRESS to run on a cluster")
-    elif actors * CPU_ACTOR_CPUS + READ_CPUS > have["CPU"]:
+    elif pool["size"] * CPU_ACTOR_CPUS + READ_CPUS > have["CPU"]:
         most = int((have["CPU"] - READ_CPUS) / CPU_ACTOR_CPUS)
-        raise ValueError(f"{flag}: {actors} embedding actors of {CPU_ACTOR_CPUS:g} CPU each do not fit the "
+        raise ValueError(f"{flag}: {pool['size']} embedding actors of {CPU_ACTOR_CPUS:g} CPU each do not fit the "
                          f"{have['CPU']:g} logical CPUs of a local Ray (at most {most}); lower it, or set "
                          "RAY_ADDRESS to run on a cluster")
 
 
-def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: int = 0):
+def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: int = 0,
+                device: str = "auto", printer=print):
     """Ray Dataset of the embeddings of the shards' images under `model` (an EmbeddingNet built
-    from `config.model`), with `config.data`'s evaluation transform.
-
-    `actors` = 0 means one per GPU in the cluster, or one on CPUs when it has none.
+    from `config.model`), with `config.data`'s evaluation transform, on the actors
+    `embedding_actors(device, actors, <GPUs in the cluster now>)` describes.
     """
     import ray
     import ray.data
@@ -115,6 +134,11 @@ def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: i
     from pipeline.data.ray_datasets import read_shards
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    pool = embedding_actors(device, actors, gpus)
+    if pool["num_gpus"] and not gpus:
+        printer(f"--device gpu: no GPU is up in the cluster yet; the {pool['size']} embedding actor(s) wait "
+                "for the autoscaler to add GPU nodes (on a fixed-size cluster they would wait for ever)",
+                flush=True)
     weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
     model_config = {
         "backbone": config.model.backbone,
@@ -134,9 +158,9 @@ def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: i
             },
             batch_size=batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors or max(1, gpus)),
-            num_gpus=1 if gpus else 0,
-            num_cpus=1 if gpus else CPU_ACTOR_CPUS,
+            compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+            num_gpus=pool["num_gpus"],
+            num_cpus=pool["num_cpus"],
         )
     )
 

@@ -18,7 +18,12 @@ from pipeline.data.format import read_metadata, shard_uris, validate_dataset
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.serving.checkpoints import fetch_checkpoint, load_served_checkpoint
-from pipeline.serving.embedding import collect_embeddings, embed_split, start_ray
+from pipeline.serving.embedding import (
+    check_actors_fit_locally,
+    collect_embeddings,
+    embed_split,
+    start_ray,
+)
 from pipeline.storage import export_settings, exported_settings, store_errors_named
 from pipeline.training.checkpoint import CONFIG_FILE, load_run_record
 
@@ -82,21 +87,24 @@ def evaluate_checkpoint(
     overrides: list[str] | None = None,
     *,
     gallery_split: str | None = None,
+    device: str = "auto",
     verbose: bool = False,
     printer=print,
 ) -> EvaluationSummary:
     """Recall@K, MAP@R, R-Precision and NMI of the checkpoint `reference` (a directory or a run
     name) on `data.test_split`: queries against each other, or against `gallery_split` (by
-    default the dataset's, when its metadata.json names a query/gallery protocol)."""
+    default the dataset's, when its metadata.json names a query/gallery protocol). The images
+    are embedded on `device`'s actors (`embedding.DEVICES`)."""
     overrides = list(overrides or [])
+    check_actors_fit_locally(0, device)
     # The command line's storage settings (an S3 endpoint, its retries) reach the checkpoint;
     # then the evaluation's own, the checkpoint's config under them, reach the dataset. Put
     # back as they were when it returns.
     with exported_settings(load_config(None, overrides)):
-        return _evaluate(reference, overrides, gallery_split, verbose, printer)
+        return _evaluate(reference, overrides, gallery_split, device, verbose, printer)
 
 
-def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, verbose: bool,
+def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, device: str, verbose: bool,
               printer) -> EvaluationSummary:
     from pipeline import tracking
     from pipeline.evaluation.protocol import gallery_split as dataset_gallery_split
@@ -168,12 +176,13 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, v
         start_ray(verbose)
         batch_size = config.eval.batch_size
         _, labels, embeddings = collect_embeddings(
-            embed_split(model, config, shard_uris(root, split), batch_size)
+            embed_split(model, config, shard_uris(root, split), batch_size, device=device, printer=printer)
         )
         gallery = {}
         if gallery_split is not None:
             _, gallery_labels, gallery_embeddings = collect_embeddings(
-                embed_split(model, config, shard_uris(root, gallery_split), batch_size)
+                embed_split(model, config, shard_uris(root, gallery_split), batch_size, device=device,
+                            printer=printer)
             )
             gallery = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
         from pipeline.exact_search import gpu_backend

@@ -89,15 +89,17 @@ def export_embeddings(
     index_description: str = "Flat",
     batch_size: int = 0,
     actors: int = 0,
+    device: str = "auto",
     verbose: bool = False,
     printer=print,
 ) -> ExportSummary:
     """Embed `split` of the dataset at `dataset_root` with the checkpoint (a directory or a run
-    name under `storage_path`), write the embeddings and a faiss index to `export_dir`."""
+    name under `storage_path`), on `device`'s actors (`embedding.DEVICES`), write the
+    embeddings and a faiss index to `export_dir`."""
     if batch_size < 0 or actors < 0:
         raise ValueError(f"--batch-size and --actors: must be >= 0 (0: the default), got "
                          f"{batch_size} and {actors}")
-    check_actors_fit_locally(actors)
+    check_actors_fit_locally(actors, device)
     with store_errors_named("out_dir"):
         check_export_dir(export_dir)
     with store_errors_named("dataset_root"):
@@ -132,7 +134,7 @@ def export_embeddings(
         )):
             check_export_dir(export_dir)
             return _export(_Plan(model, config, step, shown, dataset_root, metadata, split,
-                                 export_dir, index_description, batch_size, actors),
+                                 export_dir, index_description, batch_size, actors, device),
                            verbose, printer)
     except BaseException:
         if created:  # a failed export leaves no directory it made that holds only its lock
@@ -163,6 +165,7 @@ class _Plan:
     index_description: str
     batch_size: int
     actors: int
+    device: str
 
 
 def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:
@@ -172,7 +175,7 @@ def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:
     start_ray(verbose)
     dataset = embed_split(
         plan.model, config, shard_uris(plan.dataset_root, split),
-        plan.batch_size or config.eval.batch_size, plan.actors,
+        plan.batch_size or config.eval.batch_size, plan.actors, plan.device, printer,
     )
     ids, labels, embeddings = collect_embeddings(dataset)
     if len(ids) != num_images:

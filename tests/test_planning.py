@@ -51,6 +51,21 @@ def test_shuffle_covers_each_epoch_without_repeats():
     assert not (epoch == next_epoch).all()
 
 
+def test_a_shuffle_plan_does_not_depend_on_what_was_planned_before():
+    """The planner keeps the current epoch's permutation; a decode actor that asks in any
+    order, or gets a pickled copy, must plan the same sub-batches as one asked in order."""
+    import pickle
+
+    in_order = ShufflePlanner(num_examples=50, batch_size=8, seed=3)
+    indices = list(range(3 * in_order.batches_per_epoch))
+    expected = [in_order.plan(i).copy() for i in indices]
+    in_order.plan(0)[:] = -1  # a caller's writes do not reach the kept permutation
+    shuffled = pickle.loads(pickle.dumps(in_order))
+    for i in np.random.default_rng(0).permutation(indices):
+        np.testing.assert_array_equal(shuffled.plan(int(i)), expected[i])
+    np.testing.assert_array_equal(in_order.plan(0), expected[0])
+
+
 def test_class_table_groups_ids():
     labels = np.array([2, 0, 2, 1, 0])
     table = ClassTable.from_labels(labels)

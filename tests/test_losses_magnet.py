@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from pipeline.losses.magnet import MagnetLoss, _batch_clusters, magnet_class_scores
+from pipeline.losses.magnet import (
+    MagnetLoss,
+    _batch_clusters,
+    magnet_class_predictions,
+    magnet_class_scores,
+)
 
 F64 = torch.float64
 
@@ -228,6 +233,9 @@ def test_class_scores_match_loop_and_chunking(L):
     )
     torch.testing.assert_close(whole, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    # The chunked argmax the refresh actor's seen-class accuracy uses (no Q x C matrix).
+    predicted = magnet_class_predictions(queries, centroids, classes, 0.7, 5, L=L, chunk_size=2)
+    torch.testing.assert_close(predicted, expected.argmax(1), rtol=0, atol=0)
 
 
 def test_class_scores_stable_for_far_queries():

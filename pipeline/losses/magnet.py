@@ -167,11 +167,34 @@ def magnet_class_scores(
 
     score(c) = sum over the L nearest centroids of class c of exp(-||r - mu||^2 / (2 sigma2)),
     normalised over classes. sigma2 is the loss's `running_sigma2`. Queries are processed
-    `chunk_size` at a time, so memory is about chunk_size x (C + L^2) elements.
+    `chunk_size` at a time, so working memory is about chunk_size x (C + L^2) elements, beside
+    the Q x C result (`magnet_class_predictions` keeps only each query's class).
     """
+    return torch.cat(list(_class_score_chunks(queries, centroids, centroid_classes, sigma2, num_classes, L,
+                                              chunk_size)))
+
+
+def magnet_class_predictions(
+    queries: torch.Tensor,
+    centroids: torch.Tensor,
+    centroid_classes: torch.Tensor,
+    sigma2: float | torch.Tensor,
+    num_classes: int,
+    L: int = 128,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """The class of highest `magnet_class_scores` of each query [Q] (the lowest class on a tie),
+    in chunk_size x (C + L^2) memory: 100k queries over 10k classes need no 4 GB score matrix."""
+    return torch.cat([
+        scores.argmax(1)
+        for scores in _class_score_chunks(queries, centroids, centroid_classes, sigma2, num_classes, L, chunk_size)
+    ])
+
+
+def _class_score_chunks(queries, centroids, centroid_classes, sigma2, num_classes: int, L: int, chunk_size: int):
+    """`magnet_class_scores`, `chunk_size` queries at a time."""
     num_nearest = min(L, centroids.shape[0])
     centroid_sq_norms = centroids.pow(2).sum(-1)
-    chunks = []
     for chunk in queries.split(chunk_size):
         sq_dist = (
             chunk.pow(2).sum(-1, keepdim=True)
@@ -192,5 +215,4 @@ def magnet_class_scores(
         probabilities = weights.new_zeros(chunk.shape[0], num_classes).scatter(
             1, nearest_classes, class_score / weights.sum(dim=1, keepdim=True)
         )
-        chunks.append(probabilities)
-    return torch.cat(chunks)
+        yield probabilities

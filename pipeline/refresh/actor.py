@@ -473,13 +473,13 @@ class RefreshActor:
         )
         accuracy = None
         if len(self.holdout_ids):
-            from pipeline.losses.magnet import magnet_class_scores
+            from pipeline.losses.magnet import magnet_class_predictions
 
-            scores = magnet_class_scores(
+            predicted = magnet_class_predictions(
                 torch.from_numpy(embeddings[self.holdout_ids]), torch.from_numpy(index.centroids),
                 torch.from_numpy(index.cluster_class), sigma2, len(self.store.classes), L=magnet.nearest_clusters,
             )
-            accuracy = float((scores.argmax(1).numpy() == self.store.labels[self.holdout_ids]).mean())
+            accuracy = float((predicted.numpy() == self.store.labels[self.holdout_ids]).mean())
         return index, seconds, accuracy
 
     def _embed_all(self, model, device) -> np.ndarray:

@@ -111,3 +111,25 @@ def test_seed_weights_floor_and_degenerate_cases_are_never_nan():
         weights = cluster_seed_weights(loss, assignment, 4, floor=0.01)
         assert np.isfinite(weights).all() and np.isclose(weights.sum(), 1.0)
         np.testing.assert_allclose(weights, 0.25)
+
+
+def test_loss_totals_kept_per_sub_batch_give_the_weights_of_a_full_pass():
+    """The refresh actor updates each cluster's loss sum and count as sub-batches report, and
+    must end where `cluster_seed_weights` over all examples ends: through first measurements,
+    re-measured examples, unclustered ids (-1) and a NaN loss."""
+    from pipeline.refresh.cluster_index import ClusterLosses
+
+    rng = np.random.default_rng(5)
+    num, clusters = 400, 23
+    assignment = rng.integers(-1, clusters, num)
+    loss = np.full(num, np.nan, dtype=np.float32)
+    totals = ClusterLosses(loss, assignment, clusters)
+    for _ in range(60):
+        ids = rng.choice(num, 24, replace=False)
+        new = rng.exponential(size=24).astype(np.float32)
+        new[rng.random(24) < 0.05] = np.nan
+        totals.replace(ids, loss[ids], new)
+        loss[ids] = new
+        np.testing.assert_allclose(totals.seed_weights(0.05), cluster_seed_weights(loss, assignment, clusters, 0.05),
+                                   rtol=1e-12, atol=0)
+    assert np.isfinite(loss).sum() > num // 2  # most examples measured, several of them twice

@@ -36,6 +36,7 @@ from pipeline.data.neighbourhoods import PlanTables
 from pipeline.data.pool_batches import PoolTables
 from pipeline.refresh.cluster_index import (
     ClusterIndex,
+    ClusterLosses,
     build_cluster_index,
     cluster_seed_weights,
 )
@@ -80,6 +81,7 @@ class RefreshActor:
         self.example_loss = np.full(self.num_examples, np.nan, dtype=np.float32)
         self.loss_stamp = 0
         self._weights_cache: tuple[int, int, np.ndarray] | None = None  # (version, loss_stamp, weights)
+        self._cluster_losses: tuple[int, ClusterLosses] | None = None  # (index version, its loss totals)
         # Weights waiting for a refresh, (step, weights ref, sigma2, min_version) in step order:
         # only the newest one, or with lagged planning every one.
         self.pending: list[tuple[int, object, float, int]] = []
@@ -143,6 +145,11 @@ class RefreshActor:
         losses = np.asarray(losses, dtype=np.float32)
         with self.cond:
             self._note_version_in_use(index_version)
+            totals = self._cluster_losses
+            if totals is not None and self.index is not None and totals[0] == self.index.version:
+                # An id twice in one sub-batch keeps its last loss, as the assignment below does.
+                last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
+                totals[1].replace(ids[last], self.example_loss[ids[last]], losses[last])
             self.example_loss[ids] = losses
             self.loss_stamp += 1
             self.latest_step = max(self.latest_step, int(step))
@@ -337,6 +344,7 @@ class RefreshActor:
             self.example_loss = loss
             self.locked_loss = loss.copy()
             self.loss_stamp += 1
+            self._cluster_losses = None
         # Losses of steps before the checkpoint will not be reported again.
         self.rank_base_step = max(self.rank_base_step, self.latest_step)
         self.cond.notify_all()
@@ -521,13 +529,17 @@ class RefreshActor:
             self.version = max(self.version, int(version))
 
     def _seed_weights(self) -> np.ndarray:
-        # Called under the lock. Cached per (index version, loss stamp).
+        # Called under the lock. Cached per (index version, loss stamp); from loss totals that
+        # record_losses keeps up to date, summed over every example once per index.
         cached = self._weights_cache
         if cached is not None and cached[0] == self.index.version and cached[1] == self.loss_stamp:
             return cached[2]
-        weights = cluster_seed_weights(
-            self.example_loss, self.index.assignment, self.index.num_clusters, self.config.loss.magnet.seed_floor
-        )
+        totals = self._cluster_losses
+        if totals is None or totals[0] != self.index.version:
+            totals = (self.index.version,
+                      ClusterLosses(self.example_loss, self.index.assignment, self.index.num_clusters))
+            self._cluster_losses = totals
+        weights = totals[1].seed_weights(self.config.loss.magnet.seed_floor)
         self._weights_cache = (self.index.version, self.loss_stamp, weights)
         return weights
 

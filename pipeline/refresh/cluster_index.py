@@ -181,20 +181,45 @@ def cluster_seed_weights(example_loss: np.ndarray, assignment: np.ndarray, num_c
     measured clusters. Every weight is at least `floor` x that mean, so none is 0; if nothing
     has been measured, or every loss is 0, the draw is uniform. Never NaN.
     """
-    clustered = assignment >= 0
-    loss = example_loss[clustered]
-    cluster = assignment[clustered]
-    measured = np.isfinite(loss)
-    sums = np.bincount(cluster[measured], weights=loss[measured], minlength=num_clusters)
-    counts = np.bincount(cluster[measured], minlength=num_clusters)
-    has = counts > 0
-    if not has.any():
-        return np.full(num_clusters, 1.0 / num_clusters)
-    cluster_loss = np.zeros(num_clusters)
-    cluster_loss[has] = sums[has] / counts[has]
-    mean_loss = cluster_loss[has].mean()
-    if not mean_loss > 0:
-        return np.full(num_clusters, 1.0 / num_clusters)
-    cluster_loss[~has] = mean_loss
-    weights = np.maximum(cluster_loss, floor * mean_loss)
-    return weights / weights.sum()
+    return ClusterLosses(example_loss, assignment, num_clusters).seed_weights(floor)
+
+
+class ClusterLosses:
+    """Each cluster's sum and count of its members' measured losses, kept up to date one
+    sub-batch at a time, so `cluster_seed_weights` costs O(clusters) rather than a pass over
+    every example (the refresh actor answers a planner's poll with them several times a step:
+    33 ms a time at 1M examples)."""
+
+    def __init__(self, example_loss: np.ndarray, assignment: np.ndarray, num_clusters: int):
+        """Totals of `example_loss` [N] (NaN = not measured) over `assignment` [N] (-1 = none)."""
+        self.assignment = assignment
+        clustered = assignment >= 0
+        loss = example_loss[clustered]
+        cluster = assignment[clustered]
+        measured = np.isfinite(loss)
+        # float64 even when nothing is measured yet (bincount of nothing is int64).
+        self.sums = np.bincount(cluster[measured], weights=loss[measured], minlength=num_clusters).astype(np.float64)
+        self.counts = np.bincount(cluster[measured], minlength=num_clusters).astype(np.int64)
+
+    def replace(self, ids: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        """Examples `ids` (distinct) change loss from `old` to `new` (NaN = not measured)."""
+        cluster = self.assignment[ids]
+        for losses, sign in ((old, -1), (new, 1)):
+            counted = (cluster >= 0) & np.isfinite(losses)
+            np.add.at(self.sums, cluster[counted], sign * losses[counted].astype(np.float64))
+            np.add.at(self.counts, cluster[counted], sign)
+
+    def seed_weights(self, floor: float) -> np.ndarray:
+        """`cluster_seed_weights` of the losses these totals hold."""
+        num_clusters = len(self.sums)
+        has = self.counts > 0
+        if not has.any():
+            return np.full(num_clusters, 1.0 / num_clusters)
+        cluster_loss = np.zeros(num_clusters)
+        cluster_loss[has] = self.sums[has] / self.counts[has]
+        mean_loss = cluster_loss[has].mean()
+        if not mean_loss > 0:
+            return np.full(num_clusters, 1.0 / num_clusters)
+        cluster_loss[~has] = mean_loss
+        weights = np.maximum(cluster_loss, floor * mean_loss)
+        return weights / weights.sum()

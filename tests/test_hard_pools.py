@@ -74,6 +74,35 @@ def test_held_out_ids_are_neither_pooled_nor_searched_from_and_chunks_change_not
     assert not np.isin(members, np.flatnonzero(held < 0)).any()
 
 
+def test_each_search_goes_only_as_deep_as_its_largest_class_needs(monkeypatch):
+    """Depth pool_size + |c| finds class c's pool (module docstring), so a chunk of small
+    classes must not search as deep as the largest class of the set."""
+    embeddings, labels = _data(n_classes=30, seed=4)
+    sizes = np.bincount(labels)
+    searches = []
+    make_index = hard_pools._search_index
+
+    def recording_index(*args):
+        index = make_index(*args)
+
+        class Recording:
+            def search(self, queries, k):
+                searches.append((len(queries), k))
+                return index.search(queries, k)
+
+        return Recording()
+
+    monkeypatch.setattr(hard_pools, "_search_index", recording_index)
+    monkeypatch.setattr(hard_pools, "QUERY_ROWS", 40)
+    classes, members, offsets, _ = hard_negative_pools(embeddings, labels, 5)
+    expected = _brute_force(embeddings, labels, 5)
+    for p, c in enumerate(classes):
+        np.testing.assert_array_equal(members[offsets[p] : offsets[p + 1]], expected[int(c)][0])
+    assert sum(rows for rows, _ in searches) == len(labels)
+    assert max(k for _, k in searches) == 5 + sizes.max()
+    assert min(k for _, k in searches) <= 5 + np.sort(sizes)[len(sizes) // 2]  # small classes searched shallow
+
+
 def test_the_index_carries_version_step_and_rejects_bad_input():
     embeddings, labels = _data(n_classes=3)
     index, seconds = build_hard_pools(embeddings, labels, 5, version=4, model_step=30)

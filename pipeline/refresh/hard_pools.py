@@ -7,8 +7,9 @@ faiss kNN search of every example among all examples.
 Why one kNN search is exact: let x (another class) be in c's true pool, q* the member of c
 nearest to x. Every y closer to q* than x is either a member of c or another-class example
 with d(y, c) <= d(y, q*) < d(x, q*) = d(x, c), i.e. one ranked before x in c's pool. So x is
-among the (pool_size + |c|) nearest neighbours of q*, and searching k = pool_size + (largest
-class) neighbours of every example finds every pool member with its true distance.
+among the (pool_size + |c|) nearest neighbours of q*, and searching that many neighbours of
+every member of c finds every pool member with its true distance. Classes are searched in runs
+of similar size, each run as deep as its largest class needs.
 
 That search is N^2 D: 18 s for 100k 128-d embeddings on 2 CPU cores, 24 minutes for 1M
 (benchmarks/README.md); on a GPU it runs on faiss-gpu, or torch's CUDA device where faiss has
@@ -139,9 +140,13 @@ def hard_negative_pools(
     if index_description != EXACT_INDEX:
         pools = _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size,
                                   use_gpu)
+    # Chunks come in class-size order; each class's rows are in one chunk, nearest first, and
+    # a stable sort by class keeps them so.
     pool_class = np.concatenate([p[0] for p in pools])
-    members = np.concatenate([p[1] for p in pools]).astype(np.int64)
-    pool_distances = np.concatenate([p[2] for p in pools]).astype(np.float32)
+    by_class = np.argsort(pool_class, kind="stable")
+    pool_class = pool_class[by_class]
+    members = np.concatenate([p[1] for p in pools])[by_class].astype(np.int64)
+    pool_distances = np.concatenate([p[2] for p in pools])[by_class].astype(np.float32)
     counts = np.bincount(np.searchsorted(classes, pool_class), minlength=len(classes))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return classes, members, offsets, pool_distances
@@ -174,23 +179,28 @@ def _search_index(vectors, description, search_params, use_gpu, k):
 
 
 def _class_pools(search, vectors, class_starts, positions, k, order, labels, pool_size):
-    """[(class, id, distance) arrays] of the pools of the classes at `positions` (ascending,
-    runs of them searched together), each from a k-NN search of its members."""
+    """[(class, id, distance) arrays] of the pools of the classes at `positions`, each from a
+    kNN search of its members, of depth pool_size + (the largest class searched with it).
+
+    The proof above needs depth pool_size + |c| for class c only, so classes are searched
+    smallest first in runs of similar size: one class of 1,000 images in a long-tailed set
+    would otherwise make every query search (and rank) 1,000 neighbours more than it needs.
+    """
+    sizes = class_starts[positions + 1] - class_starts[positions]
+    by_size = np.argsort(sizes, kind="stable")
     pools: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     first = 0
-    while first < len(positions):
-        # Whole classes per search call, so each class's pool is complete within one chunk;
-        # consecutive positions only, so the rows of one call are one slice.
-        start = class_starts[positions[first]]
-        last = first + 1
-        while (
-            last < len(positions)
-            and positions[last] == positions[last - 1] + 1
-            and class_starts[positions[last] + 1] - start <= QUERY_ROWS
-        ):
+    while first < len(by_size):
+        # Whole classes per search call, so each class's pool is complete within one chunk.
+        last, rows_in_chunk = first + 1, sizes[by_size[first]]
+        while last < len(by_size) and rows_in_chunk + sizes[by_size[last]] <= QUERY_ROWS:
+            rows_in_chunk += sizes[by_size[last]]
             last += 1
-        rows = slice(start, class_starts[positions[last - 1] + 1])
-        distances, neighbours = search.search(vectors[rows], k)
+        chunk = np.sort(positions[by_size[first:last]])
+        starts, lengths = class_starts[chunk], class_starts[chunk + 1] - class_starts[chunk]
+        rows = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        depth = int(min(k, pool_size + lengths.max()))
+        distances, neighbours = search.search(vectors[rows], depth)
         pools.append(_rank_candidates(labels[order[rows]], neighbours, distances, order, labels, pool_size))
         first = last
     return pools
@@ -206,9 +216,7 @@ def _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, ord
     exact = flat_l2_index(vectors, use_gpu=use_gpu, k=k)
     rebuilt = _class_pools(exact, vectors, class_starts, short, k, order, labels, pool_size)
     keep = ~np.isin(found[0], classes[short])
-    merged = [np.concatenate([found[i][keep], *(r[i] for r in rebuilt)]) for i in range(3)]
-    by_class = np.argsort(merged[0], kind="stable")  # each class's rows stay nearest first
-    return [tuple(m[by_class] for m in merged)]
+    return [tuple(part[keep] for part in found), *rebuilt]
 
 
 def _rank_candidates(query_class, neighbours, distances, order, labels, pool_size):

@@ -240,6 +240,26 @@ def test_a_dataset_root_that_is_a_file_and_bad_export_sizes_are_named_before_ray
     assert not (tmp_path / "out").exists()
 
 
+def test_evaluate_checks_overrides_against_the_checkpoint_s_config_not_the_defaults(
+    trained, tmp_path, capsys, ray_must_not_start
+):
+    """A checkpoint trained at 224 px (eval_resize 256) may be evaluated at 240 px, which the
+    defaults (eval_resize 56) would refuse; what is wrong with the checkpoint's own config is
+    still refused, before Ray."""
+    from jobs.evaluate import main as evaluate_main
+    from pipeline.serving.evaluation import evaluation_config, storage_path_of
+
+    gpu = load_config("gpu", [f"train.storage_path={tmp_path / 'runs'}"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(gpu))
+    assert storage_path_of(["data.image_size=240"]) == "runs"
+    assert evaluation_config(str(saved), gpu, ["data.image_size=240"]).data.image_size == 240
+
+    resize = trained["config"].data.eval_resize
+    assert evaluate_main([str(trained["checkpoint"]), "--set", f"data.image_size={resize + 4}"]) == 2
+    assert capsys.readouterr().err.startswith(f"config error: data.eval_resize: {resize} is smaller than data.image_size")
+
+
 def test_the_embedding_actors_run_where_device_says():
     """`auto` follows the GPUs up now; `gpu` asks for one per actor even when none is up (an
     autoscaling cluster then adds GPU nodes, where `auto` would settle for CPUs)."""

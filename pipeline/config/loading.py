@@ -45,9 +45,12 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_config(preset_or_path: str | dict | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(preset_or_path: str | dict | None = None, overrides: list[str] | None = None, *,
+                consistent: bool = True) -> Config:
     """Defaults, then a preset name or YAML path (or what `read_preset` read from one), then
-    `a.b=value` overrides; validated."""
+    `a.b=value` overrides; validated. Names, types and locations are always checked; with
+    `consistent` False, settings are not checked against each other (overrides that will go
+    on top of another config, such as a checkpoint's, are checked there)."""
     raw: dict[str, Any] = {}
     if isinstance(preset_or_path, dict):
         raw = copy.deepcopy(preset_or_path)
@@ -64,7 +67,8 @@ def load_config(preset_or_path: str | dict | None = None, overrides: list[str] |
         _set_path(raw, key.strip().split("."), value)
     config = _build(Config, raw, "")
     _normalize_locations(config)
-    validate(config)
+    if consistent:
+        validate(config)
     return config
 
 

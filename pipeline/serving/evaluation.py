@@ -47,7 +47,7 @@ RECORD_RETRY_S = 60.0
 
 def storage_path_of(overrides: list[str]) -> str:
     """`train.storage_path` as the overrides set it (where run names are looked up)."""
-    return load_config(None, overrides).train.storage_path
+    return load_config(None, overrides, consistent=False).train.storage_path
 
 
 def evaluation_run_name(
@@ -100,7 +100,9 @@ def evaluate_checkpoint(
     # The command line's storage settings (an S3 endpoint, its retries) reach the checkpoint;
     # then the evaluation's own, the checkpoint's config under them, reach the dataset. Put
     # back as they were when it returns.
-    with exported_settings(load_config(None, overrides)):
+    # Not checked against the defaults: `data.image_size=224` fits a checkpoint trained at 224
+    # px but not the default eval_resize. The checkpoint's config with them on top is checked.
+    with exported_settings(load_config(None, overrides, consistent=False)):
         return _evaluate(reference, overrides, gallery_split, device, verbose, printer)
 
 

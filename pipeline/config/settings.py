@@ -228,7 +228,7 @@ class TrainConfig:
     steps_per_epoch: int = setting(0, "Steps per epoch; 0 = training images / global batch size.")
     log_every_steps: int = setting(10, "Log loss, learning rate and throughput every this many steps.")
     seed: int = setting(0, "Seed of model init and batch planning.")
-    storage_path: str = setting("runs", "Where runs, checkpoints and the local MLflow store live (path or s3://).")
+    storage_path: str = setting("runs", "Where runs and checkpoints live (path or s3://), and the local MLflow store of a local path.")
     run_name: str = setting("", "Run name; empty = derived from the config (stable, so a rerun resumes).")
     checkpoints_to_keep: int = setting(2, "Checkpoints kept per run.")
     max_failures: int = setting(1, "Worker-group restarts from the last checkpoint before the run fails.")
@@ -289,7 +289,7 @@ class EvalConfig:
 class TrackingConfig:
     """MLflow."""
 
-    tracking_uri: str = setting("", "MLflow tracking URI; empty = sqlite store under train.storage_path.")
+    tracking_uri: str = setting("", "MLflow tracking URI; empty = a sqlite store in train.storage_path (for s3:// storage, under runs/s3/<bucket>/<prefix> in the working directory).")
     experiment: str = setting("dml", "MLflow experiment name.")
     log_model: bool = setting(True, "Log the final model checkpoint as an artifact.")
 

@@ -119,7 +119,7 @@ def _require(package: str, search: str, path: str):
     except ImportError as err:
         raise SweepError(
             f"{path}: search: {search} needs the {package} package, which is not installed: "
-            f"pip install 'dml-pipeline[sweep]' (or pip install {package})"
+            f"pip install -e '.[sweep]' in the clone (or pip install {package})"
         ) from err
 
 

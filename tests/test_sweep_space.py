@@ -212,7 +212,7 @@ def test_optuna_asks_only_for_the_chosen_losses_settings(tmp_path):
 def test_a_missing_search_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # what an uninstalled package looks like
     spec = _small(tmp_path, search="optuna")
-    with pytest.raises(SweepError, match=r"search: optuna needs the optuna package.*dml-pipeline\[sweep\]"):
+    with pytest.raises(SweepError, match=r"search: optuna needs the optuna package.*pip install -e '\.\[sweep\]' in the clone"):
         build_search(spec, concurrency=1)
 
 

@@ -201,6 +201,8 @@ def test_an_actor_that_cannot_build_its_model_fails_the_planners_instead_of_leav
     try:
         assert ray.get(healthy.wait_for_index.remote(0, 120.0)) is not None
         state = ray.get(healthy.get_state.remote())
+        # Checkpoints carry no centroids: only the refresh that builds an index reads them.
+        assert "centroids" not in state["index"] and len(state["index"]["assignment"]) == len(state["example_loss"])
     finally:
         ray.kill(healthy, no_restart=True)
     resumed = _refresh_actor(_config(tmp_path, [f"model.pretrained={missing}"]), "", "", resume_state=state)

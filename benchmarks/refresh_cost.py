@@ -39,12 +39,18 @@ STEP_LINE = re.compile(r"epoch\s+\d+ step\s+(\d+)/")
 """The driver's line for a logging interval (pipeline.progress.format_event), with its step."""
 
 
-def random_embeddings(n, dim, clustered=False):
+def random_embeddings(n, dim, clustered=False, long_tail=False):
     """n unit vectors in 60-image classes (the size of a CUB class), seeded. Uniform on the
     sphere by default (no structure: the hardest case for an approximate kNN index); with
-    `clustered`, each class is a spread of vectors around its own center, as trained embeddings are."""
+    `clustered`, each class is a spread of vectors around its own center, as trained embeddings
+    are. With `long_tail`, class sizes follow a Pareto law (shape 1.2, at least 2, at most 1,000
+    images), as in iNaturalist: most classes small, a few large."""
     rng = np.random.default_rng(0)
-    labels = np.arange(n) // 60
+    if long_tail:
+        sizes = np.minimum(2 + (rng.pareto(1.2, n) * 4).astype(np.int64), 1000)
+        labels = np.repeat(np.arange(n), sizes)[:n]
+    else:
+        labels = np.arange(n) // 60
     embeddings = rng.standard_normal((n, dim)).astype(np.float32)
     if clustered:
         centers = rng.standard_normal((int(labels.max()) + 1, dim)).astype(np.float32)
@@ -94,18 +100,19 @@ def pool_recall(index, reference):
 
 
 def pools_sweep(sizes, dim, pool_size, use_gpu, max_exact, searches=(("Flat", ""),), clustered=False,
-                recall_classes=200):
+                recall_classes=200, long_tail=False):
     """`build_hard_pools` at each size with each (index description, search parameters); an
     approximate index's pools are scored against exact pools of `recall_classes` sampled classes."""
     from pipeline.refresh.hard_pools import EXACT_INDEX, build_hard_pools
 
     rows = []
     for n in sizes:
-        embeddings, labels = random_embeddings(n, dim, clustered)
+        embeddings, labels = random_embeddings(n, dim, clustered, long_tail)
         reference = None
         for description, params in searches:
-            row = {"n": n, "dim": dim, "data": "clustered" if clustered else "uniform", "index": description,
-                   "search_params": params}
+            data = ("clustered" if clustered else "uniform") + (", long-tailed classes" if long_tail else "")
+            row = {"n": n, "dim": dim, "data": data, "index": description, "search_params": params,
+                   "largest_class": int(np.bincount(labels).max())}
             if description == EXACT_INDEX and n > max_exact:
                 # Exact kNN of every example among all is N^2 D: not run, and no figure made up.
                 rows.append({**row, "skipped": f"exact N^2 search above --max-exact-pools {max_exact}"})
@@ -255,6 +262,8 @@ def main() -> None:
                              "'Flat;IVF4096,Flat:nprobe=32;HNSW32:efSearch=64'")
     parser.add_argument("--clustered", action="store_true",
                         help="pools of class-clustered embeddings instead of uniform ones")
+    parser.add_argument("--long-tail", action="store_true",
+                        help="pools over long-tailed class sizes (2 to 1,000 images) instead of 60 per class")
     parser.add_argument("--max-exact-pools", type=int, default=None,
                         help="largest N for the exact pools search (default: 200k on CPU, no limit on GPU)")
     parser.add_argument("--embed", default="tiny_cnn:48:2000,8000;resnet18:224:512",
@@ -284,7 +293,7 @@ def main() -> None:
         if args.pool_sizes:
             searches = [tuple((entry.split(":", 1) + [""])[:2]) for entry in args.pool_indexes.split(";") if entry]
             pools_sweep([int(s) for s in args.pool_sizes.split(",")], dim, 32, use_gpu, max_exact, searches,
-                        args.clustered)
+                        args.clustered, long_tail=args.long_tail)
     for group in filter(None, args.embed.split(";")):
         backbone, size, ns = group.split(":")
         embedding_sweep(backbone, int(size), [int(n) for n in ns.split(",")], args.batch_size, device)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import config_to_yaml, load_config
+from pipeline.config import ConfigError, config_to_yaml, load_config
 from pipeline.data.format import read_metadata, read_split
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.protocol import resolve_evaluation
@@ -253,6 +253,8 @@ def test_evaluate_checks_overrides_against_the_checkpoint_s_config_not_the_defau
     saved = tmp_path / "config.yaml"
     saved.write_text(config_to_yaml(gpu))
     assert storage_path_of(["data.image_size=240"]) == "runs"
+    with pytest.raises(ConfigError, match=r"^eval\.batch_size: must be > 0, got 0$"):  # a value wrong on its own
+        storage_path_of(["eval.batch_size=0"])  # is refused before the checkpoint is fetched
     assert evaluation_config(str(saved), gpu, ["data.image_size=240"]).data.image_size == 240
 
     resize = trained["config"].data.eval_resize

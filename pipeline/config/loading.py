@@ -48,9 +48,9 @@ def available_presets() -> list[str]:
 def load_config(preset_or_path: str | dict | None = None, overrides: list[str] | None = None, *,
                 consistent: bool = True) -> Config:
     """Defaults, then a preset name or YAML path (or what `read_preset` read from one), then
-    `a.b=value` overrides; validated. Names, types and locations are always checked; with
-    `consistent` False, settings are not checked against each other (overrides that will go
-    on top of another config, such as a checkpoint's, are checked there)."""
+    `a.b=value` overrides; validated. With `consistent` False, each setting is checked on its
+    own but not against the others (overrides that will go on top of another config, such as
+    a checkpoint's, are checked with it there)."""
     raw: dict[str, Any] = {}
     if isinstance(preset_or_path, dict):
         raw = copy.deepcopy(preset_or_path)
@@ -67,8 +67,7 @@ def load_config(preset_or_path: str | dict | None = None, overrides: list[str] |
         _set_path(raw, key.strip().split("."), value)
     config = _build(Config, raw, "")
     _normalize_locations(config)
-    if consistent:
-        validate(config)
+    validate(config, consistent=consistent)
     return config
 
 
@@ -206,8 +205,9 @@ def _check_pool_index(config: Config) -> None:
         raise ConfigError(f"refresh.pool_search_params: {err}") from err
 
 
-def validate(config: Config) -> None:
-    """Every value range and cross-field rule; raises ConfigError naming the field."""
+def validate(config: Config, consistent: bool = True) -> None:
+    """Every value range and, when `consistent`, every cross-field rule; raises ConfigError
+    naming the field."""
     positive = {
         "data.image_size": config.data.image_size,
         "data.eval_resize": config.data.eval_resize,
@@ -279,7 +279,7 @@ def validate(config: Config) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name}: must be >= 0, got {value}")
-    if config.data.eval_resize < config.data.image_size:
+    if consistent and config.data.eval_resize < config.data.image_size:
         raise ConfigError(
             f"data.eval_resize: {config.data.eval_resize} is smaller than data.image_size "
             f"{config.data.image_size}; the center crop would not fit"
@@ -296,7 +296,7 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"data.seen_holdout_fraction: must be in [0, 1), got {config.data.seen_holdout_fraction}"
         )
-    if config.train.use_gpu and not 0.5 < config.train.gpus_per_worker <= 1.0:
+    if consistent and config.train.use_gpu and not 0.5 < config.train.gpus_per_worker <= 1.0:
         # Above half a GPU each, Ray never puts two DDP ranks on one GPU (NCCL refuses that).
         raise ConfigError(f"train.gpus_per_worker: must be in (0.5, 1], got {config.train.gpus_per_worker}")
     if config.refresh.num_gpus > 1 and config.refresh.num_gpus != int(config.refresh.num_gpus):
@@ -315,6 +315,25 @@ def validate(config: Config) -> None:
             "loss.magnet.examples_per_cluster: must be >= 2 (one example per cluster leaves no "
             f"within-cluster variance), got {magnet.examples_per_cluster}"
         )
+    if not 0.0 <= magnet.sigma2_momentum < 1.0:
+        raise ConfigError(f"loss.magnet.sigma2_momentum: must be in [0, 1), got {magnet.sigma2_momentum}")
+    if consistent:
+        _check_consistency(config)
+    ks = config.eval.recall_ks
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise ConfigError(
+            f"eval.recall_ks: expected a list of positive ints (empty: the dataset's), got {ks!r}"
+        )
+    from pipeline.storage import check_settings  # imports pyarrow: only when validating
+
+    try:
+        check_settings(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_consistency(config: Config) -> None:
+    """The rules that tie settings to each other (part of `validate`)."""
     if config.uses_refresh_actor and config.refresh.max_plan_ahead_steps < config.data.prefetch_batches + 2:
         # Ray Data's iterator waits for `prefetch_batches` sub-batches before it yields the
         # first, and ranks report a step one step late: a planner held closer to training
@@ -332,8 +351,6 @@ def validate(config: Config) -> None:
             f"{config.refresh.max_plan_ahead_steps}, got {lag}"
         )
     _check_pool_index(config)
-    if not 0.0 <= magnet.sigma2_momentum < 1.0:
-        raise ConfigError(f"loss.magnet.sigma2_momentum: must be in [0, 1), got {magnet.sigma2_momentum}")
     if config.sampler.name in ("m_per_class", "hard_pools") and config.sampler.samples_per_class < 2:
         raise ConfigError("sampler.samples_per_class: must be >= 2 so every example has a positive")
     if not config.data.root:
@@ -356,17 +373,6 @@ def validate(config: Config) -> None:
             f"sampler.name: neighbourhood batches and the magnet loss go together; got loss "
             f"{config.loss.name!r} with sampler {config.sampler.name!r} (the 'magnet' preset sets both)"
         )
-    ks = config.eval.recall_ks
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
-        raise ConfigError(
-            f"eval.recall_ks: expected a list of positive ints (empty: the dataset's), got {ks!r}"
-        )
-    from pipeline.storage import check_settings  # imports pyarrow: only when validating
-
-    try:
-        check_settings(config)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

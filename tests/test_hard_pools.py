@@ -102,6 +102,12 @@ def test_each_search_goes_only_as_deep_as_its_largest_class_needs(monkeypatch):
     assert max(k for _, k in searches) == 5 + sizes.max()
     assert min(k for _, k in searches) <= 5 + np.sort(sizes)[len(sizes) // 2]  # small classes searched shallow
 
+    # An approximate index keeps the full depth: HNSW searches max(efSearch, k) candidates, so a
+    # shallower search would return worse pools, not a prefix of the same ones.
+    searches.clear()
+    hard_negative_pools(embeddings, labels, 5, index_description="HNSW32", search_params="efSearch=16")
+    assert {k for _, k in searches} == {5 + sizes.max()}
+
 
 def test_the_index_carries_version_step_and_rejects_bad_input():
     embeddings, labels = _data(n_classes=3)

@@ -8,8 +8,8 @@ Why one kNN search is exact: let x (another class) be in c's true pool, q* the m
 nearest to x. Every y closer to q* than x is either a member of c or another-class example
 with d(y, c) <= d(y, q*) < d(x, q*) = d(x, c), i.e. one ranked before x in c's pool. So x is
 among the (pool_size + |c|) nearest neighbours of q*, and searching that many neighbours of
-every member of c finds every pool member with its true distance. Classes are searched in runs
-of similar size, each run as deep as its largest class needs.
+every member of c finds every pool member with its true distance. The exact search goes through
+classes in runs of similar size, each run as deep as its largest class needs.
 
 That search is N^2 D: 18 s for 100k 128-d embeddings on 2 CPU cores, 24 minutes for 1M
 (benchmarks/README.md); on a GPU it runs on faiss-gpu, or torch's CUDA device where faiss has
@@ -136,7 +136,8 @@ def hard_negative_pools(
     k = int(min(len(order), pool_size + class_sizes.max()))
     index = _search_index(vectors, index_description, search_params, use_gpu, k)
     class_starts = np.concatenate([[0], np.cumsum(class_sizes)])
-    pools = _class_pools(index, vectors, class_starts, np.arange(len(classes)), k, order, labels, pool_size)
+    exact = index_description == EXACT_INDEX and not search_params
+    pools = _class_pools(index, vectors, class_starts, np.arange(len(classes)), k, order, labels, pool_size, exact)
     if index_description != EXACT_INDEX:
         pools = _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, order, labels, pool_size,
                                   use_gpu)
@@ -178,13 +179,16 @@ def _search_index(vectors, description, search_params, use_gpu, k):
     return index
 
 
-def _class_pools(search, vectors, class_starts, positions, k, order, labels, pool_size):
+def _class_pools(search, vectors, class_starts, positions, k, order, labels, pool_size, exact):
     """[(class, id, distance) arrays] of the pools of the classes at `positions`, each from a
-    kNN search of its members, of depth pool_size + (the largest class searched with it).
+    kNN search of its members: of depth pool_size + (the largest class searched with it) when
+    the search is `exact`, else of depth k.
 
     The proof above needs depth pool_size + |c| for class c only, so classes are searched
     smallest first in runs of similar size: one class of 1,000 images in a long-tailed set
     would otherwise make every query search (and rank) 1,000 neighbours more than it needs.
+    An approximate index keeps depth k: HNSW widens its search to k candidates when k is
+    above efSearch, so a shallower search would find other, worse pools.
     """
     sizes = class_starts[positions + 1] - class_starts[positions]
     by_size = np.argsort(sizes, kind="stable")
@@ -199,7 +203,7 @@ def _class_pools(search, vectors, class_starts, positions, k, order, labels, poo
         chunk = np.sort(positions[by_size[first:last]])
         starts, lengths = class_starts[chunk], class_starts[chunk + 1] - class_starts[chunk]
         rows = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-        depth = int(min(k, pool_size + lengths.max()))
+        depth = int(min(k, pool_size + lengths.max())) if exact else k
         distances, neighbours = search.search(vectors[rows], depth)
         pools.append(_rank_candidates(labels[order[rows]], neighbours, distances, order, labels, pool_size))
         first = last
@@ -214,7 +218,7 @@ def _fill_short_pools(pools, vectors, class_starts, classes, class_sizes, k, ord
     if len(short) == 0:
         return pools
     exact = flat_l2_index(vectors, use_gpu=use_gpu, k=k)
-    rebuilt = _class_pools(exact, vectors, class_starts, short, k, order, labels, pool_size)
+    rebuilt = _class_pools(exact, vectors, class_starts, short, k, order, labels, pool_size, exact=True)
     keep = ~np.isin(found[0], classes[short])
     return [tuple(part[keep] for part in found), *rebuilt]
 

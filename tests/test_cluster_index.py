@@ -133,3 +133,25 @@ def test_loss_totals_kept_per_sub_batch_give_the_weights_of_a_full_pass():
         np.testing.assert_allclose(totals.seed_weights(0.05), cluster_seed_weights(loss, assignment, clusters, 0.05),
                                    rtol=1e-12, atol=0)
     assert np.isfinite(loss).sum() > num // 2  # most examples measured, several of them twice
+
+
+def test_loss_totals_of_a_converged_run_give_the_uniform_draw():
+    """A hinge loss is often exactly 0. Once every measured loss is 0 the draw is uniform (as
+    `cluster_seed_weights` says), not shaped by what the totals' additions and subtractions
+    of widely spread losses left over."""
+    from pipeline.refresh.cluster_index import ClusterLosses
+
+    rng = np.random.default_rng(12)  # a seed whose leftovers sum above 0 (half do)
+    num, clusters = 2000, 50
+    assignment = rng.integers(0, clusters, num)
+    loss = rng.lognormal(0.0, 8.0, num).astype(np.float32)
+    totals = ClusterLosses(loss, assignment, clusters)
+    for _ in range(40):
+        ids = rng.choice(num, 64, replace=False)
+        new = rng.lognormal(0.0, 8.0, 64).astype(np.float32)
+        totals.replace(ids, loss[ids], new)
+        loss[ids] = new
+    zeros = np.zeros(num, dtype=np.float32)
+    totals.replace(np.arange(num), loss, zeros)
+    np.testing.assert_array_equal(totals.seed_weights(0.05), np.full(clusters, 1.0 / clusters))
+    np.testing.assert_array_equal(cluster_seed_weights(zeros, assignment, clusters, 0.05), np.full(clusters, 1.0 / clusters))

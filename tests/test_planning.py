@@ -61,6 +61,7 @@ def test_a_shuffle_plan_does_not_depend_on_what_was_planned_before():
     expected = [in_order.plan(i).copy() for i in indices]
     in_order.plan(0)[:] = -1  # a caller's writes do not reach the kept permutation
     shuffled = pickle.loads(pickle.dumps(in_order))
+    assert shuffled._epoch_order is None  # an epoch's permutation does not travel to the actors
     for i in np.random.default_rng(0).permutation(indices):
         np.testing.assert_array_equal(shuffled.plan(int(i)), expected[i])
     np.testing.assert_array_equal(in_order.plan(0), expected[0])

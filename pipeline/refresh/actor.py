@@ -145,11 +145,12 @@ class RefreshActor:
         losses = np.asarray(losses, dtype=np.float32)
         with self.cond:
             self._note_version_in_use(index_version)
+            # An id twice in one sub-batch keeps its last loss (in the totals and in the losses).
+            last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
+            ids, losses = ids[last], losses[last]
             totals = self._cluster_losses
             if totals is not None and self.index is not None and totals[0] == self.index.version:
-                # An id twice in one sub-batch keeps its last loss, as the assignment below does.
-                last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
-                totals[1].replace(ids[last], self.example_loss[ids[last]], losses[last])
+                totals[1].replace(ids, self.example_loss[ids], losses)
             self.example_loss[ids] = losses
             self.loss_stamp += 1
             self.latest_step = max(self.latest_step, int(step))

@@ -200,6 +200,10 @@ class ClusterLosses:
         # float64 even when nothing is measured yet (bincount of nothing is int64).
         self.sums = np.bincount(cluster[measured], weights=loss[measured], minlength=num_clusters).astype(np.float64)
         self.counts = np.bincount(cluster[measured], minlength=num_clusters).astype(np.int64)
+        # Losses other than 0 per cluster: where none is left, the sum is 0 exactly, not the
+        # rounding its additions and subtractions leave (a hinge loss is often exactly 0, and
+        # a sum of +-1e-17 would turn the uniform draw of a converged run into noise).
+        self.nonzero = np.bincount(cluster[measured & (loss != 0)], minlength=num_clusters).astype(np.int64)
 
     def replace(self, ids: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
         """Examples `ids` (distinct) change loss from `old` to `new` (NaN = not measured)."""
@@ -208,6 +212,7 @@ class ClusterLosses:
             counted = (cluster >= 0) & np.isfinite(losses)
             np.add.at(self.sums, cluster[counted], sign * losses[counted].astype(np.float64))
             np.add.at(self.counts, cluster[counted], sign)
+            np.add.at(self.nonzero, cluster[counted & (losses != 0)], sign)
 
     def seed_weights(self, floor: float) -> np.ndarray:
         """`cluster_seed_weights` of the losses these totals hold."""
@@ -216,7 +221,8 @@ class ClusterLosses:
         if not has.any():
             return np.full(num_clusters, 1.0 / num_clusters)
         cluster_loss = np.zeros(num_clusters)
-        cluster_loss[has] = self.sums[has] / self.counts[has]
+        sums = np.where(self.nonzero > 0, self.sums, 0.0)
+        cluster_loss[has] = sums[has] / self.counts[has]
         mean_loss = cluster_loss[has].mean()
         if not mean_loss > 0:
             return np.full(num_clusters, 1.0 / num_clusters)

@@ -132,6 +132,7 @@ def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: i
     import ray.data
 
     from pipeline.data.ray_datasets import read_shards
+    from pipeline.training.resources import uses_local_ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = embedding_actors(device, actors, gpus)
@@ -139,6 +140,10 @@ def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: i
         printer(f"--device gpu: no GPU is up in the cluster yet; the {pool['size']} embedding actor(s) wait "
                 "for the autoscaler to add GPU nodes (on a fixed-size cluster they would wait for ever)",
                 flush=True)
+    elif device == "auto" and not gpus and not uses_local_ray():
+        # cluster.yaml's GPU nodes scale to zero between jobs: an idle cluster has none up.
+        printer("no GPU is up in the cluster: embedding on CPUs; --device gpu asks the autoscaler for "
+                "GPU nodes instead", flush=True)
     weights = ray.put({k: v.cpu() for k, v in model.state_dict().items()})
     model_config = {
         "backbone": config.model.backbone,

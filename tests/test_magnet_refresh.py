@@ -297,3 +297,53 @@ def test_the_actor_uses_a_gpu_only_when_ray_gave_it_one():
     assert granted_device([], cuda_available=True).type == "cpu"
     assert granted_device(["0"], cuda_available=True).type == "cuda"
     assert granted_device(["0"], cuda_available=False).type == "cpu"
+
+
+def test_the_actor_s_seed_weights_follow_every_reported_loss_across_index_swaps():
+    """`record_losses` keeps per-cluster totals for the current index and `_seed_weights` reads
+    them: after sub-batches with repeated ids (the last loss counts), after a new index, and
+    after a restored checkpoint's losses, they must equal a full pass over every example."""
+    import threading
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipeline.refresh.actor import RefreshActor
+    from pipeline.refresh.cluster_index import build_cluster_index, cluster_seed_weights
+
+    rng = np.random.default_rng(3)
+    num = 300
+    labels = rng.integers(0, 12, num)
+    index, _ = build_cluster_index(rng.standard_normal((num, 8)).astype(np.float32), labels,
+                                   clusters_per_class=3, num_impostors=2, version=1, model_step=0)
+    actor = RefreshActor.__new__(RefreshActor)  # its bookkeeping only: no Ray, no refresh thread
+    actor.__dict__.update(
+        config=SimpleNamespace(loss=SimpleNamespace(magnet=SimpleNamespace(seed_floor=0.05))),
+        cond=threading.Condition(), index=index, version=1, pools=False, lag=0, pending=[], latest_step=0,
+        incarnation="test", example_loss=np.full(num, np.nan, dtype=np.float32), loss_stamp=0,
+        _weights_cache=None, _cluster_losses=None,
+    )
+
+    def full_pass():
+        return cluster_seed_weights(actor.example_loss, actor.index.assignment, actor.index.num_clusters, 0.05)
+
+    def report(count):
+        for step in range(count):
+            ids = rng.integers(0, num, 40)  # repeats within a sub-batch
+            losses = rng.exponential(size=40).astype(np.float32)
+            actor.record_losses(step, ids, losses, index_version=actor.index.version)
+            with actor.cond:
+                np.testing.assert_allclose(actor._seed_weights(), full_pass(), rtol=1e-12, atol=0)
+            last = {int(i): loss for i, loss in zip(ids, losses, strict=True)}
+            assert all(actor.example_loss[i] == loss for i, loss in last.items())
+
+    report(20)
+    # A refresh publishes another index (other clusters for the same examples).
+    actor.index = replace(index, version=2, assignment=rng.permutation(index.assignment))
+    report(20)
+    # A resumed run's losses replace all of them.
+    actor.example_loss = rng.exponential(size=num).astype(np.float32)
+    actor._cluster_losses = None  # as `_adopt` does
+    actor.loss_stamp += 1
+    report(5)

@@ -89,7 +89,7 @@ def save_index(index, export_dir: str) -> str:
     """Write the index into the export directory; returns its path."""
     filesystem, path = filesystem_for(export_dir)
     with filesystem.open_output_stream(f"{path}/{INDEX_FILE}") as stream:
-        stream.write(faiss.serialize_index(index).tobytes())
+        stream.write(faiss.serialize_index(index))  # the uint8 array itself: no bytes copy of the index
     return f"{export_dir.rstrip('/')}/{INDEX_FILE}"
 
 

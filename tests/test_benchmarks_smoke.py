@@ -97,3 +97,10 @@ def test_eval_metrics_agrees_with_pml():
     for side in (report["ours"], pml):
         assert _positive(side["peak_rss_mib"]) and side["seconds_total"] >= 0
     assert "not_measured" in report["gpu_run"] or _positive(report["gpu_run"]["seconds_total"])
+
+
+def test_planner_costs_tiny():
+    (row,) = _run("planner_costs.py", "--num", "3000", "--clusters", "40", "--batch", "32", "--repeats", "3")
+    assert row["num"] == 3000 and row["clusters"] == 40
+    assert all(map(_positive, row["shuffle_plan_ms"].values()))
+    assert all(map(_positive, row["seed_weights_ms"].values()))

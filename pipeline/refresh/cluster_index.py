@@ -188,7 +188,7 @@ class ClusterLosses:
     """Each cluster's sum and count of its members' measured losses, kept up to date one
     sub-batch at a time, so `cluster_seed_weights` costs O(clusters) rather than a pass over
     every example (the refresh actor answers a planner's poll with them several times a step:
-    16 ms a time at 1M examples, benchmarks/README.md)."""
+    about 20 ms a time at 1M examples, benchmarks/planner_costs.py)."""
 
     def __init__(self, example_loss: np.ndarray, assignment: np.ndarray, num_clusters: int):
         """Totals of `example_loss` [N] (NaN = not measured) over `assignment` [N] (-1 = none)."""

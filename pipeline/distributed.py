@@ -1,4 +1,5 @@
-"""Cross-rank helpers: losses see the global batch; gradients still come out right under DDP.
+"""Cross-rank helpers: losses see the global batch; gradients still come out right under DDP;
+the ranks' shares of an evaluation meet on rank 0.
 
 Why the local slot's gradient is scaled by the world size: every rank computes the same loss L
 on the gathered batch, but only its own slice carries a graph, so rank r's backward yields
@@ -67,3 +68,24 @@ def mean_across_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / size
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (a collective: every rank must call it)."""
+    _, size = world()
+    if size == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_on_rank0(obj) -> list | None:
+    """Every rank's picklable `obj`, in rank order, on rank 0; None on the other ranks (a
+    collective: every rank must call it)."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    received = [None] * size if rank == 0 else None
+    dist.gather_object(obj, received, dst=0)
+    return received

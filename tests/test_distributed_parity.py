@@ -8,12 +8,12 @@ single process to 1e-6. Run in float64 so the comparison measures the algorithm,
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from server_process import free_port
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import load_config
@@ -82,17 +82,12 @@ def _rank_main(rank: int, port: int, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     """Parameters after DDP training on 2 gloo ranks, per loss (one spawn for all losses)."""
     out_path = str(tmp_path_factory.mktemp("parity") / "ddp.pt")
-    mp.spawn(_rank_main, args=(_free_port(), out_path), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), out_path), nprocs=WORLD, join=True)
     return torch.load(out_path, weights_only=True)
 
 

@@ -109,9 +109,9 @@ def test_every_training_stream_is_ordered(ranks):
     per_rank = trainer_data_config(SimpleNamespace(train=[object()] * ranks))
     names = [f"train_{r}" for r in range(ranks)]
     assert all(per_rank._resolve_execution_options(name).preserve_order for name in names)
-    assert per_rank._datasets_to_split == []
+    assert not set(per_rank._datasets_to_split) & set(names)  # each rank reads its own stream whole
     split = trainer_data_config(SimpleNamespace(train=object()))
-    assert split._datasets_to_split == ["train"]
+    assert "train" in split._datasets_to_split
     assert split._resolve_execution_options("train").preserve_order
 
 

@@ -278,7 +278,8 @@ class EvalConfig:
     )
     nmi: bool = setting(True, "Compute NMI (k-means with as many clusters as test classes).")
     cache_max_mb: int = setting(
-        1024, "Rank 0 keeps the decoded test split in memory after the first evaluation if it fits."
+        1024, "Each rank keeps its share of each decoded evaluation split in memory after the first "
+        "evaluation, if every rank's share fits (MB per rank and split)."
     )
     seen_knn_k: int = setting(
         1, "Seen-class accuracy (with data.seen_holdout_fraction): neighbours in the kNN vote."

@@ -389,7 +389,7 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
                 **_trainer_datasets(data),
                 **({"gallery": _eval_split_dataset(config, root, gallery)} if gallery else {}),
                 # The seen-class accuracy classifies the held-out training images by their
-                # neighbours among the rest, so rank 0 embeds the whole training split.
+                # neighbours among the rest, so the ranks embed the whole training split.
                 **({"seen": _eval_split_dataset(config, root, config.data.train_split)} if len(data.holdout_ids) else {}),
             },
             dataset_config=trainer_data_config(data),
@@ -566,16 +566,16 @@ def trainer_data_config(data):
     sub-batch, one training is waiting for, sits behind it in the actor's queue: each such
     step then waits out `ActorTables.max_wait_s` (a PDDM run was seen losing 120 s a step this
     way). In order, the actor plans only what the iterator's prefetch asks for next.
-    """
-    import ray.train
 
-    ordered = ray.train.DataConfig.default_ingest_options()
+    The evaluation splits are dealt out too, whole (`training.ingest.RunDataConfig`).
+    """
+    from pipeline.training.ingest import RunDataConfig
+
+    ordered = RunDataConfig.default_ingest_options()
     ordered.preserve_order = True
     if not isinstance(data.train, list):
-        return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": ordered})
-    return ray.train.DataConfig(
-        datasets_to_split=[], execution_options={f"train_{rank}": ordered for rank in range(len(data.train))}
-    )
+        return RunDataConfig(datasets_to_split=["train"], execution_options={"train": ordered})
+    return RunDataConfig(execution_options={f"train_{rank}": ordered for rank in range(len(data.train))})
 
 
 def saved_refresh_state(found) -> dict | None:

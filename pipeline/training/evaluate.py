@@ -22,9 +22,28 @@ def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocas
         labels.append(np.asarray(batch["label"]))
         ids.append(np.asarray(batch["id"]))
     model.train(was_training)
+    if not ids:  # a rank's share of a small split may be empty
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     ids = np.concatenate(ids)
     order = np.argsort(ids, kind="stable")
     return np.concatenate(embeddings)[order], np.concatenate(labels)[order], ids[order]
+
+
+def merge_shares(shares, split: str = "test"):
+    """One (embeddings, labels, ids) in id order from the ranks' shares of a split (each as
+    `embed_batches` returns it): the same arrays one process embedding the split would have.
+    Raises if an id came twice or the split is empty."""
+    shares = [share for share in shares if len(share[2])]
+    if not shares:
+        raise ValueError(f"the {split} split reached no rank: it has no images")
+    ids = np.concatenate([share[2] for share in shares])
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    repeated = ids[1:][ids[1:] == ids[:-1]]
+    if len(repeated):
+        raise RuntimeError(f"the ranks' shares of the {split} split overlap: ids {repeated[:5].tolist()} came twice")
+    embeddings = np.concatenate([share[0] for share in shares])[order]
+    return embeddings, np.concatenate([share[1] for share in shares])[order], ids
 
 
 def evaluate_retrieval(
@@ -40,26 +59,40 @@ def evaluate_retrieval(
 def embed_and_evaluate(model, batches, device, eval_config, autocast_dtype=None, gallery_batches=None):
     """`evaluate_retrieval`'s metrics and the (embeddings, labels, ids) they come from; with
     `gallery_batches` (In-Shop) each image `batches` yields is a query ranked against those."""
-    embeddings, labels, ids = embed_batches(model, batches, device, autocast_dtype)
-    gallery = ()
+    embedded = embed_batches(model, batches, device, autocast_dtype)
+    gallery = None
     if gallery_batches is not None:
-        gallery = embed_batches(model, gallery_batches, device, autocast_dtype)[:2]
+        gallery = embed_batches(model, gallery_batches, device, autocast_dtype)
+    return retrieval_metrics_of(embedded, eval_config, device.type == "cuda", gallery), embedded
+
+
+def retrieval_metrics_of(embedded, eval_config, use_gpu: bool, gallery=None) -> dict[str, float]:
+    """The retrieval metrics of embedded = (embeddings, labels, ids), ranked against each other
+    or, with `gallery` (the same triple), against the gallery."""
+    embeddings, labels, _ = embedded
     metrics = retrieval_metrics(
         embeddings,
         labels,
-        *gallery,
+        *(() if gallery is None else gallery[:2]),
         ks=tuple(eval_config.recall_ks),
         compute_nmi=eval_config.nmi,
-        use_gpu=device.type == "cuda",
+        use_gpu=use_gpu,
     )
-    return {k: float(v) for k, v in metrics.items()}, (embeddings, labels, ids)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def seen_knn_accuracy(model, batches, holdout_ids, device, eval_config, autocast_dtype=None) -> float:
     """kNN classification accuracy on the seen classes: `batches` yields the whole training
     split; the images whose ids are in `holdout_ids` (never trained on) are classified by a vote
     of their `eval.seen_knn_k` nearest neighbours among the others."""
-    embeddings, labels, ids = embed_batches(model, batches, device, autocast_dtype)
+    return seen_knn_accuracy_of(
+        embed_batches(model, batches, device, autocast_dtype), holdout_ids, eval_config, device.type == "cuda"
+    )
+
+
+def seen_knn_accuracy_of(embedded, holdout_ids, eval_config, use_gpu: bool) -> float:
+    """`seen_knn_accuracy` of the training split embedded = (embeddings, labels, ids)."""
+    embeddings, labels, ids = embedded
     held = np.isin(ids, holdout_ids)
     if not held.any() or held.all():
         raise ValueError(
@@ -68,5 +101,5 @@ def seen_knn_accuracy(model, batches, holdout_ids, device, eval_config, autocast
         )
     return knn_accuracy(
         embeddings[held], labels[held], embeddings[~held], labels[~held],
-        k=eval_config.seen_knn_k, use_gpu=device.type == "cuda",
+        k=eval_config.seen_knn_k, use_gpu=use_gpu,
     )

@@ -3,8 +3,8 @@
 Built once, in a fixed order: model, loss, DDP, optimizer, schedule, state restored from the
 latest checkpoint. The step is forward on the local sub-batch, loss on the gathered global
 batch, backward, optimizer step. Each rank runs exactly `total_steps` steps and calls
-`ray.train.report` once per epoch (it is a barrier); only rank 0 evaluates, logs and attaches
-the checkpoint.
+`ray.train.report` once per epoch (it is a barrier). Every rank embeds its share of the
+evaluation splits; only rank 0 computes the metrics, logs and attaches the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import torch
 
 from pipeline.config import config_to_yaml
-from pipeline.data.decoding import ReplayCache, sub_batch_columns
+from pipeline.data.decoding import sub_batch_columns
 from pipeline.device_feed import DeviceFeed, autocast_dtype
 from pipeline.distributed import mean_across_ranks
 from pipeline.learner import MetricLearner
@@ -25,7 +25,8 @@ from pipeline.models import build_model
 from pipeline.reporting.test_embeddings import save_test_embeddings
 from pipeline.tracking import UnloggedMetrics, load_unlogged, save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
-from pipeline.training.evaluate import embed_and_evaluate, seen_knn_accuracy
+from pipeline.training.eval_shards import EvalShard
+from pipeline.training.evaluate import retrieval_metrics_of, seen_knn_accuracy_of
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
 from pipeline.training.worker_entry import RunPlan, train_rows
@@ -109,11 +110,7 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
             # the only weights of this step there will be.
             refresh.publish(start_step, inner)
 
-    test_images = _TestImages(config.eval)
-    if plan.gallery_split:
-        test_images.gallery = _TestImages(config.eval, "gallery")
-    if plan.has_seen_holdout:
-        test_images.seen = _TestImages(config.eval, "seen")
+    eval_splits = _EvalSplits(config.eval, plan)
     feed = DeviceFeed(batches, device, sub_batch_columns, channels_last=config.model.channels_last)
     window = _Window()
     run_start = time.perf_counter()
@@ -154,12 +151,12 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
             last = done == plan.total_steps
             metrics = {"step": done, "epoch": epoch}
             final = None
-            if rank == 0 and (epoch % config.eval.every_epochs == 0 or last):
+            if epoch % config.eval.every_epochs == 0 or last:
                 evaluated, embedded = _evaluate(
-                    inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh
+                    inner, config, device, autocast, plan, logger, epoch, done, eval_splits, refresh, rank
                 )
                 metrics.update(evaluated)
-                if last:
+                if last and rank == 0:
                     # The last checkpoint carries what the driver needs to finish the MLflow
                     # record: the test embeddings (plots) and the metrics the server did not
                     # get. The other ranks wait at the report: flush for a bounded time only.
@@ -270,47 +267,40 @@ def _log_window(window, config, plan, rank, logger, optimizer, done, start_step,
     })
 
 
-class _TestImages:
-    """The decoded test split: streamed from Ray Data the first time, then kept in memory
-    when it fits in `eval.cache_max_mb` (its eval transform is deterministic)."""
+class _EvalSplits:
+    """This rank's shares of the evaluation splits: the test split, the gallery its images are
+    ranked against (In-Shop), and the training split when part of it is held out for the
+    seen-class accuracy."""
 
-    def __init__(self, eval_config, dataset: str = "test"):
-        self.eval_config = eval_config
-        self.dataset = dataset
-        self.cache = ReplayCache(eval_config.cache_max_mb * 2**20)
-        self.gallery: _TestImages | None = None
-        """The gallery's images when the test images are queries against it (In-Shop)."""
-        self.seen: _TestImages | None = None
-        """The training split's images when part of it is held out for the seen-class accuracy."""
-
-    def batches(self):
-        """Decoded test batches."""
-        import ray.train
-
-        yield from self.cache.batches(
-            lambda: ray.train.get_dataset_shard(self.dataset).iter_batches(
-                batch_size=self.eval_config.batch_size, batch_format="numpy"
-            )
-        )
+    def __init__(self, eval_config, plan: RunPlan):
+        self.test = EvalShard(eval_config, "test")
+        self.gallery = EvalShard(eval_config, "gallery") if plan.gallery_split else None
+        self.seen = EvalShard(eval_config, "seen") if plan.has_seen_holdout else None
 
 
-def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, test_images, refresh) -> tuple[dict, tuple]:
+def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, splits, refresh, rank):
+    """Every rank embeds its shares of the evaluation splits; rank 0 computes and logs the
+    metrics: (logged metrics, the test split's (embeddings, labels, ids)), ({}, None) elsewhere."""
     start = time.perf_counter()
     # Magnet's own seen-class vote comes from its refresh actor's cluster index (PDDM's actor
     # holds pools, which have no such vote).
-    magnet_vote = refresh is not None and plan.has_seen_holdout and config.loss.name == "magnet"
+    magnet_vote = rank == 0 and refresh is not None and plan.has_seen_holdout and config.loss.name == "magnet"
     if magnet_vote:
         # Magnet inference needs the cluster index of *these* weights: ask for it first, so
         # the actor builds it while the retrieval metrics are computed here.
         refresh.publish(done, inner, confirm=True)
-    gallery = None if test_images.gallery is None else test_images.gallery.batches()
-    metrics, embedded = embed_and_evaluate(
-        inner.embedder, test_images.batches(), device, config.eval, autocast, gallery
-    )
+    model = inner.embedder
+    embedded = splits.test.embed(model, device, autocast)
+    gallery = None if splits.gallery is None else splits.gallery.embed(model, device, autocast)
+    seen = None if splits.seen is None else splits.seen.embed(model, device, autocast)
+    if rank != 0:
+        return {}, None
+    use_gpu = device.type == "cuda"
+    metrics = retrieval_metrics_of(embedded, config.eval, use_gpu, gallery)
     logged = {f"test/{k}": v for k, v in metrics.items()}
-    if test_images.seen is not None:
-        logged["seen/knn_accuracy"] = metrics["seen_knn_accuracy"] = seen_knn_accuracy(
-            inner.embedder, test_images.seen.batches(), plan.seen_holdout_ids, device, config.eval, autocast
+    if seen is not None:
+        logged["seen/knn_accuracy"] = metrics["seen_knn_accuracy"] = seen_knn_accuracy_of(
+            seen, plan.seen_holdout_ids, config.eval, use_gpu
         )
     if magnet_vote:
         accuracy = refresh.seen_accuracy(done)

@@ -1,0 +1,49 @@
+"""Evaluation spread over the ranks: each rank embeds its share of an evaluation split (Ray
+Train deals every split out whole, `training.ingest`), and rank 0 merges the shares, in id
+order, into what one process would have embedded, and computes the metrics from them."""
+
+from __future__ import annotations
+
+from pipeline.data.decoding import ReplayCache
+from pipeline.distributed import all_ranks_true, gather_on_rank0
+from pipeline.training.evaluate import embed_batches, merge_shares
+
+
+class EvalShard:
+    """This rank's share of one evaluation split: streamed from Ray Data the first time, then
+    replayed from memory if every rank's share fits in `eval.cache_max_mb` (the eval transform
+    is deterministic)."""
+
+    def __init__(self, eval_config, dataset: str = "test"):
+        """dataset: the Ray Train dataset's name ('test', 'gallery' or 'seen')."""
+        self.eval_config = eval_config
+        self.dataset = dataset
+        self.cache: ReplayCache | None = ReplayCache(eval_config.cache_max_mb * 2**20)
+        """None once the ranks found that not every share fits: then every pass streams."""
+        self.agreed = False
+        self.rows = 0
+        """The images this rank embedded at its last evaluation."""
+
+    def embed(self, model, device, autocast_dtype=None):
+        """Every rank: embed this rank's share. Rank 0 gets the whole split's (embeddings,
+        labels, ids) in id order, the other ranks None."""
+        batches = self._stream() if self.cache is None else self.cache.batches(self._stream)
+        share = embed_batches(model, batches, device, autocast_dtype)
+        self.rows = len(share[2])
+        if not self.agreed:
+            # A pass over the split starts only once every rank reads its share (Ray Data's
+            # streaming split waits for all of them), so a rank that replayed its kept share
+            # while another streamed would leave that one waiting for good: the shares are
+            # replayed only if every one of them was kept.
+            self.agreed = True
+            if not all_ranks_true(self.cache.kept is not None, device):
+                self.cache = None  # (a cache of limit 0 would still keep an empty share)
+        shares = gather_on_rank0(share)
+        return None if shares is None else merge_shares(shares, self.dataset)
+
+    def _stream(self):
+        import ray.train
+
+        return ray.train.get_dataset_shard(self.dataset).iter_batches(
+            batch_size=self.eval_config.batch_size, batch_format="numpy"
+        )

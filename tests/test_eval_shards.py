@@ -1,0 +1,195 @@
+"""Evaluation spread over the ranks gives what one process gives.
+
+- Ray Train deals each evaluation split out whole (`RunDataConfig`): every row reaches exactly
+  one rank, where Ray's own equal split drops the rows that do not divide.
+- Ranks that embed uneven shares (one of them empty) and merge them on rank 0 (3 gloo
+  processes) get one process's embeddings, metrics and seen-class accuracy, at every
+  evaluation, whether the shares are replayed from memory or streamed again.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from server_process import free_port
+
+from pipeline.config import load_config
+from pipeline.data.decoding import ReplayCache
+from pipeline.models import EmbeddingNet
+from pipeline.training.eval_shards import EvalShard
+from pipeline.training.evaluate import (
+    embed_and_evaluate,
+    merge_shares,
+    retrieval_metrics_of,
+    seen_knn_accuracy,
+    seen_knn_accuracy_of,
+)
+
+WORLD = 3
+N = 150
+EVALUATIONS = 3
+HOLDOUT = np.arange(0, N, 7)
+
+
+def _images():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 10, N)
+    pixels = rng.integers(0, 256, (N, 3, 12, 12), dtype=np.uint8)
+    return pixels, labels
+
+
+def _batches(ids: np.ndarray) -> list[dict]:
+    pixels, labels = _images()
+    return [{"image": pixels[c], "label": labels[c], "id": c} for c in np.array_split(ids, max(1, len(ids) // 16))]
+
+
+def _shares() -> list[np.ndarray]:
+    """Uneven shares of the ids in a shuffled order, as a streaming split deals blocks; the
+    last rank gets none."""
+    order = np.random.default_rng(9).permutation(N)
+    return [order[:100], order[100:], order[:0]]
+
+
+def _model():
+    torch.manual_seed(3)
+    return EmbeddingNet("tiny_cnn", 8).eval()
+
+
+def _eval_config():
+    return load_config("local", ["eval.recall_ks=[1, 2, 4]", "eval.nmi=true"]).eval
+
+
+class _FixedShard(EvalShard):
+    """An EvalShard whose share comes from a list instead of Ray Train (counting the passes)."""
+
+    def __init__(self, eval_config, batches, limit_bytes):
+        super().__init__(eval_config, "test")
+        self.cache = ReplayCache(limit_bytes)
+        self.share_batches = batches
+        self.streamed = 0
+
+    def _stream(self):
+        self.streamed += 1
+        return iter(self.share_batches)
+
+
+def _rank_main(rank: int, port: int, out_dir: str, limits: list[int]) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, config = _model(), _eval_config()
+        ids = _shares()[rank]
+        shard = _FixedShard(config, _batches(ids) if len(ids) else [], limits[rank])
+        results = []
+        for _ in range(EVALUATIONS):
+            merged = shard.embed(model, torch.device("cpu"))
+            if rank == 0:
+                results.append((
+                    merged,
+                    retrieval_metrics_of(merged, config, use_gpu=False),
+                    seen_knn_accuracy_of(merged, HOLDOUT, config, use_gpu=False),
+                ))
+            else:
+                assert merged is None, "a rank other than 0 got the merged split"
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as handle:
+            pickle.dump({"results": results, "streamed": shard.streamed, "rows": shard.rows}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+
+def _run_ranks(tmp_path, limits):
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path), limits), nprocs=WORLD, join=True)
+    out = []
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as handle:
+            out.append(pickle.load(handle))
+    return out
+
+
+@pytest.mark.parametrize("kept", ["every share kept", "one share too big to keep"])
+def test_ranks_sharing_an_evaluation_match_one_process(tmp_path, kept):
+    big = 2**30
+    limits = [big, big, big] if kept == "every share kept" else [big, 0, big]
+    ranks = _run_ranks(tmp_path, limits)
+
+    model, config = _model(), _eval_config()
+    metrics, (embeddings, labels, ids) = embed_and_evaluate(model, _batches(np.arange(N)), torch.device("cpu"), config)
+    accuracy = seen_knn_accuracy(model, _batches(np.arange(N)), HOLDOUT, torch.device("cpu"), config)
+    assert 0.0 < metrics["recall@1"] < 1.0 and 0.0 < accuracy < 1.0  # not a degenerate comparison
+
+    assert [r["rows"] for r in ranks] == [len(s) for s in _shares()]
+    assert len(ranks[0]["results"]) == EVALUATIONS
+    for (got_embeddings, got_labels, got_ids), got_metrics, got_accuracy in ranks[0]["results"]:
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got_labels, labels)
+        np.testing.assert_allclose(got_embeddings, embeddings, rtol=0, atol=1e-5)
+        assert got_metrics == pytest.approx(metrics, abs=1e-6)
+        assert got_accuracy == pytest.approx(accuracy)
+    # Kept shares are replayed only when every rank kept its own: a rank replaying while
+    # another streams would leave the other waiting at Ray Data's split for good.
+    expected = [1, 1, 1] if kept == "every share kept" else [EVALUATIONS] * WORLD
+    assert [r["streamed"] for r in ranks] == expected
+
+
+def test_merging_refuses_overlapping_or_empty_shares():
+    share = (np.ones((2, 4), np.float32), np.array([0, 1]), np.array([3, 4]))
+    empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    embeddings, labels, ids = merge_shares([share, empty, (share[0], share[1], np.array([1, 2]))])
+    np.testing.assert_array_equal(ids, [1, 2, 3, 4])
+    with pytest.raises(RuntimeError, match=r"overlap: ids \[4\] came twice"):
+        merge_shares([share, (share[0], share[1], np.array([4, 5]))])
+    with pytest.raises(ValueError, match="the seen split reached no rank"):
+        merge_shares([empty, empty], "seen")
+
+
+@pytest.mark.ray
+def test_every_evaluation_row_reaches_exactly_one_rank(ray_local):
+    import ray
+    import ray.train
+
+    from pipeline.training.ingest import RunDataConfig
+
+    def read_all(shares, name):
+        got: dict[int, list[int]] = {}
+
+        def read(rank):  # the ranks read at once: a streaming split starts a pass for all of them
+            got[rank] = [int(i) for b in shares[rank][name].iter_batches(batch_size=4) for i in b["id"]]
+
+        threads = [threading.Thread(target=read, args=(rank,)) for rank in range(len(shares))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        return got
+
+    rows = 13  # does not divide by 3 ranks
+    dataset = ray.data.from_items([{"id": i} for i in range(rows)], override_num_blocks=5)
+    ours = RunDataConfig(datasets_to_split=["train"])
+    for name in ("test", "gallery", "seen"):
+        shares = ours.configure({name: dataset}, world_size=3, worker_handles=None, worker_node_ids=None)
+        for _ in range(2):  # two evaluations
+            got = read_all(shares, name)
+            assert sorted(sum(got.values(), [])) == list(range(rows)), f"{name}: {got}"
+            assert sum(1 for ids in got.values() if ids) > 1, f"{name} was not shared out: {got}"
+    # The training stream is still Ray's equal split: every rank the same number of rows.
+    train = read_all(ours.configure({"train": dataset}, world_size=3, worker_handles=None, worker_node_ids=None),
+                     "train")
+    assert len({len(ids) for ids in train.values()}) == 1
+    # Why the evaluation splits need their own split: Ray's drops a row here.
+    theirs = ray.train.DataConfig(datasets_to_split=["test"]).configure(
+        {"test": dataset}, world_size=3, worker_handles=None, worker_node_ids=None
+    )
+    assert len(sum(read_all(theirs, "test").values(), [])) < rows
+    # One rank reads the whole split.
+    [whole] = ours.configure({"test": dataset}, world_size=1, worker_handles=None, worker_node_ids=None)
+    assert sorted(int(i) for b in whole["test"].iter_batches(batch_size=4) for i in b["id"]) == list(range(rows))

@@ -82,10 +82,38 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
 
 def gather_on_rank0(obj) -> list | None:
     """Every rank's picklable `obj`, in rank order, on rank 0; None on the other ranks (a
-    collective: every rank must call it)."""
+    collective: every rank must call it).
+
+    Over gloo, through host memory: over NCCL the pickled objects would be staged on rank 0's
+    GPU (a whole evaluation split's embeddings, beside the training state)."""
     rank, size = world()
     if size == 1:
         return [obj]
     received = [None] * size if rank == 0 else None
-    dist.gather_object(obj, received, dst=0)
+    dist.gather_object(obj, received, dst=0, group=_host_group())
     return received
+
+
+_HOST_GROUP = None
+
+
+def _host_group():
+    """A gloo group of every rank (the default group itself when it is gloo); made on first use,
+    which every rank reaches together (`new_group` is a collective)."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def buffers_from_rank0(module: torch.nn.Module) -> None:
+    """Overwrite `module`'s buffers (BatchNorm's running statistics) with rank 0's (a
+    collective). Under DDP each rank updates them from its own sub-batch after rank 0's copy
+    reaches it at the start of a forward, so after a step the ranks hold different ones."""
+    _, size = world()
+    if size == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)

@@ -2,9 +2,10 @@
 
 - Ray Train deals each evaluation split out whole (`RunDataConfig`): every row reaches exactly
   one rank, where Ray's own equal split drops the rows that do not divide.
-- Ranks that embed uneven shares (one of them empty) and merge them on rank 0 (3 gloo
-  processes) get one process's embeddings, metrics and seen-class accuracy, at every
-  evaluation, whether the shares are replayed from memory or streamed again.
+- Ranks that embed uneven shares (one of them empty) with BatchNorm statistics of their own
+  (as under DDP) and merge them on rank 0 (3 gloo processes) get rank 0's model's embeddings,
+  metrics and seen-class accuracy as one process computes them, at every evaluation, whether
+  the shares are replayed from memory or streamed again.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from server_process import free_port
 
 from pipeline.config import load_config
 from pipeline.data.decoding import ReplayCache
-from pipeline.models import EmbeddingNet
-from pipeline.training.eval_shards import EvalShard
+from pipeline.training.eval_shards import EvalShard, EvalSplits
 from pipeline.training.evaluate import (
     embed_and_evaluate,
     merge_shares,
@@ -57,9 +57,18 @@ def _shares() -> list[np.ndarray]:
     return [order[:100], order[100:], order[:0]]
 
 
-def _model():
+def _model(rank: int = 0):
+    """A small net with BatchNorm, in eval mode. Its running statistics differ by rank, as
+    they do under DDP after a training step; rank 0's are the ones one process would use."""
     torch.manual_seed(3)
-    return EmbeddingNet("tiny_cnn", 8).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 8),
+    )
+    with torch.no_grad():
+        model[1].running_mean.add_(0.1 * rank)
+        model[1].running_var.mul_(1.0 + rank)
+    return model.eval()
 
 
 def _eval_config():
@@ -86,22 +95,28 @@ def _rank_main(rank: int, port: int, out_dir: str, limits: list[int]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, config = _model(), _eval_config()
+        model, config = _model(rank), _eval_config()
         ids = _shares()[rank]
-        shard = _FixedShard(config, _batches(ids) if len(ids) else [], limits[rank])
+        # The same images stand for the test split and the training split ('seen').
+        test, seen = (_FixedShard(config, _batches(ids) if len(ids) else [], limits[rank]) for _ in range(2))
+        splits = EvalSplits(test, seen=seen)
         results = []
         for _ in range(EVALUATIONS):
-            merged = shard.embed(model, torch.device("cpu"))
+            test, gallery, seen = splits.embed(model, torch.device("cpu"))
+            assert gallery is None
             if rank == 0:
                 results.append((
-                    merged,
-                    retrieval_metrics_of(merged, config, use_gpu=False),
-                    seen_knn_accuracy_of(merged, HOLDOUT, config, use_gpu=False),
+                    test,
+                    retrieval_metrics_of(test, config, use_gpu=False),
+                    seen_knn_accuracy_of(seen, HOLDOUT, config, use_gpu=False),
                 ))
             else:
-                assert merged is None, "a rank other than 0 got the merged split"
+                assert test is None and seen is None, "a rank other than 0 got a merged split"
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as handle:
-            pickle.dump({"results": results, "streamed": shard.streamed, "rows": shard.rows}, handle)
+            pickle.dump({
+                "results": results, "streamed": [splits.test.streamed, splits.seen.streamed],
+                "rows": splits.test.rows,
+            }, handle)
     finally:
         dist.destroy_process_group()
 
@@ -137,8 +152,8 @@ def test_ranks_sharing_an_evaluation_match_one_process(tmp_path, kept):
         assert got_accuracy == pytest.approx(accuracy)
     # Kept shares are replayed only when every rank kept its own: a rank replaying while
     # another streams would leave the other waiting at Ray Data's split for good.
-    expected = [1, 1, 1] if kept == "every share kept" else [EVALUATIONS] * WORLD
-    assert [r["streamed"] for r in ranks] == expected
+    passes = 1 if kept == "every share kept" else EVALUATIONS
+    assert [r["streamed"] for r in ranks] == [[passes, passes]] * WORLD
 
 
 def test_merging_refuses_overlapping_or_empty_shares():
@@ -165,7 +180,7 @@ def test_every_evaluation_row_reaches_exactly_one_rank(ray_local):
         def read(rank):  # the ranks read at once: a streaming split starts a pass for all of them
             got[rank] = [int(i) for b in shares[rank][name].iter_batches(batch_size=4) for i in b["id"]]
 
-        threads = [threading.Thread(target=read, args=(rank,)) for rank in range(len(shares))]
+        threads = [threading.Thread(target=read, args=(rank,), daemon=True) for rank in range(len(shares))]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -175,8 +190,9 @@ def test_every_evaluation_row_reaches_exactly_one_rank(ray_local):
     rows = 13  # does not divide by 3 ranks
     dataset = ray.data.from_items([{"id": i} for i in range(rows)], override_num_blocks=5)
     ours = RunDataConfig(datasets_to_split=["train"])
+    here = ray.get_runtime_context().get_node_id()  # Ray Train passes the ranks' nodes as hints
     for name in ("test", "gallery", "seen"):
-        shares = ours.configure({name: dataset}, world_size=3, worker_handles=None, worker_node_ids=None)
+        shares = ours.configure({name: dataset}, world_size=3, worker_handles=None, worker_node_ids=[here] * 3)
         for _ in range(2):  # two evaluations
             got = read_all(shares, name)
             assert sorted(sum(got.values(), [])) == list(range(rows)), f"{name}: {got}"

@@ -1,11 +1,12 @@
-"""Evaluation spread over the ranks: each rank embeds its share of an evaluation split (Ray
-Train deals every split out whole, `training.ingest`), and rank 0 merges the shares, in id
-order, into what one process would have embedded, and computes the metrics from them."""
+"""Evaluation spread over the ranks: each rank embeds its share of each evaluation split (Ray
+Train deals every split out whole, `training.ingest`), with rank 0's model, and rank 0 merges
+the shares into the images one process would have embedded, in id order, and computes the
+metrics from them."""
 
 from __future__ import annotations
 
 from pipeline.data.decoding import ReplayCache
-from pipeline.distributed import all_ranks_true, gather_on_rank0
+from pipeline.distributed import all_ranks_true, buffers_from_rank0, gather_on_rank0
 from pipeline.training.evaluate import embed_batches, merge_shares
 
 
@@ -21,6 +22,7 @@ class EvalShard:
         self.cache: ReplayCache | None = ReplayCache(eval_config.cache_max_mb * 2**20)
         """None once the ranks found that not every share fits: then every pass streams."""
         self.agreed = False
+        """Whether the ranks have settled, after the first pass, to replay or to stream."""
         self.rows = 0
         """The images this rank embedded at its last evaluation."""
 
@@ -46,4 +48,34 @@ class EvalShard:
 
         return ray.train.get_dataset_shard(self.dataset).iter_batches(
             batch_size=self.eval_config.batch_size, batch_format="numpy"
+        )
+
+
+class EvalSplits:
+    """This rank's shares of a run's evaluation splits: the test split, the gallery its images
+    are ranked against (In-Shop), and the training split when part of it is held out for the
+    seen-class accuracy."""
+
+    def __init__(self, test: EvalShard, gallery: EvalShard | None = None, seen: EvalShard | None = None):
+        self.test = test
+        self.gallery = gallery
+        self.seen = seen
+
+    @classmethod
+    def for_run(cls, eval_config, plan) -> EvalSplits:
+        """The splits a run's plan (`RunPlan`) evaluates on."""
+        return cls(
+            EvalShard(eval_config, "test"),
+            EvalShard(eval_config, "gallery") if plan.gallery_split else None,
+            EvalShard(eval_config, "seen") if plan.has_seen_holdout else None,
+        )
+
+    def embed(self, model, device, autocast_dtype=None) -> tuple:
+        """Every rank: embed its shares with `model` as rank 0 holds it (the model its checkpoint
+        saves). Rank 0 gets (test, gallery, seen), each the whole split's (embeddings, labels,
+        ids) or None when the run has no such split; the other ranks (None, None, None)."""
+        buffers_from_rank0(model)
+        return tuple(
+            None if split is None else split.embed(model, device, autocast_dtype)
+            for split in (self.test, self.gallery, self.seen)
         )

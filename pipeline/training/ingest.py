@@ -25,10 +25,11 @@ class RunDataConfig(ray.train.DataConfig):
 
     def __init__(self, *, eval_datasets=EVAL_DATASETS, datasets_to_split=(), execution_options=None,
                  enable_shard_locality: bool = True):
-        """datasets_to_split: the training datasets split equally; eval_datasets: the names
-        split without dropping rows (those of them a run has)."""
+        """datasets_to_split: the names of the training datasets split equally; eval_datasets:
+        the names split without dropping rows (those of them a run has)."""
+        if isinstance(datasets_to_split, str):
+            raise TypeError(f"datasets_to_split: a list of dataset names, not {datasets_to_split!r}")
         self.eval_datasets = frozenset(eval_datasets)
-        self.shard_locality = enable_shard_locality
         super().__init__(
             datasets_to_split=[*datasets_to_split, *sorted(self.eval_datasets)],
             execution_options=execution_options,
@@ -40,14 +41,15 @@ class RunDataConfig(ray.train.DataConfig):
         evaluation dataset."""
         rest = {name: ds for name, ds in datasets.items() if name not in self.eval_datasets}
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        hints = worker_node_ids if self.shard_locality else None
+        hints = worker_node_ids if self._enable_shard_locality else None
         for name, dataset in datasets.items():
             if name not in self.eval_datasets:
                 continue
             if dataset.name is None:
                 dataset.set_name(name)
-            dataset = dataset.copy(dataset)  # the execution options below are this copy's own
-            dataset.context.execution_options = self.default_ingest_options()
+            # As Ray's own `configure` does (a shallow copy: the context is still shared).
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
             if world_size == 1:  # the whole split, without a split coordinator actor to start
                 output[0][name] = dataset.iterator()
                 continue

@@ -25,7 +25,7 @@ from pipeline.models import build_model
 from pipeline.reporting.test_embeddings import save_test_embeddings
 from pipeline.tracking import UnloggedMetrics, load_unlogged, save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
-from pipeline.training.eval_shards import EvalShard
+from pipeline.training.eval_shards import EvalSplits
 from pipeline.training.evaluate import retrieval_metrics_of, seen_knn_accuracy_of
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
@@ -110,7 +110,7 @@ def run_worker(config, plan: RunPlan, rows=None) -> None:
             # the only weights of this step there will be.
             refresh.publish(start_step, inner)
 
-    eval_splits = _EvalSplits(config.eval, plan)
+    eval_splits = EvalSplits.for_run(config.eval, plan)
     feed = DeviceFeed(batches, device, sub_batch_columns, channels_last=config.model.channels_last)
     window = _Window()
     run_start = time.perf_counter()
@@ -267,17 +267,6 @@ def _log_window(window, config, plan, rank, logger, optimizer, done, start_step,
     })
 
 
-class _EvalSplits:
-    """This rank's shares of the evaluation splits: the test split, the gallery its images are
-    ranked against (In-Shop), and the training split when part of it is held out for the
-    seen-class accuracy."""
-
-    def __init__(self, eval_config, plan: RunPlan):
-        self.test = EvalShard(eval_config, "test")
-        self.gallery = EvalShard(eval_config, "gallery") if plan.gallery_split else None
-        self.seen = EvalShard(eval_config, "seen") if plan.has_seen_holdout else None
-
-
 def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, splits, refresh, rank):
     """Every rank embeds its shares of the evaluation splits; rank 0 computes and logs the
     metrics: (logged metrics, the test split's (embeddings, labels, ids)), ({}, None) elsewhere."""
@@ -289,10 +278,7 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, splits
         # Magnet inference needs the cluster index of *these* weights: ask for it first, so
         # the actor builds it while the retrieval metrics are computed here.
         refresh.publish(done, inner, confirm=True)
-    model = inner.embedder
-    embedded = splits.test.embed(model, device, autocast)
-    gallery = None if splits.gallery is None else splits.gallery.embed(model, device, autocast)
-    seen = None if splits.seen is None else splits.seen.embed(model, device, autocast)
+    embedded, gallery, seen = splits.embed(inner.embedder, device, autocast)
     if rank != 0:
         return {}, None
     use_gpu = device.type == "cuda"

@@ -278,6 +278,18 @@ def test_the_embedding_actors_run_where_device_says():
         embedding_actors("tpu", 0, gpus_up=0)
 
 
+def test_the_evaluate_job_s_metrics_are_computed_where_the_images_were_embedded():
+    """On a GPU when the embedding actors had GPUs, else on one CPU (never the driver: see
+    `test_export_and_evaluate_jobs`)."""
+    from pipeline.serving.evaluation import metrics_task_resources
+
+    on_gpu, on_cpu = {"num_gpus": 1, "num_cpus": 1}, {"num_gpus": 0, "num_cpus": 1}
+    assert metrics_task_resources("auto", gpus_up=2) == on_gpu
+    assert metrics_task_resources("auto", gpus_up=0) == on_cpu
+    assert metrics_task_resources("gpu", gpus_up=0) == on_gpu  # the autoscaler adds a GPU node
+    assert metrics_task_resources("cpu", gpus_up=2) == on_cpu
+
+
 def test_device_gpu_without_a_gpu_is_refused_before_ray(trained, tmp_path, capsys, monkeypatch, ray_must_not_start):
     """A local Ray without a GPU would leave GPU actors waiting for ever."""
     import torch
@@ -401,6 +413,14 @@ def test_export_and_evaluate_jobs(ray_local, trained, tmp_path, monkeypatch):
         return log_batch(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", slow_log_batch)
+    # The embeddings and the metrics stay off the driver (a Ray task computes them).
+    import pipeline.serving.evaluation as evaluation
+
+    def on_the_driver(*args, **kwargs):
+        raise AssertionError("the evaluation's embeddings reached the driver")
+
+    monkeypatch.setattr(evaluation, "collect_embeddings", on_the_driver)
+    monkeypatch.setattr(evaluation, "retrieval_metrics", on_the_driver)
     storage = f"train.storage_path={trained['root'] / 'runs'}"
     assert evaluate_main([trained["run_dir"].name, "--set", storage]) == 0
     monkeypatch.undo()

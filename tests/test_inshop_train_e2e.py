@@ -1,5 +1,6 @@
-"""A short run on Ray on a converted In-Shop tree: its queries are ranked against its gallery at
-In-Shop's cut-offs, checked against a float64 computation from the final checkpoint."""
+"""A short run on Ray (2 ranks) on a converted In-Shop tree: its queries are ranked against its
+gallery at In-Shop's cut-offs, checked against a float64 computation from the final checkpoint,
+and so are those of `jobs.evaluate` on that checkpoint."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_an_inshop_run_ranks_queries_against_the_gallery(ray_local, tmp_path):
                     printer=lambda *a, **k: None)  # fmt: skip
     config = load_config("local", SHORT_RUN + [
         f"data.root={root}", f"train.storage_path={tmp_path / 'runs'}",
-        "train.num_workers=1", "train.epochs=1", "train.steps_per_epoch=2",
+        "train.num_workers=2", "train.epochs=1", "train.steps_per_epoch=2",
         "sampler.classes_per_batch=2", "sampler.samples_per_class=2",
     ])  # fmt: skip
     summary = run_training(config, printer=lambda *a, **k: None)
@@ -77,3 +78,16 @@ def test_an_inshop_run_ranks_queries_against_the_gallery(ray_local, tmp_path):
     assert summary.metrics["test/map@r"] == pytest.approx(map_at_r)
     # Ranked against each other the queries would find nothing: each is its item's only query.
     assert recalls[10] == 1.0
+
+    # The evaluate job follows the dataset's protocol too: the same numbers from the checkpoint.
+    from jobs.evaluate import main as evaluate_main
+
+    assert evaluate_main([summary.checkpoint_path, "--set", f"train.storage_path={tmp_path / 'runs'}"]) == 0
+    client = MlflowClient(summary.tracking_uri)
+    [evaluation] = client.search_runs(
+        [run.info.experiment_id], filter_string="tags.`pipeline.kind` = 'evaluation'"
+    )
+    assert evaluation.data.tags["evaluation.source_run"] == run.info.run_name
+    for k in INSHOP_KS:
+        assert evaluation.data.metrics[f"query/recall_at_{k}"] == pytest.approx(recalls[k]), k
+    assert evaluation.data.metrics["query/map_at_r"] == pytest.approx(map_at_r)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 
+import torch
+
 from pipeline.config import config_to_yaml, load_config
 from pipeline.data.format import read_metadata, shard_uris, validate_dataset
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
@@ -22,6 +24,7 @@ from pipeline.serving.embedding import (
     check_actors_fit_locally,
     collect_embeddings,
     embed_split,
+    embedding_actors,
     start_ray,
 )
 from pipeline.storage import export_settings, exported_settings, store_errors_named
@@ -43,6 +46,37 @@ class EvaluationSummary:
 
 RECORD_RETRY_S = 60.0
 """How long the metrics and the run's status are retried while the tracking server is away."""
+
+
+def metrics_task_resources(device: str, gpus_up: int) -> dict:
+    """The Ray resources of the task that computes the metrics: a GPU where the images were
+    embedded on GPUs (`--device gpu`, or `auto` with GPUs up), else one CPU.
+
+    Not on the driver: on `cluster.yaml` that is the CPU-only head node, which would then hold
+    every embedding and rank a million-image split on its CPUs.
+    """
+    if embedding_actors(device, 0, gpus_up)["num_gpus"]:
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_gpus": 0, "num_cpus": 1}
+
+
+def embedded_split_metrics(test, gallery, ks: tuple, nmi: bool) -> dict[str, float]:
+    """Ray task: the retrieval metrics of an `embed_split` dataset (queries ranked against the
+    `gallery` one when given, else against each other), on the GPU Ray gave this task if any."""
+    import ray
+
+    from pipeline.device_feed import granted_device
+
+    _, labels, embeddings = collect_embeddings(test)
+    against = {}
+    if gallery is not None:
+        _, gallery_labels, gallery_embeddings = collect_embeddings(gallery)
+        against = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
+    device = granted_device(ray.get_gpu_ids(), torch.cuda.is_available())
+    values = retrieval_metrics(
+        embeddings, labels, **against, ks=ks, compute_nmi=nmi, use_gpu=device.type == "cuda"
+    )
+    return {key: float(value) for key, value in values.items()}
 
 
 def storage_path_of(overrides: list[str]) -> str:
@@ -176,28 +210,26 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, d
     not_logged: list[str] = []
     try:
         start_ray(verbose)
-        batch_size = config.eval.batch_size
-        _, labels, embeddings = collect_embeddings(
-            embed_split(model, config, shard_uris(root, split), batch_size, device=device, printer=printer)
-        )
-        gallery = {}
-        if gallery_split is not None:
-            _, gallery_labels, gallery_embeddings = collect_embeddings(
-                embed_split(model, config, shard_uris(root, gallery_split), batch_size, device=device,
-                            printer=printer)
-            )
-            gallery = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
-        from pipeline.exact_search import gpu_backend
+        import ray
 
-        values = retrieval_metrics(
-            embeddings,
-            labels,
-            **gallery,
-            ks=tuple(config.eval.recall_ks),
-            compute_nmi=config.eval.nmi,
-            use_gpu=gpu_backend(1) is not None,
+        batch_size = config.eval.batch_size
+
+        def embedded(name: str):  # left in the object store, where the embedding actors put it
+            return embed_split(
+                model, config, shard_uris(root, name), batch_size, device=device, printer=printer
+            ).materialize()
+
+        test = embedded(split)
+        gallery = None if gallery_split is None else embedded(gallery_split)
+        # Started once the embedding actors are gone: on a machine with one GPU the task would
+        # otherwise hold the GPU an actor waits for.
+        resources = metrics_task_resources(device, int(ray.cluster_resources().get("GPU", 0)))
+        values = ray.get(
+            ray.remote(embedded_split_metrics)
+            .options(**resources, max_retries=0)
+            .remote(test, gallery, tuple(config.eval.recall_ks), config.eval.nmi)
         )
-        metrics = {f"{split}/{key}": float(value) for key, value in values.items()}
+        metrics = {f"{split}/{key}": value for key, value in values.items()}
         logger = tracking.MetricsLogger(uri, run_id)
         logger.log(metrics, step or 0)
         # Sent before the run is closed: the logger's thread would otherwise send them after

@@ -23,15 +23,12 @@ class EvalShard:
         """None once the ranks found that not every share fits: then every pass streams."""
         self.agreed = False
         """Whether the ranks have settled, after the first pass, to replay or to stream."""
-        self.rows = 0
-        """The images this rank embedded at its last evaluation."""
 
     def embed(self, model, device, autocast_dtype=None):
         """Every rank: embed this rank's share. Rank 0 gets the whole split's (embeddings,
         labels, ids) in id order, the other ranks None."""
         batches = self._stream() if self.cache is None else self.cache.batches(self._stream)
         share = embed_batches(model, batches, device, autocast_dtype)
-        self.rows = len(share[2])
         if not self.agreed:
             # A pass over the split starts only once every rank reads its share (Ray Data's
             # streaming split waits for all of them), so a rank that replayed its kept share

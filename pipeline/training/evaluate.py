@@ -16,23 +16,20 @@ def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocas
     follow the order of the points."""
     was_training = model.training
     model.eval()
-    embeddings, labels, ids = [], [], []
-    for batch, out in embed_rows(model, batches, device, lambda batch: batch["image"], autocast_dtype):
-        embeddings.append(out)
-        labels.append(np.asarray(batch["label"]))
-        ids.append(np.asarray(batch["id"]))
+    parts = [
+        (out, np.asarray(batch["label"]), np.asarray(batch["id"]))
+        for batch, out in embed_rows(model, batches, device, lambda batch: batch["image"], autocast_dtype)
+    ]
     model.train(was_training)
-    if not ids:  # a rank's share of a small split may be empty
+    if not parts:  # a rank's share of a small split may be empty
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ids = np.concatenate(ids)
-    order = np.argsort(ids, kind="stable")
-    return np.concatenate(embeddings)[order], np.concatenate(labels)[order], ids[order]
+    return merge_shares(parts)
 
 
 def merge_shares(shares, split: str = "test"):
-    """One (embeddings, labels, ids) in id order from the ranks' shares of a split (each as
-    `embed_batches` returns it): the same arrays one process embedding the split would have.
-    Raises if an id came twice or the split is empty."""
+    """One (embeddings, labels, ids) in id order from pieces of a split (batches, or the ranks'
+    shares as `embed_batches` returns them): what one process embedding the split in any
+    order gets. Raises if an id came twice or the split is empty."""
     shares = [share for share in shares if len(share[2])]
     if not shares:
         raise ValueError(f"the {split} split reached no rank: it has no images")
@@ -41,7 +38,7 @@ def merge_shares(shares, split: str = "test"):
     ids = ids[order]
     repeated = ids[1:][ids[1:] == ids[:-1]]
     if len(repeated):
-        raise RuntimeError(f"the ranks' shares of the {split} split overlap: ids {repeated[:5].tolist()} came twice")
+        raise RuntimeError(f"the {split} split's images came more than once: ids {repeated[:5].tolist()}")
     embeddings = np.concatenate([share[0] for share in shares])[order]
     return embeddings, np.concatenate([share[1] for share in shares])[order], ids
 

@@ -461,7 +461,7 @@ def test_query_gallery_evaluation_ranks_queries_against_the_gallery():
 
     from pipeline.config import load_config
     from pipeline.evaluation.metrics import retrieval_metrics
-    from pipeline.training.evaluate import evaluate_retrieval
+    from pipeline.training.evaluate import embed_batches, retrieval_metrics_of
 
     rng = np.random.default_rng(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
@@ -472,8 +472,9 @@ def test_query_gallery_evaluation_ranks_queries_against_the_gallery():
 
     queries, gallery = batches([0, 1, 2, 0]), batches([0, 0, 1, 1, 2, 3])
     eval_config = load_config("local", ["eval.recall_ks=[1, 2]"]).eval
-    metrics = evaluate_retrieval(
-        model, queries, torch.device("cpu"), eval_config, gallery_batches=gallery
+    cpu = torch.device("cpu")
+    metrics = retrieval_metrics_of(
+        embed_batches(model, queries, cpu), eval_config, False, embed_batches(model, gallery, cpu)
     )
     with torch.no_grad():
         as_array = [model(torch.as_tensor(b[0]["image"]).float() / 255).numpy()
@@ -481,7 +482,7 @@ def test_query_gallery_evaluation_ranks_queries_against_the_gallery():
     expected = retrieval_metrics(as_array[0], np.array([0, 1, 2, 0]), as_array[1],
                                  np.array([0, 0, 1, 1, 2, 3]), ks=(1, 2))  # fmt: skip
     assert metrics["num_queries"] == 4
-    alone = evaluate_retrieval(model, queries, torch.device("cpu"), eval_config)
+    alone = retrieval_metrics_of(embed_batches(model, queries, cpu), eval_config, False)
     assert alone["map@r"] != metrics["map@r"]  # without the gallery: R differs for label 0
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key

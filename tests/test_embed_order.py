@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.training.evaluate import embed_and_evaluate
+from pipeline.training.evaluate import embed_batches, retrieval_metrics_of
 
 
 def _batches(order: np.ndarray, pixels: np.ndarray, labels: np.ndarray, size: int) -> list[dict]:
@@ -27,9 +27,9 @@ def test_metrics_and_embeddings_do_not_depend_on_the_batch_order():
     eval_config = load_config("local", ["eval.nmi=true", "eval.recall_ks=[1, 2, 4]"]).eval
     results = []
     for order in (rng.permutation(n), rng.permutation(n)):
-        metrics, (embeddings, got_labels, ids) = embed_and_evaluate(
-            model, _batches(order, pixels, labels, 16), torch.device("cpu"), eval_config
-        )
+        embedded = embed_batches(model, _batches(order, pixels, labels, 16), torch.device("cpu"))
+        metrics = retrieval_metrics_of(embedded, eval_config, use_gpu=False)
+        embeddings, got_labels, ids = embedded
         np.testing.assert_array_equal(ids, np.arange(n))
         np.testing.assert_array_equal(got_labels, labels)
         np.testing.assert_array_equal(embeddings, pixels.reshape(n, -1) / np.float32(255))

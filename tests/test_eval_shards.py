@@ -25,11 +25,10 @@ from pipeline.config import load_config
 from pipeline.data.decoding import ReplayCache
 from pipeline.training.eval_shards import EvalShard, EvalSplits
 from pipeline.training.evaluate import (
-    embed_and_evaluate,
+    embed_batches,
     merge_shares,
     retrieval_metrics_of,
     seen_knn_accuracy,
-    seen_knn_accuracy_of,
 )
 
 WORLD = 3
@@ -108,7 +107,7 @@ def _rank_main(rank: int, port: int, out_dir: str, limits: list[int]) -> None:
                 results.append((
                     test,
                     retrieval_metrics_of(test, config, use_gpu=False),
-                    seen_knn_accuracy_of(seen, HOLDOUT, config, use_gpu=False),
+                    seen_knn_accuracy(seen, HOLDOUT, config, use_gpu=False),
                 ))
             else:
                 assert test is None and seen is None, "a rank other than 0 got a merged split"
@@ -137,8 +136,9 @@ def test_ranks_sharing_an_evaluation_match_one_process(tmp_path, kept):
     ranks = _run_ranks(tmp_path, limits)
 
     model, config = _model(), _eval_config()
-    metrics, (embeddings, labels, ids) = embed_and_evaluate(model, _batches(np.arange(N)), torch.device("cpu"), config)
-    accuracy = seen_knn_accuracy(model, _batches(np.arange(N)), HOLDOUT, torch.device("cpu"), config)
+    embeddings, labels, ids = embedded = embed_batches(model, _batches(np.arange(N)), torch.device("cpu"))
+    metrics = retrieval_metrics_of(embedded, config, use_gpu=False)
+    accuracy = seen_knn_accuracy(embedded, HOLDOUT, config, use_gpu=False)
     assert 0.0 < metrics["recall@1"] < 1.0 and 0.0 < accuracy < 1.0  # not a degenerate comparison
 
     assert len(ranks[0]["results"]) == EVALUATIONS

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.evaluation.metrics import knn_accuracy
-from pipeline.training.evaluate import seen_knn_accuracy
+from pipeline.training.evaluate import embed_batches, seen_knn_accuracy
 
 
 def reference_accuracy(queries, q_labels, gallery, g_labels, k):
@@ -80,8 +80,9 @@ def test_seen_accuracy_classifies_the_held_out_ids_against_the_rest():
     model = torch.nn.Flatten()
     eval_config = load_config("local", []).eval
     # Held out: id 1 (near id 0, right) and id 5 (near id 0, wrong).
-    assert seen_knn_accuracy(model, batches, np.array([1, 5]), torch.device("cpu"), eval_config) == 0.5
+    embedded = embed_batches(model, batches, torch.device("cpu"))
+    assert seen_knn_accuracy(embedded, np.array([1, 5]), eval_config, use_gpu=False) == 0.5
     # Held out: id 2 (near id 3, class 1: wrong) and id 4 (near id 3: right).
-    assert seen_knn_accuracy(model, batches, np.array([2, 4]), torch.device("cpu"), eval_config) == 0.5
+    assert seen_knn_accuracy(embedded, np.array([2, 4]), eval_config, use_gpu=False) == 0.5
     with pytest.raises(ValueError, match="held-out images"):
-        seen_knn_accuracy(model, batches, np.array([], np.int64), torch.device("cpu"), eval_config)
+        seen_knn_accuracy(embedded, np.array([], np.int64), eval_config, use_gpu=False)

@@ -33,6 +33,8 @@ def merge_shares(shares, split: str = "test"):
     shares = [share for share in shares if len(share[2])]
     if not shares:
         raise ValueError(f"the {split} split reached no rank: it has no images")
+    if len(shares) == 1 and (np.diff(shares[0][2]) > 0).all():  # one rank's, merged already
+        return shares[0]
     ids = np.concatenate([share[2] for share in shares])
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
@@ -41,26 +43,6 @@ def merge_shares(shares, split: str = "test"):
         raise RuntimeError(f"the {split} split's images came more than once: ids {repeated[:5].tolist()}")
     embeddings = np.concatenate([share[0] for share in shares])[order]
     return embeddings, np.concatenate([share[1] for share in shares])[order], ids
-
-
-def evaluate_retrieval(
-    model, batches, device, eval_config, autocast_dtype=None, gallery_batches=None
-) -> dict[str, float]:
-    """Recall@K, MAP@R, R-Precision and NMI of the model on the images `batches` yields (queries
-    ranked against `gallery_batches`' images when given, else against each other)."""
-    return embed_and_evaluate(
-        model, batches, device, eval_config, autocast_dtype, gallery_batches
-    )[0]
-
-
-def embed_and_evaluate(model, batches, device, eval_config, autocast_dtype=None, gallery_batches=None):
-    """`evaluate_retrieval`'s metrics and the (embeddings, labels, ids) they come from; with
-    `gallery_batches` (In-Shop) each image `batches` yields is a query ranked against those."""
-    embedded = embed_batches(model, batches, device, autocast_dtype)
-    gallery = None
-    if gallery_batches is not None:
-        gallery = embed_batches(model, gallery_batches, device, autocast_dtype)
-    return retrieval_metrics_of(embedded, eval_config, device.type == "cuda", gallery), embedded
 
 
 def retrieval_metrics_of(embedded, eval_config, use_gpu: bool, gallery=None) -> dict[str, float]:
@@ -78,17 +60,10 @@ def retrieval_metrics_of(embedded, eval_config, use_gpu: bool, gallery=None) -> 
     return {k: float(v) for k, v in metrics.items()}
 
 
-def seen_knn_accuracy(model, batches, holdout_ids, device, eval_config, autocast_dtype=None) -> float:
-    """kNN classification accuracy on the seen classes: `batches` yields the whole training
-    split; the images whose ids are in `holdout_ids` (never trained on) are classified by a vote
-    of their `eval.seen_knn_k` nearest neighbours among the others."""
-    return seen_knn_accuracy_of(
-        embed_batches(model, batches, device, autocast_dtype), holdout_ids, eval_config, device.type == "cuda"
-    )
-
-
-def seen_knn_accuracy_of(embedded, holdout_ids, eval_config, use_gpu: bool) -> float:
-    """`seen_knn_accuracy` of the training split embedded = (embeddings, labels, ids)."""
+def seen_knn_accuracy(embedded, holdout_ids, eval_config, use_gpu: bool) -> float:
+    """kNN classification accuracy on the seen classes: `embedded` = (embeddings, labels, ids)
+    of the whole training split; the images whose ids are in `holdout_ids` (never trained on)
+    are classified by a vote of their `eval.seen_knn_k` nearest neighbours among the others."""
     embeddings, labels, ids = embedded
     held = np.isin(ids, holdout_ids)
     if not held.any() or held.all():

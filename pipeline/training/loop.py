@@ -26,7 +26,7 @@ from pipeline.reporting.test_embeddings import save_test_embeddings
 from pipeline.tracking import UnloggedMetrics, load_unlogged, save_unlogged
 from pipeline.training.checkpoint import load_training_state, save_checkpoint
 from pipeline.training.eval_shards import EvalSplits
-from pipeline.training.evaluate import retrieval_metrics_of, seen_knn_accuracy_of
+from pipeline.training.evaluate import retrieval_metrics_of, seen_knn_accuracy
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.refresh_link import RefreshLink
 from pipeline.training.worker_entry import RunPlan, train_rows
@@ -285,7 +285,7 @@ def _evaluate(inner, config, device, autocast, plan, logger, epoch, done, splits
     metrics = retrieval_metrics_of(embedded, config.eval, use_gpu, gallery)
     logged = {f"test/{k}": v for k, v in metrics.items()}
     if seen is not None:
-        logged["seen/knn_accuracy"] = metrics["seen_knn_accuracy"] = seen_knn_accuracy_of(
+        logged["seen/knn_accuracy"] = metrics["seen_knn_accuracy"] = seen_knn_accuracy(
             seen, plan.seen_holdout_ids, config.eval, use_gpu
         )
     if magnet_vote:

@@ -290,6 +290,22 @@ def test_the_evaluate_job_s_metrics_are_computed_where_the_images_were_embedded(
     assert metrics_task_resources("cpu", gpus_up=2) == on_cpu
 
 
+def test_bad_input_found_by_the_metrics_task_is_named_without_a_ray_traceback(ray_local):
+    import ray
+
+    from pipeline.serving.evaluation import task_result
+
+    def refuse(kind):  # (nested: Ray ships it by value, the workers cannot import tests/)
+        raise kind("retrieval metrics need at least 2 items")
+
+    task = ray.remote(num_cpus=0.25)(refuse)
+    with pytest.raises(ValueError) as raised:
+        task_result(task.remote(ValueError))
+    assert type(raised.value) is ValueError and str(raised.value) == "retrieval metrics need at least 2 items"
+    with pytest.raises(ray.exceptions.RayTaskError):  # a failure, not bad input: Ray's whole report
+        task_result(task.remote(RuntimeError))
+
+
 def test_device_gpu_without_a_gpu_is_refused_before_ray(trained, tmp_path, capsys, monkeypatch, ray_must_not_start):
     """A local Ray without a GPU would leave GPU actors waiting for ever."""
     import torch

@@ -171,8 +171,8 @@ def embed_split(model, config, shard_uris: list[str], batch_size: int, actors: i
 
 
 def collect_embeddings(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids (ascending), labels and embeddings [N, D] of an `embed_split` dataset, gathered on
-    the driver (blocks arrive in any order)."""
+    """ids (ascending), labels and embeddings [N, D] of an `embed_split` dataset, gathered in
+    this process (blocks arrive in any order)."""
     tables = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     if not tables:
         raise ValueError("the split yielded no images")

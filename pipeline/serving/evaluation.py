@@ -10,6 +10,7 @@ it read.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 
@@ -49,15 +50,15 @@ RECORD_RETRY_S = 60.0
 
 
 def metrics_task_resources(device: str, gpus_up: int) -> dict:
-    """The Ray resources of the task that computes the metrics: a GPU where the images were
-    embedded on GPUs (`--device gpu`, or `auto` with GPUs up), else one CPU.
+    """The Ray resources of the task that computes the metrics, asked for once the images are
+    embedded: a GPU with `--device gpu`, or with `auto` when the cluster has one up by then
+    (on `cluster.yaml` the embedding actors themselves may have brought up a GPU node), else
+    one CPU (whose task then ranks on every core of its node, as the driver did).
 
     Not on the driver: on `cluster.yaml` that is the CPU-only head node, which would then hold
     every embedding and rank a million-image split on its CPUs.
     """
-    if embedding_actors(device, 0, gpus_up)["num_gpus"]:
-        return {"num_gpus": 1, "num_cpus": 1}
-    return {"num_gpus": 0, "num_cpus": 1}
+    return {"num_gpus": embedding_actors(device, 0, gpus_up)["num_gpus"], "num_cpus": 1}
 
 
 def embedded_split_metrics(test, gallery, ks: tuple, nmi: bool) -> dict[str, float]:
@@ -73,10 +74,31 @@ def embedded_split_metrics(test, gallery, ks: tuple, nmi: bool) -> dict[str, flo
         _, gallery_labels, gallery_embeddings = collect_embeddings(gallery)
         against = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
     device = granted_device(ray.get_gpu_ids(), torch.cuda.is_available())
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS to the task's one CPU, which would leave faiss's search and
+        # k-means on one thread.
+        import faiss
+
+        threads = os.cpu_count() or 1
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
     values = retrieval_metrics(
         embeddings, labels, **against, ks=ks, compute_nmi=nmi, use_gpu=device.type == "cuda"
     )
     return {key: float(value) for key, value in values.items()}
+
+
+def task_result(ref):
+    """`ray.get(ref)`, with a ValueError the task raised (bad input: too few images, NaN
+    embeddings) re-raised as itself, so the job prints its message rather than a Ray traceback."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, ValueError):
+            raise err.cause from None
+        raise
 
 
 def storage_path_of(overrides: list[str]) -> str:
@@ -221,14 +243,12 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, d
 
         test = embedded(split)
         gallery = None if gallery_split is None else embedded(gallery_split)
-        # Started once the embedding actors are gone: on a machine with one GPU the task would
-        # otherwise hold the GPU an actor waits for.
+        # Asked for once the embedding is done and its actors are let go: on a machine with one
+        # GPU the task would otherwise hold the GPU an actor waits for.
         resources = metrics_task_resources(device, int(ray.cluster_resources().get("GPU", 0)))
-        values = ray.get(
-            ray.remote(embedded_split_metrics)
-            .options(**resources, max_retries=0)
-            .remote(test, gallery, tuple(config.eval.recall_ks), config.eval.nmi)
-        )
+        task = ray.remote(embedded_split_metrics).options(**resources)
+        values = task_result(task.remote(test, gallery, tuple(config.eval.recall_ks), config.eval.nmi))
+        del test, gallery  # the embeddings leave the object store while the metrics are logged
         metrics = {f"{split}/{key}": value for key, value in values.items()}
         logger = tracking.MetricsLogger(uri, run_id)
         logger.log(metrics, step or 0)

@@ -1,5 +1,5 @@
 """Cross-rank helpers: losses see the global batch; gradients still come out right under DDP;
-the ranks' shares of an evaluation meet on rank 0.
+the ranks' shares of an evaluation reach rank 0 through host memory.
 
 Why the local slot's gradient is scaled by the world size: every rank computes the same loss L
 on the gathered batch, but only its own slice carries a graph, so rank r's backward yields
@@ -12,6 +12,7 @@ which is why the scaling sits on the gathered embeddings and not on the loss.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -80,18 +81,30 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def gather_on_rank0(obj) -> list | None:
-    """Every rank's picklable `obj`, in rank order, on rank 0; None on the other ranks (a
-    collective: every rank must call it).
-
-    Over gloo, through host memory: over NCCL the pickled objects would be staged on rank 0's
-    GPU (a whole evaluation split's embeddings, beside the training state)."""
-    rank, size = world()
+def all_gather_objects(obj) -> list:
+    """Every rank's small picklable `obj`, in rank order, on every rank (a collective), over the
+    host group (`_host_group`)."""
+    _, size = world()
     if size == 1:
         return [obj]
-    received = [None] * size if rank == 0 else None
-    dist.gather_object(obj, received, dst=0, group=_host_group())
+    received = [None] * size
+    dist.all_gather_object(received, obj, group=_host_group())
     return received
+
+
+def send_to_rank0(array: np.ndarray) -> None:
+    """Send an array to rank 0, which takes it with `receive_on_rank0`, through host memory.
+
+    Over gloo: over NCCL a whole evaluation split's embeddings would pass through rank 0's GPU,
+    beside the training state."""
+    dist.send(torch.from_numpy(np.ascontiguousarray(array)), dst=0, group=_host_group())
+
+
+def receive_on_rank0(src: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Rank 0: the array rank `src` sends with `send_to_rank0`, of the shape and dtype it said."""
+    array = np.empty(shape, dtype)
+    dist.recv(torch.from_numpy(array), src=src, group=_host_group())
+    return array
 
 
 _HOST_GROUP = None

@@ -85,6 +85,14 @@ def test_decode_memory_tiny():
     assert all(line["peak_rise_mb"] >= 0 and _positive(line["seconds"]) for line in lines)
 
 
+def test_eval_gather_tiny():
+    lines = _run("eval_gather.py", "--rows", "3001", "--dim", "8", "--ranks", "3")
+    assert [line["path"] for line in lines] == ["merge_on_rank0", "pickled"]
+    for line in lines:
+        assert (line["ranks"], line["rows"], line["dim"]) == (3, 3001, 8)
+        assert line["rank0_peak_rise_mib"] >= 0 and line["seconds"] >= 0
+
+
 def test_eval_metrics_agrees_with_pml():
     (report,) = _run("eval_metrics.py", "--num", "800", "--dim", "8", "--classes", "16",
                      "--compare-pml", "--gpu-num", "1000")

@@ -23,7 +23,7 @@ from server_process import free_port
 
 from pipeline.config import load_config
 from pipeline.data.decoding import ReplayCache
-from pipeline.training.eval_shards import EvalShard, EvalSplits
+from pipeline.training.eval_shards import EvalShard, EvalSplits, merge_on_rank0
 from pipeline.training.evaluate import (
     embed_batches,
     merge_shares,
@@ -152,6 +152,62 @@ def test_ranks_sharing_an_evaluation_match_one_process(tmp_path, kept):
     # another streams would leave the other waiting at Ray Data's split for good.
     passes = 1 if kept == "every share kept" else EVALUATIONS
     assert [r["streamed"] for r in ranks] == [[passes, passes]] * WORLD
+
+
+def _share(ids) -> tuple:
+    ids = np.asarray(ids, np.int64)
+    if not len(ids):  # what embed_batches returns for an empty share
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), ids
+    return np.stack([ids * 1.5, -ids.astype(np.float32)], axis=1).astype(np.float32), ids % 4, ids
+
+
+MERGE_CASES = {  # name: each rank's ids (the merged split is expected in id order)
+    "rank 0 alone, in order": [[0, 1, 2, 5], [], []],
+    "rank 2 alone, out of order": [[], [], [9, 3, 4]],
+    "an id on two ranks": [[0, 1], [2, 3], [3, 4]],
+    "no rank": [[], [], []],
+    "every rank": [[7, 0], [1, 5, 2], [3]],
+}
+
+
+def _merge_main(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    got = {}
+    try:
+        # One after another in one process group: a case that raised must leave the ranks in
+        # step (no embedding sent that rank 0 never takes) for the next one to work.
+        for name, ranks_ids in MERGE_CASES.items():
+            try:
+                got[name] = merge_on_rank0(_share(ranks_ids[rank]), "seen")
+            except (ValueError, RuntimeError) as error:
+                got[name] = f"{type(error).__name__}: {error}"
+        with open(os.path.join(out_dir, f"merge{rank}.pkl"), "wb") as handle:
+            pickle.dump(got, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_merging_on_rank0_with_empty_shares_or_an_id_twice(tmp_path):
+    mp.spawn(_merge_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = []
+    for rank in range(WORLD):
+        with open(tmp_path / f"merge{rank}.pkl", "rb") as handle:
+            ranks.append(pickle.load(handle))
+    for name, ranks_ids in MERGE_CASES.items():
+        if name == "an id on two ranks":  # every rank raises, before anything is sent
+            assert [r[name] for r in ranks] == ["RuntimeError: the seen split's images came more than once: ids [3]"] * WORLD
+        elif name == "no rank":
+            assert [r[name] for r in ranks] == ["ValueError: the seen split reached no rank: it has no images"] * WORLD
+        else:
+            assert [r[name] for r in ranks[1:]] == [None, None], name
+            embeddings, labels, ids = _share(sorted(sum(ranks_ids, [])))
+            got_embeddings, got_labels, got_ids = ranks[0][name]
+            np.testing.assert_array_equal(got_ids, ids)
+            np.testing.assert_array_equal(got_labels, labels)
+            np.testing.assert_array_equal(got_embeddings, embeddings)
+            assert got_embeddings.dtype == np.float32
 
 
 def test_merging_refuses_overlapping_or_empty_shares():

@@ -5,9 +5,18 @@ metrics from them."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipeline.data.decoding import ReplayCache
-from pipeline.distributed import all_ranks_true, buffers_from_rank0, gather_on_rank0
-from pipeline.training.evaluate import embed_batches, merge_shares
+from pipeline.distributed import (
+    all_gather_objects,
+    all_ranks_true,
+    buffers_from_rank0,
+    receive_on_rank0,
+    send_to_rank0,
+    world,
+)
+from pipeline.training.evaluate import embed_batches, id_order
 
 
 class EvalShard:
@@ -37,8 +46,7 @@ class EvalShard:
             self.agreed = True
             if not all_ranks_true(self.cache.kept is not None, device):
                 self.cache = None  # (a cache of limit 0 would still keep an empty share)
-        shares = gather_on_rank0(share)
-        return None if shares is None else merge_shares(shares, self.dataset)
+        return merge_on_rank0(share, self.dataset)
 
     def _stream(self):
         import ray.train
@@ -46,6 +54,40 @@ class EvalShard:
         return ray.train.get_dataset_shard(self.dataset).iter_batches(
             batch_size=self.eval_config.batch_size, batch_format="numpy"
         )
+
+
+def merge_on_rank0(share, split: str = "test"):
+    """Every rank: give its share = (embeddings, labels, ids) of a split. Rank 0 gets the whole
+    split's (embeddings, labels, ids) in id order, the other ranks None (a collective).
+
+    Only ids and labels are gathered everywhere (16 bytes a row). Every rank then finds the
+    order, and so the same error if an id came twice, before any embedding is sent. Rank 0
+    writes each rank's embeddings straight into their places, taking one rank's at a time:
+    beside its own share it holds the merged split and one other rank's share, where gathering
+    the pickled shares took three times the split (benchmarks/eval_gather.py)."""
+    embeddings, labels, ids = share
+    heads = all_gather_objects((labels, ids, embeddings.shape[1:], embeddings.dtype.str))
+    sending = [rank for rank, (_, rank_ids, _, _) in enumerate(heads) if len(rank_ids)]
+    if not sending:
+        raise ValueError(f"the {split} split reached no rank: it has no images")
+    rank, _ = world()
+    if sending == [0] and (np.diff(heads[0][1]) > 0).all():  # only rank 0's, in id order already
+        return share if rank == 0 else None
+    merged_ids, places = id_order([heads[r][1] for r in sending], split)
+    if rank != 0:
+        if len(ids):
+            send_to_rank0(embeddings)
+        return None
+    row_shape, dtype = heads[sending[0]][2:]
+    merged = np.empty((len(merged_ids), *row_shape), dtype)
+    merged_labels = np.empty(len(merged_ids), heads[sending[0]][0].dtype)
+    for sender, where in zip(sending, places, strict=True):
+        rank_labels, rank_ids = heads[sender][:2]
+        rows = embeddings if sender == 0 else receive_on_rank0(sender, (len(rank_ids), *row_shape), dtype)
+        merged[where] = rows
+        merged_labels[where] = rank_labels
+        del rows  # one other rank's share at a time
+    return merged, merged_labels, merged_ids
 
 
 class EvalSplits:

@@ -35,14 +35,27 @@ def merge_shares(shares, split: str = "test"):
         raise ValueError(f"the {split} split reached no rank: it has no images")
     if len(shares) == 1 and (np.diff(shares[0][2]) > 0).all():  # one rank's, merged already
         return shares[0]
-    ids = np.concatenate([share[2] for share in shares])
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
+    ids, places = id_order([share[2] for share in shares], split)
+    embeddings = np.empty((len(ids), *shares[0][0].shape[1:]), shares[0][0].dtype)
+    labels = np.empty(len(ids), shares[0][1].dtype)
+    for (share_embeddings, share_labels, _), where in zip(shares, places, strict=True):
+        embeddings[where] = share_embeddings
+        labels[where] = share_labels
+    return embeddings, labels, ids
+
+
+def id_order(id_pieces: list[np.ndarray], split: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(every id in order, where each piece's rows go in that order): the rows are then written
+    straight into their places, with no concatenated copy of the pieces to sort. Raises if an
+    id came twice."""
+    order = np.argsort(np.concatenate(id_pieces), kind="stable")
+    ids = np.concatenate(id_pieces)[order]
     repeated = ids[1:][ids[1:] == ids[:-1]]
     if len(repeated):
         raise RuntimeError(f"the {split} split's images came more than once: ids {repeated[:5].tolist()}")
-    embeddings = np.concatenate([share[0] for share in shares])[order]
-    return embeddings, np.concatenate([share[1] for share in shares])[order], ids
+    places = np.empty_like(order)
+    places[order] = np.arange(len(order))
+    return ids, np.split(places, np.cumsum([len(piece) for piece in id_pieces])[:-1])
 
 
 def retrieval_metrics_of(embedded, eval_config, use_gpu: bool, gallery=None) -> dict[str, float]:

@@ -96,12 +96,14 @@ def send_to_rank0(array: np.ndarray) -> None:
     """Send an array to rank 0, which takes it with `receive_on_rank0`, through host memory.
 
     Over gloo: over NCCL a whole evaluation split's embeddings would pass through rank 0's GPU,
-    beside the training state."""
+    beside the training state. Only after an `all_gather_objects` (a collective, which makes
+    the host group on every rank: the ranks that send or receive could not make it alone)."""
     dist.send(torch.from_numpy(np.ascontiguousarray(array)), dst=0, group=_host_group())
 
 
-def receive_on_rank0(src: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """Rank 0: the array rank `src` sends with `send_to_rank0`, of the shape and dtype it said."""
+def receive_on_rank0(src: int, shape: tuple, dtype: np.dtype | str) -> np.ndarray:
+    """Rank 0: the array rank `src` sends with `send_to_rank0`, of the shape and dtype it said
+    (after an `all_gather_objects`, as for `send_to_rank0`)."""
     array = np.empty(shape, dtype)
     dist.recv(torch.from_numpy(array), src=src, group=_host_group())
     return array

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+from datetime import timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from server_process import free_port
 
+from pipeline import distributed
 from pipeline.config import load_config
 from pipeline.data.decoding import ReplayCache
 from pipeline.training.eval_shards import EvalShard, EvalSplits, merge_on_rank0
@@ -154,38 +157,58 @@ def test_ranks_sharing_an_evaluation_match_one_process(tmp_path, kept):
     assert [r["streamed"] for r in ranks] == [[passes, passes]] * WORLD
 
 
-def _share(ids) -> tuple:
+def _share(ids, dim: int = 2) -> tuple:
     ids = np.asarray(ids, np.int64)
     if not len(ids):  # what embed_batches returns for an empty share
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), ids
-    return np.stack([ids * 1.5, -ids.astype(np.float32)], axis=1).astype(np.float32), ids % 4, ids
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int32), ids
+    embeddings = np.stack([ids * 1.5, -ids.astype(np.float32), *[ids] * (dim - 2)], axis=1).astype(np.float32)
+    return embeddings, (ids % 4).astype(np.int32), ids
 
 
 MERGE_CASES = {  # name: each rank's ids (the merged split is expected in id order)
     "rank 0 alone, in order": [[0, 1, 2, 5], [], []],
+    "rank 0 alone, out of order": [[5, 0, 2], [], []],
     "rank 2 alone, out of order": [[], [], [9, 3, 4]],
-    "an id on two ranks": [[0, 1], [2, 3], [3, 4]],
-    "no rank": [[], [], []],
     "every rank": [[7, 0], [1, 5, 2], [3]],
+    "an id on two ranks": [[0, 1], [2, 3], [3, 4]],
+    "an id twice on rank 0": [[6, 6], [], []],
+    "no rank": [[], [], []],
+    "rows of another shape on rank 1": [[0], [1], []],
+}
+FAILS = {
+    "an id on two ranks": "RuntimeError: the seen split's images came more than once: ids [3]",
+    "an id twice on rank 0": "RuntimeError: the seen split's images came more than once: ids [6]",
+    "no rank": "ValueError: the seen split reached no rank: it has no images",
+    "rows of another shape on rank 1": "RuntimeError: the ranks embedded the seen split differently: "
+                                       "{0: '<f4 rows of shape (2,)', 1: '<f4 rows of shape (3,)'}",
 }
 
 
 def _merge_main(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A send that rank 0 never takes fails the test within a minute instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     got = {}
     try:
-        # One after another in one process group: a case that raised must leave the ranks in
-        # step (no embedding sent that rank 0 never takes) for the next one to work.
-        for name, ranks_ids in MERGE_CASES.items():
-            try:
-                got[name] = merge_on_rank0(_share(ranks_ids[rank]), "seen")
-            except (ValueError, RuntimeError) as error:
-                got[name] = f"{type(error).__name__}: {error}"
+        # Over the default group (gloo), then over a gloo group of its own, as beside NCCL on
+        # GPUs (the backend is only named NCCL here: the real one needs a GPU per rank).
+        for group in ("default", "own"):
+            if group == "own":
+                distributed.dist = SimpleNamespace(**{**vars(dist), "get_backend": lambda *_: "nccl"})
+            # One case after another in one process group: a case that raised must leave the
+            # ranks in step (no embedding sent that rank 0 never takes) for the next to work.
+            for name, ranks_ids in MERGE_CASES.items():
+                dim = 3 if name == "rows of another shape on rank 1" and rank == 1 else 2
+                try:
+                    got[group, name] = merge_on_rank0(_share(ranks_ids[rank], dim), "seen")
+                except (ValueError, RuntimeError) as error:
+                    got[group, name] = f"{type(error).__name__}: {error}"
+        got["own group made"] = distributed._HOST_GROUP is not None
         with open(os.path.join(out_dir, f"merge{rank}.pkl"), "wb") as handle:
             pickle.dump(got, handle)
     finally:
+        distributed.dist = dist
         dist.destroy_process_group()
 
 
@@ -195,19 +218,19 @@ def test_merging_on_rank0_with_empty_shares_or_an_id_twice(tmp_path):
     for rank in range(WORLD):
         with open(tmp_path / f"merge{rank}.pkl", "rb") as handle:
             ranks.append(pickle.load(handle))
-    for name, ranks_ids in MERGE_CASES.items():
-        if name == "an id on two ranks":  # every rank raises, before anything is sent
-            assert [r[name] for r in ranks] == ["RuntimeError: the seen split's images came more than once: ids [3]"] * WORLD
-        elif name == "no rank":
-            assert [r[name] for r in ranks] == ["ValueError: the seen split reached no rank: it has no images"] * WORLD
-        else:
-            assert [r[name] for r in ranks[1:]] == [None, None], name
+    assert [r["own group made"] for r in ranks] == [True] * WORLD
+    for group in ("default", "own"):
+        for name, ranks_ids in MERGE_CASES.items():
+            if name in FAILS:  # every rank raises, before anything is sent
+                assert [r[group, name] for r in ranks] == [FAILS[name]] * WORLD, (group, name)
+                continue
+            assert [r[group, name] for r in ranks[1:]] == [None, None], (group, name)
             embeddings, labels, ids = _share(sorted(sum(ranks_ids, [])))
-            got_embeddings, got_labels, got_ids = ranks[0][name]
+            got_embeddings, got_labels, got_ids = ranks[0][group, name]
             np.testing.assert_array_equal(got_ids, ids)
             np.testing.assert_array_equal(got_labels, labels)
             np.testing.assert_array_equal(got_embeddings, embeddings)
-            assert got_embeddings.dtype == np.float32
+            assert (got_embeddings.dtype, got_labels.dtype) == (np.float32, np.int32), (group, name)
 
 
 def test_merging_refuses_overlapping_or_empty_shares():

@@ -61,7 +61,8 @@ def merge_on_rank0(share, split: str = "test"):
     split's (embeddings, labels, ids) in id order, the other ranks None (a collective).
 
     Only ids and labels are gathered everywhere (16 bytes a row). Every rank then finds the
-    order, and so the same error if an id came twice, before any embedding is sent. Rank 0
+    order, and so the same error if an id came twice or the shares' rows differ in shape or
+    type, before any embedding is sent. Rank 0
     writes each rank's embeddings straight into their places, taking one rank's at a time:
     beside its own share it holds the merged split and one other rank's share, where gathering
     the pickled shares took three times the split (benchmarks/eval_gather.py)."""
@@ -74,16 +75,20 @@ def merge_on_rank0(share, split: str = "test"):
     if sending == [0] and (np.diff(heads[0][1]) > 0).all():  # only rank 0's, in id order already
         return share if rank == 0 else None
     merged_ids, places = id_order([heads[r][1] for r in sending], split)
+    row_shape, dtype = heads[sending[0]][2:]
+    if any(heads[r][2:] != (row_shape, dtype) for r in sending):  # rank 0 could not take them
+        kinds = {r: f"{heads[r][3]} rows of shape {heads[r][2]}" for r in sending}
+        raise RuntimeError(f"the ranks embedded the {split} split differently: {kinds}")
     if rank != 0:
         if len(ids):
             send_to_rank0(embeddings)
         return None
-    row_shape, dtype = heads[sending[0]][2:]
     merged = np.empty((len(merged_ids), *row_shape), dtype)
     merged_labels = np.empty(len(merged_ids), heads[sending[0]][0].dtype)
     for sender, where in zip(sending, places, strict=True):
         rank_labels, rank_ids = heads[sender][:2]
-        rows = embeddings if sender == 0 else receive_on_rank0(sender, (len(rank_ids), *row_shape), dtype)
+        rows = (embeddings if sender == 0
+                else receive_on_rank0(sender, (len(rank_ids), *row_shape), dtype))
         merged[where] = rows
         merged_labels[where] = rank_labels
         del rows  # one other rank's share at a time

@@ -27,13 +27,14 @@ def embed_batches(model: torch.nn.Module, batches, device: torch.device, autocas
 
 
 def merge_shares(shares, split: str = "test"):
-    """One (embeddings, labels, ids) in id order from pieces of a split (batches, or the ranks'
-    shares as `embed_batches` returns them): what one process embedding the split in any
-    order gets. Raises if an id came twice or the split is empty."""
+    """One (embeddings, labels, ids) in id order from pieces of a split, each an (embeddings,
+    labels, ids) (a rank's embedded batches): what one process embedding them in any order
+    gets. Raises if an id came twice or no piece has images. (The ranks' shares meet on rank 0
+    through `eval_shards.merge_on_rank0`, one share at a time.)"""
     shares = [share for share in shares if len(share[2])]
     if not shares:
         raise ValueError(f"the {split} split reached no rank: it has no images")
-    if len(shares) == 1 and (np.diff(shares[0][2]) > 0).all():  # one rank's, merged already
+    if len(shares) == 1 and (np.diff(shares[0][2]) > 0).all():  # one piece, in id order already
         return shares[0]
     ids, places = id_order([share[2] for share in shares], split)
     embeddings = np.empty((len(ids), *shares[0][0].shape[1:]), shares[0][0].dtype)
@@ -48,8 +49,9 @@ def id_order(id_pieces: list[np.ndarray], split: str) -> tuple[np.ndarray, list[
     """(every id in order, where each piece's rows go in that order): the rows are then written
     straight into their places, with no concatenated copy of the pieces to sort. Raises if an
     id came twice."""
-    order = np.argsort(np.concatenate(id_pieces), kind="stable")
-    ids = np.concatenate(id_pieces)[order]
+    ids = np.concatenate(id_pieces)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
     repeated = ids[1:][ids[1:] == ids[:-1]]
     if len(repeated):
         raise RuntimeError(f"the {split} split's images came more than once: ids {repeated[:5].tolist()}")

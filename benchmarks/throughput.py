@@ -311,6 +311,55 @@ def jpeg_decode(sizes: list[tuple[int, int]], count: int, image_size: int, devic
     return rows
 
 
+def shutdown_ray(timeout_s: float = 60.0) -> None:
+    """`ray.shutdown()`, then wait (at most `timeout_s`) until the processes of the local cluster
+    it ends have exited, so that the next measurement's cluster starts on a quiet machine.
+
+    Once (the smoke test in CI at 6f9bd4b, the only time in this project's runs) the raylet of
+    the cluster started right after a shutdown was SIGKILLed within seconds, while the old
+    cluster's dashboard was still exiting, and the run died ("The connection to the plasma
+    store is failed"). What killed it was not found (25 shutdown-and-start cycles here did not
+    repeat it); waiting removes the overlap that run had."""
+    import ray
+
+    mine = _descendants(os.getpid())
+    ray.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while (alive := [pid for pid in mine if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive:
+        print(f"shutdown_ray: {len(alive)} process(es) of the old cluster still running after {timeout_s:.0f} s",
+              file=sys.stderr, flush=True)
+
+
+def _descendants(root: int) -> list[int]:
+    """The pids of every process below `root` (Linux /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (an exited child not yet reaped, a zombie, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("auto", "cpu", "gpu"), default="auto",
@@ -380,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
                **measure_input_pipeline(first, root, sub_batches)}
         summary["input_images_per_s"] = round(row["input_images_per_s"], 1)
         print(json.dumps({"input": row}), flush=True)
-        ray.shutdown()
+        shutdown_ray()
 
         # Each loss's peer runs right after our run of it, so the pair sees the same machine.
         summary["train_images_per_s"], summary["peer"] = {}, {}
@@ -397,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["fraction_of_bare_backbone"] = round(row["train_images_per_s"] / per, 3)
             summary["train_images_per_s"][name] = row["train_images_per_s"]
             print(json.dumps({"train": row}), flush=True)
-            ray.shutdown()  # each run starts its own cluster (run_training starts it)
+            shutdown_ray()  # each run starts its own cluster (run_training starts it)
             if args.no_peer or name not in PML_PEERS:
                 continue
             steps = args.peer_steps or (2 * config.train.log_every_steps + 1 if args.tiny else 120)

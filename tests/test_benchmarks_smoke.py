@@ -25,7 +25,7 @@ def _run(script: str, *args: str, timeout: float = 600) -> list[dict]:
         [sys.executable, str(BENCHMARKS / script), *args],
         cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=timeout,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 

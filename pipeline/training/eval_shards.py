@@ -62,10 +62,10 @@ def merge_on_rank0(share, split: str = "test"):
 
     Only ids and labels are gathered everywhere (16 bytes a row). Every rank then finds the
     order, and so the same error if an id came twice or the shares' rows differ in shape or
-    type, before any embedding is sent. Rank 0
-    writes each rank's embeddings straight into their places, taking one rank's at a time:
-    beside its own share it holds the merged split and one other rank's share, where gathering
-    the pickled shares took three times the split (benchmarks/eval_gather.py)."""
+    type, before any embedding is sent. Rank 0 writes each rank's embeddings straight into
+    their places, taking one rank's at a time: beside its own share it holds the merged split
+    and one other rank's share, where gathering the pickled shares took three times the split
+    (benchmarks/eval_gather.py)."""
     embeddings, labels, ids = share
     heads = all_gather_objects((labels, ids, embeddings.shape[1:], embeddings.dtype.str))
     sending = [rank for rank, (_, rank_ids, _, _) in enumerate(heads) if len(rank_ids)]

@@ -306,6 +306,26 @@ def test_bad_input_found_by_the_metrics_task_is_named_without_a_ray_traceback(ra
         task_result(task.remote(RuntimeError))
 
 
+def test_collected_embeddings_are_in_id_order_whatever_order_the_blocks_come_in(ray_local):
+    import ray
+
+    from pipeline.serving.embedding import collect_embeddings, embeddings_table
+
+    rng = np.random.default_rng(4)
+    ids = rng.permutation(np.arange(0, 300, 3))  # not 0..N-1: dataset ids need not be
+    embeddings = rng.standard_normal((len(ids), 5)).astype(np.float32)
+    pieces = [slice(0, 40), slice(40, 40), slice(40, 100)]  # one empty block
+    blocks = [embeddings_table(ids[p], ids[p] % 7, embeddings[p]) for p in pieces]
+    got_ids, got_labels, got_embeddings = collect_embeddings(ray.data.from_arrow(blocks))
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(got_ids, ids[order])
+    np.testing.assert_array_equal(got_labels, ids[order] % 7)
+    np.testing.assert_array_equal(got_embeddings, embeddings[order])
+    assert got_embeddings.dtype == np.float32 and got_labels.dtype == np.int32
+    with pytest.raises(ValueError, match="the split yielded no images"):
+        collect_embeddings(ray.data.from_arrow([blocks[1]]))
+
+
 def test_device_gpu_without_a_gpu_is_refused_before_ray(trained, tmp_path, capsys, monkeypatch, ray_must_not_start):
     """A local Ray without a GPU would leave GPU actors waiting for ever."""
     import torch

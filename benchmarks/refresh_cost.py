@@ -208,7 +208,7 @@ def training_overhead(every, epochs, storage, device):
     """Seconds per training step of Magnet with the refresh at period `every` (0: once per
     epoch) against the same run refreshing never after its initial index. On CUDA the run is
     throughput.py's one-GPU Magnet, whose refresh actor shares the worker's GPU."""
-    import ray
+    from throughput import shutdown_ray
 
     from pipeline.config import load_config
     from pipeline.training.driver import run_training
@@ -245,7 +245,7 @@ def training_overhead(every, epochs, storage, device):
         results[label] = {"steps": s1 - s0, "seconds": round(t1 - t0, 2),
                           "seconds_per_step": round((t1 - t0) / (s1 - s0), 4)}
         print(json.dumps({"training": {label: results[label]}}), flush=True)
-        ray.shutdown()
+        shutdown_ray()  # the next run starts its own cluster once this one's processes are gone
     lost = results["refreshing"]["seconds_per_step"] / results["initial_index_only"]["seconds_per_step"] - 1
     results["time_lost_fraction"] = round(lost, 4)
     print(json.dumps({"training_time_lost_fraction": results["time_lost_fraction"]}), flush=True)

@@ -16,7 +16,7 @@ from pipeline.distributed import (
     send_to_rank0,
     world,
 )
-from pipeline.training.evaluate import embed_batches, id_order
+from pipeline.training.evaluate import embed_batches, id_order, rows_in_place
 
 
 class EvalShard:
@@ -83,16 +83,11 @@ def merge_on_rank0(share, split: str = "test"):
         if len(ids):
             send_to_rank0(embeddings)
         return None
-    merged = np.empty((len(merged_ids), *row_shape), dtype)
-    merged_labels = np.empty(len(merged_ids), heads[sending[0]][0].dtype)
-    for sender, where in zip(sending, places, strict=True):
-        rank_labels, rank_ids = heads[sender][:2]
-        rows = (embeddings if sender == 0
-                else receive_on_rank0(sender, (len(rank_ids), *row_shape), dtype))
-        merged[where] = rows
-        merged_labels[where] = rank_labels
-        del rows  # one other rank's share at a time
-    return merged, merged_labels, merged_ids
+    # A generator: each other rank's share is received only when its turn comes.
+    pieces = ((embeddings, labels) if sender == 0
+              else (receive_on_rank0(sender, (len(heads[sender][1]), *row_shape), dtype), heads[sender][0])
+              for sender in sending)
+    return rows_in_place(merged_ids, places, pieces)
 
 
 class EvalSplits:

@@ -37,12 +37,7 @@ def merge_shares(shares, split: str = "test"):
     if len(shares) == 1 and (np.diff(shares[0][2]) > 0).all():  # one piece, in id order already
         return shares[0]
     ids, places = id_order([share[2] for share in shares], split)
-    embeddings = np.empty((len(ids), *shares[0][0].shape[1:]), shares[0][0].dtype)
-    labels = np.empty(len(ids), shares[0][1].dtype)
-    for (share_embeddings, share_labels, _), where in zip(shares, places, strict=True):
-        embeddings[where] = share_embeddings
-        labels[where] = share_labels
-    return embeddings, labels, ids
+    return rows_in_place(ids, places, ((share[0], share[1]) for share in shares))
 
 
 def id_order(id_pieces: list[np.ndarray], split: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -58,6 +53,24 @@ def id_order(id_pieces: list[np.ndarray], split: str) -> tuple[np.ndarray, list[
     places = np.empty_like(order)
     places[order] = np.arange(len(order))
     return ids, np.split(places, np.cumsum([len(piece) for piece in id_pieces])[:-1])
+
+
+def rows_in_place(ids: np.ndarray, places: list[np.ndarray], pieces):
+    """(embeddings, labels, ids) of the whole split, in id order: each piece's (embeddings,
+    labels) written into its `places` (`id_order`). `pieces` is consumed one at a time, so a
+    generator that fetches each piece keeps only one of them alive beside the result."""
+    embeddings = labels = None
+    pieces = iter(pieces)
+    for where in places:
+        # next() rather than zip: zip would hold the last piece while the next one is fetched.
+        piece_embeddings, piece_labels = next(pieces)
+        if embeddings is None:
+            embeddings = np.empty((len(ids), *piece_embeddings.shape[1:]), piece_embeddings.dtype)
+            labels = np.empty(len(ids), piece_labels.dtype)
+        embeddings[where] = piece_embeddings
+        labels[where] = piece_labels
+        del piece_embeddings, piece_labels
+    return embeddings, labels, ids
 
 
 def retrieval_metrics_of(embedded, eval_config, use_gpu: bool, gallery=None) -> dict[str, float]:

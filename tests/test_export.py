@@ -4,6 +4,7 @@ the evaluate job's MLflow record. The checkpoint is written without Ray (a fresh
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -279,15 +280,60 @@ def test_the_embedding_actors_run_where_device_says():
 
 
 def test_the_evaluate_job_s_metrics_are_computed_where_the_images_were_embedded():
-    """On a GPU when the embedding actors had GPUs, else on one CPU (never the driver: see
-    `test_export_and_evaluate_jobs`)."""
+    """On a GPU when the embedding actors had GPUs, else on the CPUs the task reserves (never
+    the driver: see `test_export_and_evaluate_jobs`)."""
     from pipeline.serving.evaluation import metrics_task_resources
 
-    on_gpu, on_cpu = {"num_gpus": 1, "num_cpus": 1}, {"num_gpus": 0, "num_cpus": 1}
-    assert metrics_task_resources("auto", gpus_up=2) == on_gpu
-    assert metrics_task_resources("auto", gpus_up=0) == on_cpu
-    assert metrics_task_resources("gpu", gpus_up=0) == on_gpu  # the autoscaler adds a GPU node
-    assert metrics_task_resources("cpu", gpus_up=2) == on_cpu
+    on_gpu, on_cpus = {"num_gpus": 1, "num_cpus": 1}, {"num_gpus": 0, "num_cpus": 6}
+    assert metrics_task_resources("auto", gpus_up=2, cpus=6) == on_gpu
+    assert metrics_task_resources("auto", gpus_up=0, cpus=6) == on_cpus
+    assert metrics_task_resources("gpu", gpus_up=0, cpus=6) == on_gpu  # the autoscaler adds a GPU node
+    assert metrics_task_resources("cpu", gpus_up=2, cpus=6) == on_cpus
+
+
+def test_the_metrics_task_reserves_the_cpus_it_ranks_on(ray_local):
+    """`eval.metrics_cpus` when set, else the CPUs free, at most one node's; and inside the task,
+    faiss and torch get as many threads as it reserved, whatever the worker ran before."""
+    import ray
+
+    from pipeline.serving.evaluation import metrics_task_cpus, rank_on_reserved_cpus
+
+    assert metrics_task_cpus(3, free=40.0, node_cpus=[48.0]) == 3
+    assert metrics_task_cpus(0, free=40.0, node_cpus=[48.0, 8.0]) == 40
+    assert metrics_task_cpus(0, free=60.0, node_cpus=[48.0, 16.0]) == 48  # one task, one node
+    assert metrics_task_cpus(0, free=2.5, node_cpus=[4.0]) == 2
+    assert metrics_task_cpus(0, free=0.5, node_cpus=[4.0]) == 1  # busy: waits for one
+    assert metrics_task_cpus(0, free=0.0, node_cpus=[]) == 1
+
+    def threads_in_task():  # (nested: Ray ships it by value, the workers cannot import tests/)
+        import faiss
+        import torch
+
+        return rank_on_reserved_cpus(), faiss.omp_get_max_threads(), torch.get_num_threads()
+
+    cores = len(os.sched_getaffinity(0))
+    task = ray.remote(threads_in_task)
+    for cpus in (2, 1, 2):  # the same worker may take each in turn
+        expected = min(cpus, cores)
+        assert ray.get(task.options(num_cpus=cpus).remote()) == (expected, expected, expected)
+
+
+def test_metrics_cpus_a_local_ray_cannot_give_are_refused_before_ray(
+    trained, capsys, monkeypatch, ray_must_not_start
+):
+    """The metrics task would wait for ever, and only after every image was embedded."""
+    from jobs.evaluate import main as evaluate_main
+    from pipeline.training.resources import local_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    have = local_resources()
+    too_many = int(have["CPU"]) + 1
+    assert evaluate_main([str(trained["checkpoint"]), "--device", "cpu", "--set", f"eval.metrics_cpus={too_many}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: eval.metrics_cpus: {too_many} CPUs do not fit the {have['CPU']:g} logical CPUs of a local Ray; "
+    )
+    assert evaluate_main([str(trained["checkpoint"]), "--set", "eval.metrics_cpus=-1"]) == 2
+    assert "eval.metrics_cpus: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_bad_input_found_by_the_metrics_task_is_named_without_a_ray_traceback(ray_local):

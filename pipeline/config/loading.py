@@ -265,6 +265,7 @@ def validate(config: Config, consistent: bool = True) -> None:
         "refresh.lag_steps": config.refresh.lag_steps,
         "data.decode_cpus": config.data.decode_cpus,
         "eval.cache_max_mb": config.eval.cache_max_mb,
+        "eval.metrics_cpus": config.eval.metrics_cpus,
         "loss.normalized_softmax.margin": config.loss.normalized_softmax.margin,
         "loss.contrastive.pos_margin": config.loss.contrastive.pos_margin,
         "loss.contrastive.neg_margin": config.loss.contrastive.neg_margin,

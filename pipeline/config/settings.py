@@ -284,6 +284,10 @@ class EvalConfig:
     seen_knn_k: int = setting(
         1, "Seen-class accuracy (with data.seen_holdout_fraction): neighbours in the kNN vote."
     )
+    metrics_cpus: int = setting(
+        0, "jobs.evaluate on the CPU: CPUs its metrics task reserves and ranks on; 0 = those free "
+        "once the images are embedded, at most one node's."
+    )
 
 
 @dataclass

@@ -49,21 +49,65 @@ RECORD_RETRY_S = 60.0
 """How long the metrics and the run's status are retried while the tracking server is away."""
 
 
-def metrics_task_resources(device: str, gpus_up: int) -> dict:
+def metrics_task_resources(device: str, gpus_up: int, cpus: int) -> dict:
     """The Ray resources of the task that computes the metrics, asked for once the images are
     embedded: a GPU with `--device gpu`, or with `auto` when the cluster has one up by then
     (on `cluster.yaml` the embedding actors themselves may have brought up a GPU node), else
-    one CPU (whose task then ranks on every core of its node, as the driver did).
+    `cpus` CPUs (`metrics_task_cpus`), on which the task ranks.
 
     Not on the driver: on `cluster.yaml` that is the CPU-only head node, which would then hold
     every embedding and rank a million-image split on its CPUs.
     """
-    return {"num_gpus": embedding_actors(device, 0, gpus_up)["num_gpus"], "num_cpus": 1}
+    gpus = embedding_actors(device, 0, gpus_up)["num_gpus"]
+    return {"num_gpus": gpus, "num_cpus": 1 if gpus else cpus}
+
+
+def metrics_task_cpus(setting: int, free: float, node_cpus: list[float]) -> int:
+    """The CPUs the metrics task reserves when it ranks on the CPU: `eval.metrics_cpus` when set,
+    else those `free` in the cluster once the images are embedded, at most the largest node's
+    (`node_cpus`: the task runs on one node), and at least one.
+
+    Reserved rather than merely used: faiss and torch rank on every thread they are given, and
+    a task that reserved one CPU but ran on all of its node's would slow a training that Ray
+    had placed beside it.
+    """
+    if setting:
+        return setting
+    return max(1, int(min(free, max(node_cpus, default=1))))
+
+
+def check_metrics_cpus_fit_locally(cpus: int, device: str) -> None:
+    """Raise ValueError when a local Ray (no RAY_ADDRESS) would rank on the CPU and has fewer
+    logical CPUs than `eval.metrics_cpus` asks: the metrics task would wait for ever, and only
+    once every image was embedded."""
+    from pipeline.training.resources import local_resources, uses_local_ray
+
+    if not uses_local_ray():
+        return
+    have = local_resources()
+    if metrics_task_resources(device, int(have["GPU"]), cpus)["num_gpus"] == 0 and cpus > have["CPU"]:
+        raise ValueError(f"eval.metrics_cpus: {cpus} CPUs do not fit the {have['CPU']:g} logical CPUs of a "
+                         "local Ray; lower it (0 = those free), or set RAY_ADDRESS to run on a cluster")
+
+
+def rank_on_reserved_cpus() -> int:
+    """Give faiss and torch, in this Ray task, as many threads as the CPUs the task reserved
+    (no more than the cores this process may run on); return that number. Ray sets
+    OMP_NUM_THREADS when a worker starts, but a worker is reused by tasks of other sizes."""
+    import faiss
+    import ray
+
+    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    threads = max(1, min(int(reserved), len(os.sched_getaffinity(0))))
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def embedded_split_metrics(test, gallery, ks: tuple, nmi: bool) -> dict[str, float]:
     """Ray task: the retrieval metrics of an `embed_split` dataset (queries ranked against the
-    `gallery` one when given, else against each other), on the GPU Ray gave this task if any."""
+    `gallery` one when given, else against each other), on the GPU Ray gave this task if any,
+    else on the CPUs it reserved."""
     import ray
 
     from pipeline.device_feed import granted_device
@@ -75,13 +119,7 @@ def embedded_split_metrics(test, gallery, ks: tuple, nmi: bool) -> dict[str, flo
         against = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
     device = granted_device(ray.get_gpu_ids(), torch.cuda.is_available())
     if device.type == "cpu":
-        # Ray sets OMP_NUM_THREADS to the task's one CPU, which would leave faiss's search and
-        # k-means on one thread.
-        import faiss
-
-        threads = os.cpu_count() or 1
-        faiss.omp_set_num_threads(threads)
-        torch.set_num_threads(threads)
+        rank_on_reserved_cpus()
     values = retrieval_metrics(
         embeddings, labels, **against, ks=ks, compute_nmi=nmi, use_gpu=device.type == "cuda"
     )
@@ -176,6 +214,7 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, d
         config = evaluation_config(f"{directory}/{CONFIG_FILE}", trained_config, overrides)
         source = load_run_record(directory)
     export_settings(config)
+    check_metrics_cpus_fit_locally(config.eval.metrics_cpus, device)
     # (A checkpoint from before checkpoints named their run: the name its config hashes to,
     # right only when the run left no evaluation setting to its dataset's protocol.)
     source_run = source.get("run_name") or run_name_for(trained_config)
@@ -245,7 +284,9 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, d
         gallery = None if gallery_split is None else embedded(gallery_split)
         # Asked for once the embedding is done and its actors are let go: on a machine with one
         # GPU the task would otherwise hold the GPU an actor waits for.
-        resources = metrics_task_resources(device, int(ray.cluster_resources().get("GPU", 0)))
+        cpus = metrics_task_cpus(config.eval.metrics_cpus, ray.available_resources().get("CPU", 0),
+                                 [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]])
+        resources = metrics_task_resources(device, int(ray.cluster_resources().get("GPU", 0)), cpus)
         task = ray.remote(embedded_split_metrics).options(**resources)
         values = task_result(task.remote(test, gallery, tuple(config.eval.recall_ks), config.eval.nmi))
         del test, gallery  # the embeddings leave the object store while the metrics are logged

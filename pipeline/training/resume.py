@@ -22,7 +22,7 @@ RESUME_MAY_CHANGE = frozenset({
     "refresh.num_cpus", "refresh.num_gpus", "refresh.batch_size", "refresh.cache_max_mb",
     "refresh.max_restarts",
     "eval.every_epochs", "eval.batch_size", "eval.recall_ks", "eval.nmi", "eval.cache_max_mb",
-    "eval.seen_knn_k",  # what is measured, not what is learned
+    "eval.seen_knn_k", "eval.metrics_cpus",  # what is measured and where, not what is learned
     "tracking.tracking_uri", "tracking.experiment", "tracking.log_model",
     "storage.s3_endpoint_url", "storage.s3_max_attempts",
 })

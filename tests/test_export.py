@@ -296,20 +296,20 @@ def test_the_metrics_task_reserves_the_cpus_it_ranks_on(ray_local):
     faiss and torch get as many threads as it reserved, whatever the worker ran before."""
     import ray
 
-    from pipeline.serving.evaluation import metrics_task_cpus, rank_on_reserved_cpus
+    from pipeline.serving.driver_tasks import task_cpus, use_reserved_cpus
 
-    assert metrics_task_cpus(3, free=40.0, node_cpus=[48.0]) == 3
-    assert metrics_task_cpus(0, free=40.0, node_cpus=[48.0, 8.0]) == 40
-    assert metrics_task_cpus(0, free=60.0, node_cpus=[48.0, 16.0]) == 48  # one task, one node
-    assert metrics_task_cpus(0, free=2.5, node_cpus=[4.0]) == 2
-    assert metrics_task_cpus(0, free=0.5, node_cpus=[4.0]) == 1  # busy: waits for one
-    assert metrics_task_cpus(0, free=0.0, node_cpus=[]) == 1
+    assert task_cpus(3, free=40.0, node_cpus=[48.0]) == 3
+    assert task_cpus(0, free=40.0, node_cpus=[48.0, 8.0]) == 40
+    assert task_cpus(0, free=60.0, node_cpus=[48.0, 16.0]) == 48  # one task, one node
+    assert task_cpus(0, free=2.5, node_cpus=[4.0]) == 2
+    assert task_cpus(0, free=0.5, node_cpus=[4.0]) == 1  # busy: waits for one
+    assert task_cpus(0, free=0.0, node_cpus=[]) == 1
 
     def threads_in_task():  # (nested: Ray ships it by value, the workers cannot import tests/)
         import faiss
         import torch
 
-        return rank_on_reserved_cpus(), faiss.omp_get_max_threads(), torch.get_num_threads()
+        return use_reserved_cpus(), faiss.omp_get_max_threads(), torch.get_num_threads()
 
     cores = len(os.sched_getaffinity(0))
     task = ray.remote(threads_in_task)
@@ -339,7 +339,7 @@ def test_metrics_cpus_a_local_ray_cannot_give_are_refused_before_ray(
 def test_bad_input_found_by_the_metrics_task_is_named_without_a_ray_traceback(ray_local):
     import ray
 
-    from pipeline.serving.evaluation import task_result
+    from pipeline.serving.driver_tasks import task_result
 
     def refuse(kind):  # (nested: Ray ships it by value, the workers cannot import tests/)
         raise kind("retrieval metrics need at least 2 items")
@@ -416,6 +416,45 @@ def test_an_export_into_a_directory_another_export_is_writing_is_refused_before_
     assert not (tmp_path / "new").exists()
 
 
+def test_on_a_cluster_an_s3_export_is_written_by_a_task_and_a_local_one_by_the_driver(
+    ray_local, trained, s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """A local directory on a cluster is the driver's own disk, so the driver writes it; an
+    s3:// one is written by a Ray task, which reaches the store through the job's settings."""
+    import boto3
+    import ray
+
+    import pipeline.serving.export as export
+    from jobs.export_embeddings import main as export_main
+    from pipeline.serving.index import load_index, read_embeddings
+
+    ids, expected = in_process_embeddings(trained["model"], trained["config"], trained["dataset"])
+    written_here = []
+    write_export = export.write_export
+
+    def write_here(dataset, export_dir, *args):
+        written_here.append(export_dir)
+        return write_export(dataset, export_dir, *args)
+
+    monkeypatch.setattr(export, "write_export", write_here)  # (a task's worker imports its own)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # "on a cluster"
+    remote, local = f"s3://{s3_bucket}/exports/test", str(tmp_path / "export")
+    for out in (remote, local):
+        assert export_main([str(trained["checkpoint"]), trained["dataset"], out, "--device", "cpu"]) == 0
+        exported_ids, _, embeddings = read_embeddings(out)
+        np.testing.assert_array_equal(exported_ids, ids)
+        np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+        index = load_index(out)
+        assert index.ntotal == len(ids)
+        np.testing.assert_array_equal(index.search(embeddings[:3], 1)[1][:, 0], exported_ids[:3])
+    assert written_here == [local]
+    # Its lock is gone once it ends (pyarrow's empty "directory/" markers aside).
+    keys = {item["Key"] for item in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket=s3_bucket, Prefix="exports/test/")["Contents"] if not item["Key"].endswith("/")}
+    assert keys == {f"exports/test/{name}" for name in ("embeddings/part-00000.parquet", "index.faiss", "export.json")}
+
+
 def test_index_search_matches_brute_force_and_returns_ids():
     from pipeline.serving.index import build_index
 
@@ -441,6 +480,13 @@ def test_export_and_evaluate_jobs(ray_local, trained, tmp_path, monkeypatch):
     config, dataset = trained["config"], trained["dataset"]
     ids, expected = in_process_embeddings(trained["model"], config, dataset)
 
+    # With a local Ray the export is gathered, indexed and written by a Ray task, not here.
+    import pipeline.serving.export as export
+
+    def gathered_on_the_driver(*args, **kwargs):
+        raise AssertionError("the export's embeddings reached the driver")
+
+    monkeypatch.setattr(export, "collect_embeddings", gathered_on_the_driver)
     out = tmp_path / "export"
     assert (
         export_main(

@@ -10,7 +10,6 @@ it read.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from pipeline.data.format import read_metadata, shard_uris, validate_dataset
 from pipeline.data.synthetic import SyntheticSpec, ensure_synthetic
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.serving.checkpoints import fetch_checkpoint, load_served_checkpoint
+from pipeline.serving.driver_tasks import cluster_task_cpus, task_result, use_reserved_cpus
 from pipeline.serving.embedding import (
     check_actors_fit_locally,
     collect_embeddings,
@@ -53,27 +53,11 @@ def metrics_task_resources(device: str, gpus_up: int, cpus: int) -> dict:
     """The Ray resources of the task that computes the metrics, asked for once the images are
     embedded: a GPU with `--device gpu`, or with `auto` when the cluster has one up by then
     (on `cluster.yaml` the embedding actors themselves may have brought up a GPU node), else
-    `cpus` CPUs (`metrics_task_cpus`), on which the task ranks.
-
-    Not on the driver: on `cluster.yaml` that is the CPU-only head node, which would then hold
-    every embedding and rank a million-image split on its CPUs.
+    `cpus` CPUs (`driver_tasks.task_cpus`), on which the task ranks. Not on the driver
+    (`pipeline.serving.driver_tasks` says why).
     """
     gpus = embedding_actors(device, 0, gpus_up)["num_gpus"]
     return {"num_gpus": gpus, "num_cpus": 1 if gpus else cpus}
-
-
-def metrics_task_cpus(setting: int, free: float, node_cpus: list[float]) -> int:
-    """The CPUs the metrics task reserves when it ranks on the CPU: `eval.metrics_cpus` when set,
-    else those `free` in the cluster once the images are embedded, at most the largest node's
-    (`node_cpus`: the task runs on one node), and at least one.
-
-    Reserved rather than merely used: faiss and torch rank on every thread they are given, and
-    a task that reserved one CPU but ran on all of its node's would slow a training that Ray
-    had placed beside it.
-    """
-    if setting:
-        return setting
-    return max(1, int(min(free, max(node_cpus, default=1))))
 
 
 def check_metrics_cpus_fit_locally(cpus: int, device: str) -> None:
@@ -88,20 +72,6 @@ def check_metrics_cpus_fit_locally(cpus: int, device: str) -> None:
     if metrics_task_resources(device, int(have["GPU"]), cpus)["num_gpus"] == 0 and cpus > have["CPU"]:
         raise ValueError(f"eval.metrics_cpus: {cpus} CPUs do not fit the {have['CPU']:g} logical CPUs of a "
                          "local Ray; lower it (0 = those free), or set RAY_ADDRESS to run on a cluster")
-
-
-def rank_on_reserved_cpus() -> int:
-    """Give faiss and torch, in this Ray task, as many threads as the CPUs the task reserved
-    (no more than the cores this process may run on); return that number. Ray sets
-    OMP_NUM_THREADS when a worker starts, but a worker is reused by tasks of other sizes."""
-    import faiss
-    import ray
-
-    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    threads = max(1, min(int(reserved), len(os.sched_getaffinity(0))))
-    faiss.omp_set_num_threads(threads)
-    torch.set_num_threads(threads)
-    return threads
 
 
 def embedded_split_metrics(test, gallery, ks: tuple, nmi: bool) -> dict[str, float]:
@@ -119,24 +89,11 @@ def embedded_split_metrics(test, gallery, ks: tuple, nmi: bool) -> dict[str, flo
         against = {"gallery_embeddings": gallery_embeddings, "gallery_labels": gallery_labels}
     device = granted_device(ray.get_gpu_ids(), torch.cuda.is_available())
     if device.type == "cpu":
-        rank_on_reserved_cpus()
+        use_reserved_cpus()
     values = retrieval_metrics(
         embeddings, labels, **against, ks=ks, compute_nmi=nmi, use_gpu=device.type == "cuda"
     )
     return {key: float(value) for key, value in values.items()}
-
-
-def task_result(ref):
-    """`ray.get(ref)`, with a ValueError the task raised (bad input: too few images, NaN
-    embeddings) re-raised as itself, so the job prints its message rather than a Ray traceback."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, ValueError):
-            raise err.cause from None
-        raise
 
 
 def storage_path_of(overrides: list[str]) -> str:
@@ -284,8 +241,7 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, d
         gallery = None if gallery_split is None else embedded(gallery_split)
         # Asked for once the embedding is done and its actors are let go: on a machine with one
         # GPU the task would otherwise hold the GPU an actor waits for.
-        cpus = metrics_task_cpus(config.eval.metrics_cpus, ray.available_resources().get("CPU", 0),
-                                 [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]])
+        cpus = cluster_task_cpus(config.eval.metrics_cpus)
         resources = metrics_task_resources(device, int(ray.cluster_resources().get("GPU", 0)), cpus)
         task = ray.remote(embedded_split_metrics).options(**resources)
         values = task_result(task.remote(test, gallery, tuple(config.eval.recall_ks), config.eval.nmi))

@@ -31,6 +31,7 @@ from pipeline.config.settings import Config
 from pipeline.data.format import DatasetMetadata, read_metadata, shard_uris, validate_dataset
 from pipeline.refresh.hard_pools import check_index_trains
 from pipeline.serving.checkpoints import fetch_checkpoint, load_served_checkpoint
+from pipeline.serving.driver_tasks import cluster_task_cpus, task_result, use_reserved_cpus
 from pipeline.serving.embedding import (
     check_actors_fit_locally,
     collect_embeddings,
@@ -45,7 +46,7 @@ from pipeline.serving.index import (
     save_index,
     write_embeddings,
 )
-from pipeline.storage import filesystem_for, store_errors_named
+from pipeline.storage import filesystem_for, store_errors_named, worker_env_vars
 
 
 @dataclass
@@ -168,25 +169,24 @@ class _Plan:
     device: str
 
 
+def writes_on_the_driver(export_dir: str) -> bool:
+    """Whether the driver itself gathers the embeddings and writes the export: only for a local
+    directory on a cluster (RAY_ADDRESS set), which is the driver's own disk. Elsewhere (`s3://`,
+    or any directory with a local Ray) a Ray task does (`pipeline.serving.driver_tasks`)."""
+    from pipeline.cluster_reach import local_path
+    from pipeline.training.resources import uses_local_ray
+
+    return local_path(export_dir) is not None and not uses_local_ray()
+
+
 def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:
     """Embed, index and write the export (its checks passed and its lock held)."""
     config, metadata, split = plan.config, plan.metadata, plan.split
-    num_images = metadata.split(split).num_images
     start_ray(verbose)
     dataset = embed_split(
         plan.model, config, shard_uris(plan.dataset_root, split),
         plan.batch_size or config.eval.batch_size, plan.actors, plan.device, printer,
     )
-    ids, labels, embeddings = collect_embeddings(dataset)
-    if len(ids) != num_images:
-        raise RuntimeError(f"embedded {len(ids)} images of split {split!r}, expected {num_images}")
-
-    # Built before anything is written, should faiss still refuse to train it.
-    index = build_index(embeddings, ids, plan.index_description)
-    filesystem, path = filesystem_for(plan.export_dir)
-    filesystem.create_dir(path)
-    write_embeddings(plan.export_dir, ids, labels, embeddings)
-    index_path = save_index(index, plan.export_dir)
     manifest = {
         "checkpoint": plan.shown,
         "checkpoint_step": plan.step,
@@ -194,8 +194,8 @@ def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:
         "dataset_name": metadata.name,
         "dataset_fingerprint": metadata.fingerprint,
         "split": split,
-        "num_embeddings": int(len(ids)),
-        "embedding_dim": int(embeddings.shape[1]),
+        "num_embeddings": None,  # (filled in by `write_export`)
+        "embedding_dim": None,
         "metric": "squared_l2",
         "index": {"file": INDEX_FILE, "faiss_factory": f"IDMap2,{plan.index_description}"},
         "model": {
@@ -205,10 +205,43 @@ def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:
         },
         "transform": {"image_size": config.data.image_size, "eval_resize": config.data.eval_resize},
     }
+    written = (plan.export_dir, plan.index_description, metadata.split(split).num_images, manifest)
+    if writes_on_the_driver(plan.export_dir):
+        count, dim, index_path = write_export(dataset, *written)
+    else:
+        import ray
+
+        # Embedded first, its actors let go: the task's CPUs might be those they need.
+        dataset = dataset.materialize()
+        task = ray.remote(_write_export_in_task).options(
+            num_cpus=cluster_task_cpus(0), runtime_env={"env_vars": worker_env_vars()}
+        )
+        count, dim, index_path = task_result(task.remote(dataset, *written))
+    printer(f"wrote {count} embeddings of dimension {dim} and {index_path}", flush=True)
+    return ExportSummary(plan.export_dir, count, dim, index_path)
+
+
+def write_export(dataset, export_dir: str, index_description: str, expected: int,
+                 manifest: dict) -> tuple[int, int, str]:
+    """Gather the embedded split `dataset` in id order, build its index and write the export
+    to `export_dir` with `manifest` (what was exported from what) completed, last; return the
+    number of embeddings, their dimension and the index's path."""
+    ids, labels, embeddings = collect_embeddings(dataset)
+    if len(ids) != expected:
+        raise RuntimeError(f"embedded {len(ids)} images of split {manifest['split']!r}, expected {expected}")
+    # Built before anything is written, should faiss still refuse to train it.
+    index = build_index(embeddings, ids, index_description)
+    filesystem, path = filesystem_for(export_dir)
+    filesystem.create_dir(path)
+    write_embeddings(export_dir, ids, labels, embeddings)
+    index_path = save_index(index, export_dir)
+    manifest = {**manifest, "num_embeddings": int(len(ids)), "embedding_dim": int(embeddings.shape[1])}
     with filesystem.open_output_stream(f"{path}/{MANIFEST_FILE}") as stream:
         stream.write(json.dumps(manifest, indent=2).encode())
-    printer(
-        f"wrote {len(ids)} embeddings of dimension {embeddings.shape[1]} and {index_path}",
-        flush=True,
-    )
-    return ExportSummary(plan.export_dir, int(len(ids)), int(embeddings.shape[1]), index_path)
+    return int(len(ids)), int(embeddings.shape[1]), index_path
+
+
+def _write_export_in_task(*args) -> tuple[int, int, str]:
+    """Ray task: `write_export` on the CPUs the task reserved."""
+    use_reserved_cpus()
+    return write_export(*args)

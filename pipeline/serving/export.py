@@ -170,13 +170,15 @@ class _Plan:
 
 
 def writes_on_the_driver(export_dir: str) -> bool:
-    """Whether the driver itself gathers the embeddings and writes the export: only for a local
-    directory on a cluster (RAY_ADDRESS set), which is the driver's own disk. Elsewhere (`s3://`,
-    or any directory with a local Ray) a Ray task does (`pipeline.serving.driver_tasks`)."""
+    """Whether the driver itself gathers the embeddings and writes the export: with a local Ray,
+    whose one machine is the driver's (a task would only add a copy of the split in the object
+    store), and for a local directory on a cluster (RAY_ADDRESS set), which is the driver's own
+    disk. Otherwise (`s3://` on a cluster) a Ray task does, off the head node
+    (`pipeline.serving.driver_tasks`)."""
     from pipeline.cluster_reach import local_path
     from pipeline.training.resources import uses_local_ray
 
-    return local_path(export_dir) is not None and not uses_local_ray()
+    return uses_local_ray() or local_path(export_dir) is not None
 
 
 def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:

@@ -93,6 +93,14 @@ def test_eval_gather_tiny():
         assert line["rank0_peak_rise_mib"] >= 0 and line["seconds"] >= 0
 
 
+def test_collect_memory_tiny():
+    lines = _run("collect_memory.py", "--rows", "3001", "--dim", "8", "--blocks", "5")
+    assert [line["path"] for line in lines] == ["collect_embeddings", "concat_sort"]
+    for line in lines:
+        assert (line["rows"], line["dim"], line["blocks"]) == (3001, 8, 5)
+        assert line["peak_rise_mib"] >= 0 and line["seconds"] >= 0
+
+
 def test_eval_metrics_agrees_with_pml():
     (report,) = _run("eval_metrics.py", "--num", "800", "--dim", "8", "--classes", "16",
                      "--compare-pml", "--gpu-num", "1000")

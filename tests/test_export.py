@@ -354,6 +354,7 @@ def test_bad_input_found_by_the_metrics_task_is_named_without_a_ray_traceback(ra
 
 def test_collected_embeddings_are_in_id_order_whatever_order_the_blocks_come_in(ray_local):
     import ray
+    from ray.data.dataset import MaterializedDataset
 
     from pipeline.serving.embedding import collect_embeddings, embeddings_table
 
@@ -362,14 +363,21 @@ def test_collected_embeddings_are_in_id_order_whatever_order_the_blocks_come_in(
     embeddings = rng.standard_normal((len(ids), 5)).astype(np.float32)
     pieces = [slice(0, 40), slice(40, 40), slice(40, 100)]  # one empty block
     blocks = [embeddings_table(ids[p], ids[p] % 7, embeddings[p]) for p in pieces]
-    got_ids, got_labels, got_embeddings = collect_embeddings(ray.data.from_arrow(blocks))
+    materialized = ray.data.from_arrow(blocks)
+    # Not materialized (as an export's embedding on its driver): its blocks are read twice.
+    lazy = ray.data.from_arrow(blocks[::-1]).map_batches(lambda table: table, batch_format="pyarrow")
+    assert not isinstance(lazy, MaterializedDataset)
     order = np.argsort(ids)
-    np.testing.assert_array_equal(got_ids, ids[order])
-    np.testing.assert_array_equal(got_labels, ids[order] % 7)
-    np.testing.assert_array_equal(got_embeddings, embeddings[order])
-    assert got_embeddings.dtype == np.float32 and got_labels.dtype == np.int32
+    for dataset in (materialized, lazy):
+        got_ids, got_labels, got_embeddings = collect_embeddings(dataset)
+        np.testing.assert_array_equal(got_ids, ids[order])
+        np.testing.assert_array_equal(got_labels, ids[order] % 7)
+        np.testing.assert_array_equal(got_embeddings, embeddings[order])
+        assert got_embeddings.dtype == np.float32 and got_labels.dtype == np.int32
     with pytest.raises(ValueError, match="the split yielded no images"):
         collect_embeddings(ray.data.from_arrow([blocks[1]]))
+    with pytest.raises(RuntimeError, match=r"the embedded split's images came more than once: ids \[\d+\]"):
+        collect_embeddings(ray.data.from_arrow([blocks[0], blocks[0].slice(3, 1), blocks[2]]))
 
 
 def test_device_gpu_without_a_gpu_is_refused_before_ray(trained, tmp_path, capsys, monkeypatch, ray_must_not_start):

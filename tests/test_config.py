@@ -181,6 +181,18 @@ def test_locations_handed_to_other_processes_are_absolute_and_uris_stay_uris(loc
     assert absolute_location(location) == expected.format(cwd=tmp_path.resolve())
 
 
+def test_a_setting_added_later_leaves_the_names_of_earlier_runs_as_they_were():
+    """Rerunning a command resumes its run only if the derived name is the same: a setting
+    added since (`DIGEST_SKIPS_AT_DEFAULT`) changes it only when it is set."""
+    from pipeline.training.driver import run_name_for
+
+    # The names at 5927f85, before eval.metrics_cpus existed.
+    before = {"local": "triplet-tiny_cnn-063ecb0d", "magnet": "magnet-tiny_cnn-f9e48b1e",
+              "gpu": "triplet-resnet50-8c8b87de"}
+    assert {preset: run_name_for(load_config(preset)) for preset in before} == before
+    assert run_name_for(load_config("local", ["eval.metrics_cpus=4"])) != before["local"]
+
+
 def test_a_location_names_one_run_however_it_is_spelled():
     from pipeline.training.driver import run_name_for
 

@@ -415,9 +415,23 @@ def flatten(config: Config) -> dict[str, Any]:
     return out
 
 
+DIGEST_SKIPS_AT_DEFAULT = frozenset({"eval.metrics_cpus"})
+"""Settings added after run names were derived from the digest: left out of it while at their
+default, so a run named before one existed keeps its name, and rerunning its command resumes
+it. A setting added later goes here."""
+
+
 def config_digest(config: Config, length: int = 8) -> str:
-    """A short stable hash of the resolved config (names runs and caches; no timestamps)."""
-    text = json.dumps(config_to_dict(config), sort_keys=True)
+    """A short stable hash of the resolved config (names runs; no timestamps)."""
+    values, defaults = config_to_dict(config), config_to_dict(Config())
+    for key in DIGEST_SKIPS_AT_DEFAULT:
+        *sections, name = key.split(".")
+        section, default = values, defaults
+        for part in sections:
+            section, default = section[part], default[part]
+        if section[name] == default[name]:
+            del section[name]
+    text = json.dumps(values, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 

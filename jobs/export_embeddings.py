@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--actors", type=int, default=0, help="embedding actors (default: one per GPU, or one)"
     )
+    parser.add_argument(
+        "--cpus", type=int, default=0,
+        help="on a cluster, CPUs of the task that builds the index and writes an s3:// export "
+        "(default: those free once the images are embedded, at most one node's)",
+    )
     add_device_flag(parser)
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's own logs and progress bars"
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             actors=args.actors,
             device=args.device,
+            cpus=args.cpus,
             verbose=args.verbose,
         )
     except (ValueError, FileExistsError) as err:  # bad input, named in the message

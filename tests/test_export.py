@@ -235,9 +235,9 @@ def test_a_dataset_root_that_is_a_file_and_bad_export_sizes_are_named_before_ray
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert export_main([str(trained["checkpoint"]), trained["dataset"], str(tmp_path / "out"), "--actors", "500"]) == 2
     assert "error: --actors: 500 embedding actors " in capsys.readouterr().err
-    for flags in (["--batch-size", "-5"], ["--actors", "-3"]):
+    for flags in (["--batch-size", "-5"], ["--actors", "-3"], ["--cpus", "-1"]):
         assert export_main([str(trained["checkpoint"]), trained["dataset"], str(tmp_path / "out"), *flags]) == 2
-        assert "error: --batch-size and --actors: must be >= 0" in capsys.readouterr().err
+        assert "error: --batch-size, --actors and --cpus: must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -446,6 +446,9 @@ def test_on_a_cluster_an_s3_export_is_written_by_a_task_and_a_local_one_by_the_d
         return write_export(dataset, export_dir, *args)
 
     monkeypatch.setattr(export, "write_export", write_here)  # (a task's worker imports its own)
+    asked_cpus = []
+    cluster_task_cpus = export.cluster_task_cpus
+    monkeypatch.setattr(export, "cluster_task_cpus", lambda cpus: asked_cpus.append(cpus) or cluster_task_cpus(cpus))
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     remote, local = f"s3://{s3_bucket}/exports/test", str(tmp_path / "export")
     on_local_ray = f"s3://{s3_bucket}/exports/local-ray"
@@ -454,7 +457,7 @@ def test_on_a_cluster_an_s3_export_is_written_by_a_task_and_a_local_one_by_the_d
             monkeypatch.delenv("RAY_ADDRESS")
         else:
             monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # "on a cluster"
-        assert export_main([str(trained["checkpoint"]), trained["dataset"], out, "--device", "cpu"]) == 0
+        assert export_main([str(trained["checkpoint"]), trained["dataset"], out, "--device", "cpu", "--cpus", "1"]) == 0
         exported_ids, _, embeddings = read_embeddings(out)
         np.testing.assert_array_equal(exported_ids, ids)
         np.testing.assert_allclose(embeddings, expected, atol=1e-5)
@@ -462,10 +465,26 @@ def test_on_a_cluster_an_s3_export_is_written_by_a_task_and_a_local_one_by_the_d
         assert index.ntotal == len(ids)
         np.testing.assert_array_equal(index.search(embeddings[:3], 1)[1][:, 0], exported_ids[:3])
     assert written_here == [local, on_local_ray]
+    assert asked_cpus == [1]
     # The task's export is whole and its lock gone (pyarrow's empty "directory/" markers aside).
     keys = {item["Key"] for item in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket=s3_bucket, Prefix="exports/test/")["Contents"] if not item["Key"].endswith("/")}
     assert keys == {f"exports/test/{name}" for name in ("embeddings/part-00000.parquet", "index.faiss", "export.json")}
+
+    # A driver stopped while the task writes (Ctrl+C) cancels it before its lock is let go.
+    started = []
+
+    def stopped(ref):
+        started.append(ref)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "task_result", stopped)
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_embeddings(str(trained["checkpoint"]), trained["dataset"], f"s3://{s3_bucket}/exports/stopped",
+                                 device="cpu", printer=lambda *a, **k: None)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+        ray.get(started[0], timeout=60)
 
 
 def test_index_search_matches_brute_force_and_returns_ids():

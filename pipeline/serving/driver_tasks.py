@@ -1,5 +1,6 @@
-"""The Ray tasks the serving jobs (`jobs.evaluate`, `jobs.export_embeddings`) run in place of
-their driver, and the CPUs such a task reserves.
+"""What the serving jobs' Ray tasks share: `jobs.evaluate` computes its metrics, and
+`jobs.export_embeddings` on a cluster writes its export, in a Ray task rather than on their
+driver; here are the CPUs such a task reserves, its threads, and its errors.
 
 Not on the driver: on `cluster.yaml` that is the CPU-only head node, which would then hold
 every embedding of a split and rank or index a million images on its CPUs. The task takes the

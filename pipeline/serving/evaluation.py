@@ -243,7 +243,8 @@ def _evaluate(reference: str, overrides: list[str], gallery_split: str | None, d
         # GPU the task would otherwise hold the GPU an actor waits for.
         cpus = cluster_task_cpus(config.eval.metrics_cpus)
         resources = metrics_task_resources(device, int(ray.cluster_resources().get("GPU", 0)), cpus)
-        task = ray.remote(embedded_split_metrics).options(**resources)
+        # No retries: a worker killed for memory would be killed again, after as long.
+        task = ray.remote(embedded_split_metrics).options(**resources, max_retries=0)
         values = task_result(task.remote(test, gallery, tuple(config.eval.recall_ks), config.eval.nmi))
         del test, gallery  # the embeddings leave the object store while the metrics are logged
         metrics = {f"{split}/{key}": value for key, value in values.items()}

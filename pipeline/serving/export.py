@@ -91,15 +91,16 @@ def export_embeddings(
     batch_size: int = 0,
     actors: int = 0,
     device: str = "auto",
+    cpus: int = 0,
     verbose: bool = False,
     printer=print,
 ) -> ExportSummary:
     """Embed `split` of the dataset at `dataset_root` with the checkpoint (a directory or a run
     name under `storage_path`), on `device`'s actors (`embedding.DEVICES`), write the
     embeddings and a faiss index to `export_dir`."""
-    if batch_size < 0 or actors < 0:
-        raise ValueError(f"--batch-size and --actors: must be >= 0 (0: the default), got "
-                         f"{batch_size} and {actors}")
+    if batch_size < 0 or actors < 0 or cpus < 0:
+        raise ValueError(f"--batch-size, --actors and --cpus: must be >= 0 (0: the default), got "
+                         f"{batch_size}, {actors} and {cpus}")
     check_actors_fit_locally(actors, device)
     with store_errors_named("out_dir"):
         check_export_dir(export_dir)
@@ -135,7 +136,7 @@ def export_embeddings(
         )):
             check_export_dir(export_dir)
             return _export(_Plan(model, config, step, shown, dataset_root, metadata, split,
-                                 export_dir, index_description, batch_size, actors, device),
+                                 export_dir, index_description, batch_size, actors, device, cpus),
                            verbose, printer)
     except BaseException:
         if created:  # a failed export leaves no directory it made that holds only its lock
@@ -167,6 +168,7 @@ class _Plan:
     batch_size: int
     actors: int
     device: str
+    cpus: int  # the CPUs the writing task reserves on a cluster (`driver_tasks.task_cpus`)
 
 
 def writes_on_the_driver(export_dir: str) -> bool:
@@ -207,18 +209,26 @@ def _export(plan: _Plan, verbose: bool, printer) -> ExportSummary:
         },
         "transform": {"image_size": config.data.image_size, "eval_resize": config.data.eval_resize},
     }
-    written = (plan.export_dir, plan.index_description, metadata.split(split).num_images, manifest)
+    task_args = (plan.export_dir, plan.index_description, metadata.split(split).num_images, manifest)
     if writes_on_the_driver(plan.export_dir):
-        count, dim, index_path = write_export(dataset, *written)
+        count, dim, index_path = write_export(dataset, *task_args)
     else:
         import ray
 
         # Embedded first, its actors let go: the task's CPUs might be those they need.
         dataset = dataset.materialize()
+        # No retries: a worker killed for memory would be killed again, after as long.
         task = ray.remote(_write_export_in_task).options(
-            num_cpus=cluster_task_cpus(0), runtime_env={"env_vars": worker_env_vars()}
+            num_cpus=cluster_task_cpus(plan.cpus), max_retries=0,
+            runtime_env={"env_vars": worker_env_vars()},
         )
-        count, dim, index_path = task_result(task.remote(dataset, *written))
+        ref = task.remote(dataset, *task_args)
+        try:
+            count, dim, index_path = task_result(ref)
+        except BaseException:
+            # Stopped before it was done: the task must not go on writing once the lock is let go.
+            ray.cancel(ref, force=True)
+            raise
     printer(f"wrote {count} embeddings of dimension {dim} and {index_path}", flush=True)
     return ExportSummary(plan.export_dir, count, dim, index_path)
 
@@ -243,7 +253,8 @@ def write_export(dataset, export_dir: str, index_description: str, expected: int
     return int(len(ids)), int(embeddings.shape[1]), index_path
 
 
-def _write_export_in_task(*args) -> tuple[int, int, str]:
+def _write_export_in_task(dataset, export_dir: str, index_description: str, expected: int,
+                          manifest: dict) -> tuple[int, int, str]:
     """Ray task: `write_export` on the CPUs the task reserved."""
     use_reserved_cpus()
-    return write_export(*args)
+    return write_export(dataset, export_dir, index_description, expected, manifest)

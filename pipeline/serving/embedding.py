@@ -181,7 +181,7 @@ def collect_embeddings(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     no images or an id came twice."""
     from ray.data.dataset import MaterializedDataset
 
-    from pipeline.training.evaluate import id_order
+    from pipeline.training.evaluate import rows_in_place, sorted_ids
 
     if not isinstance(dataset, MaterializedDataset):
         dataset = dataset.materialize()
@@ -191,15 +191,9 @@ def collect_embeddings(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                  for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
     if not sum(len(piece) for piece in id_pieces):
         raise ValueError("the split yielded no images")
-    ids, _ = id_order(id_pieces, "embedded")
-    embeddings = labels = None
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows = np.searchsorted(ids, batch.column("id").to_numpy())
-        matrix = embedding_matrix(batch)
-        if embeddings is None:
-            embeddings = np.empty((len(ids), matrix.shape[1]), matrix.dtype)
-            labels = np.empty(len(ids), batch.column("label").type.to_pandas_dtype())
-        embeddings[rows] = matrix
-        labels[rows] = batch.column("label").to_numpy()
-        del matrix, batch  # before the next block arrives
+    ids = sorted_ids(id_pieces, "embedded")
+    placed = ((np.searchsorted(ids, batch.column("id").to_numpy()), embedding_matrix(batch),
+               batch.column("label").to_numpy())
+              for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    embeddings, labels = rows_in_place(len(ids), placed)
     return ids, labels, embeddings

@@ -84,10 +84,10 @@ def merge_on_rank0(share, split: str = "test"):
             send_to_rank0(embeddings)
         return None
     # A generator: each other rank's share is received only when its turn comes.
-    pieces = ((embeddings, labels) if sender == 0
-              else (receive_on_rank0(sender, (len(heads[sender][1]), *row_shape), dtype), heads[sender][0])
-              for sender in sending)
-    return rows_in_place(merged_ids, places, pieces)
+    placed = ((where, embeddings, labels) if sender == 0
+              else (where, receive_on_rank0(sender, (len(heads[sender][1]), *row_shape), dtype), heads[sender][0])
+              for sender, where in zip(sending, places, strict=True))
+    return *rows_in_place(len(merged_ids), placed), merged_ids
 
 
 class EvalSplits:

@@ -37,7 +37,8 @@ def merge_shares(shares, split: str = "test"):
     if len(shares) == 1 and (np.diff(shares[0][2]) > 0).all():  # one piece, in id order already
         return shares[0]
     ids, places = id_order([share[2] for share in shares], split)
-    return rows_in_place(ids, places, ((share[0], share[1]) for share in shares))
+    placed = ((where, share[0], share[1]) for where, share in zip(places, shares, strict=True))
+    return *rows_in_place(len(ids), placed), ids
 
 
 def id_order(id_pieces: list[np.ndarray], split: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -47,30 +48,40 @@ def id_order(id_pieces: list[np.ndarray], split: str) -> tuple[np.ndarray, list[
     ids = np.concatenate(id_pieces)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
-    repeated = ids[1:][ids[1:] == ids[:-1]]
-    if len(repeated):
-        raise RuntimeError(f"the {split} split's images came more than once: ids {repeated[:5].tolist()}")
+    _refuse_repeats(ids, split)
     places = np.empty_like(order)
     places[order] = np.arange(len(order))
     return ids, np.split(places, np.cumsum([len(piece) for piece in id_pieces])[:-1])
 
 
-def rows_in_place(ids: np.ndarray, places: list[np.ndarray], pieces):
-    """(embeddings, labels, ids) of the whole split, in id order: each piece's (embeddings,
-    labels) written into its `places` (`id_order`). `pieces` is consumed one at a time, so a
-    generator that fetches each piece keeps only one of them alive beside the result."""
+def sorted_ids(id_pieces: list[np.ndarray], split: str) -> np.ndarray:
+    """Every id of the pieces, in order (`id_order` without the places). Raises if an id came
+    twice."""
+    ids = np.sort(np.concatenate(id_pieces))
+    _refuse_repeats(ids, split)
+    return ids
+
+
+def _refuse_repeats(ids: np.ndarray, split: str) -> None:
+    repeated = ids[1:][ids[1:] == ids[:-1]]
+    if len(repeated):
+        raise RuntimeError(f"the {split} split's images came more than once: ids {repeated[:5].tolist()}")
+
+
+def rows_in_place(count: int, placed) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, labels) of a whole split of `count` rows in id order: `placed` yields each
+    piece as (where its rows go, its embeddings, its labels), and is consumed one piece at a
+    time, so a generator that fetches each piece keeps only one of them alive beside the
+    result (rank 0's received shares, the blocks of an embedded dataset)."""
     embeddings = labels = None
-    pieces = iter(pieces)
-    for where in places:
-        # next() rather than zip: zip would hold the last piece while the next one is fetched.
-        piece_embeddings, piece_labels = next(pieces)
+    for where, piece_embeddings, piece_labels in placed:
         if embeddings is None:
-            embeddings = np.empty((len(ids), *piece_embeddings.shape[1:]), piece_embeddings.dtype)
-            labels = np.empty(len(ids), piece_labels.dtype)
+            embeddings = np.empty((count, *piece_embeddings.shape[1:]), piece_embeddings.dtype)
+            labels = np.empty(count, piece_labels.dtype)
         embeddings[where] = piece_embeddings
         labels[where] = piece_labels
-        del piece_embeddings, piece_labels
-    return embeddings, labels, ids
+        del piece_embeddings, piece_labels  # before the next piece is fetched
+    return embeddings, labels
 
 
 def retrieval_metrics_of(embedded, eval_config, use_gpu: bool, gallery=None) -> dict[str, float]:

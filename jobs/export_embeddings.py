@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpus", type=int, default=0,
         help="on a cluster, CPUs of the task that builds the index and writes an s3:// export "
-        "(default: those free once the images are embedded, at most one node's)",
+        "(default: those free once the images are embedded, on the node with most free)",
     )
     add_device_flag(parser)
     parser.add_argument(

@@ -292,18 +292,19 @@ def test_the_evaluate_job_s_metrics_are_computed_where_the_images_were_embedded(
 
 
 def test_the_metrics_task_reserves_the_cpus_it_ranks_on(ray_local):
-    """`eval.metrics_cpus` when set, else the CPUs free, at most one node's; and inside the task,
+    """`eval.metrics_cpus` when set, else the CPUs free on the node with most; and inside the task,
     faiss and torch get as many threads as it reserved, whatever the worker ran before."""
     import ray
 
     from pipeline.serving.driver_tasks import task_cpus, use_reserved_cpus
 
-    assert task_cpus(3, free=40.0, node_cpus=[48.0]) == 3
-    assert task_cpus(0, free=40.0, node_cpus=[48.0, 8.0]) == 40
-    assert task_cpus(0, free=60.0, node_cpus=[48.0, 16.0]) == 48  # one task, one node
-    assert task_cpus(0, free=2.5, node_cpus=[4.0]) == 2
-    assert task_cpus(0, free=0.5, node_cpus=[4.0]) == 1  # busy: waits for one
-    assert task_cpus(0, free=0.0, node_cpus=[]) == 1
+    assert task_cpus(3, free_per_node=[40.0]) == 3
+    assert task_cpus(0, free_per_node=[40.0, 8.0]) == 40
+    assert task_cpus(0, free_per_node=[20.0, 30.0, 10.0]) == 30  # one task, one node: not 60
+    assert task_cpus(0, free_per_node=[2.5]) == 2
+    assert task_cpus(0, free_per_node=[0.5, 0.0]) == 1  # busy: waits for one
+    assert task_cpus(0, free_per_node=[]) == 1
+    _free_cpus_per_node_falls_by_what_an_actor_holds()
 
     def threads_in_task():  # (nested: Ray ships it by value, the workers cannot import tests/)
         import faiss
@@ -316,6 +317,33 @@ def test_the_metrics_task_reserves_the_cpus_it_ranks_on(ray_local):
     for cpus in (2, 1, 2):  # the same worker may take each in turn
         expected = min(cpus, cores)
         assert ray.get(task.options(num_cpus=cpus).remote()) == (expected, expected, expected)
+
+
+def _free_cpus_per_node_falls_by_what_an_actor_holds():
+    """On the session's one-node Ray, the node's free CPUs are the cluster's free CPUs, and an
+    actor's reservation takes them from it (not the node's total)."""
+    import ray
+
+    from pipeline.serving.driver_tasks import free_cpus_per_node
+
+    @ray.remote(num_cpus=1.5)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    try:
+        ray.get(holder.ready.remote())
+        deadline = time.monotonic() + 30  # the raylet reports its use to the GCS every so often
+        while True:
+            per_node, free = free_cpus_per_node(), ray.available_resources().get("CPU", 0)
+            if per_node == [free] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert per_node == [free]
+        assert free <= ray.cluster_resources()["CPU"] - 1.5
+    finally:
+        ray.kill(holder)
 
 
 def test_metrics_cpus_a_local_ray_cannot_give_are_refused_before_ray(

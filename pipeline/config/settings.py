@@ -286,7 +286,7 @@ class EvalConfig:
     )
     metrics_cpus: int = setting(
         0, "jobs.evaluate on the CPU: CPUs its metrics task reserves and ranks on; 0 = those free "
-        "once the images are embedded, at most one node's."
+        "once the images are embedded on the node with most free."
     )
 
 

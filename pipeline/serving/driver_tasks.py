@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 
 
-def task_cpus(setting: int, free: float, node_cpus: list[float]) -> int:
+def task_cpus(setting: int, free_per_node: list[float]) -> int:
     """The CPUs a task that ranks or indexes on the CPU reserves: `setting` when set, else
-    those `free` in the cluster once the images are embedded, at most the largest node's
-    (`node_cpus`: the task runs on one node), and at least one.
+    those free once the images are embedded on the node that has most free (the task runs on
+    one node, so CPUs free on several add up to nothing it could start with), at least one.
 
     Reserved rather than merely used: faiss and torch run on every thread they are given, and
     a task that reserved one CPU but ran on all of its node's would slow a training that Ray
@@ -23,15 +23,29 @@ def task_cpus(setting: int, free: float, node_cpus: list[float]) -> int:
     """
     if setting:
         return setting
-    return max(1, int(min(free, max(node_cpus, default=1))))
+    return max(1, int(max(free_per_node, default=1)))
+
+
+def free_cpus_per_node() -> list[float]:
+    """The CPUs free now on each live node of the cluster this process is connected to.
+
+    Ray's public `available_resources()` sums them over the cluster; the per-node figures are
+    the GCS's cluster status, the one `ray status` prints.
+    """
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    free = []
+    for node in status.active_nodes + status.idle_nodes:
+        usage = node.resource_usage.usage if node.resource_usage else []
+        free += [u.total - u.used for u in usage if u.resource_name == "CPU"]
+    return free
 
 
 def cluster_task_cpus(setting: int) -> int:
     """`task_cpus` for the cluster this process is connected to, as it is now."""
-    import ray
-
-    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
-    return task_cpus(setting, ray.available_resources().get("CPU", 0), nodes)
+    return setting or task_cpus(setting, free_cpus_per_node())
 
 
 def use_reserved_cpus() -> int:

@@ -26,13 +26,9 @@ from server_process import free_port
 from pipeline import distributed
 from pipeline.config import load_config
 from pipeline.data.decoding import ReplayCache
+from pipeline.evaluation.gather import merge_shares
 from pipeline.training.eval_shards import EvalShard, EvalSplits, merge_on_rank0
-from pipeline.training.evaluate import (
-    embed_batches,
-    merge_shares,
-    retrieval_metrics_of,
-    seen_knn_accuracy,
-)
+from pipeline.training.evaluate import embed_batches, retrieval_metrics_of, seen_knn_accuracy
 
 WORLD = 3
 N = 150

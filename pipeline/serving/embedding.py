@@ -181,7 +181,7 @@ def collect_embeddings(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     no images or an id came twice."""
     from ray.data.dataset import MaterializedDataset
 
-    from pipeline.training.evaluate import rows_in_place, sorted_ids
+    from pipeline.evaluation.gather import rows_in_place, sorted_ids
 
     if not isinstance(dataset, MaterializedDataset):
         dataset = dataset.materialize()

@@ -16,7 +16,8 @@ from pipeline.distributed import (
     send_to_rank0,
     world,
 )
-from pipeline.training.evaluate import embed_batches, id_order, rows_in_place
+from pipeline.evaluation.gather import id_order, rows_in_place
+from pipeline.training.evaluate import embed_batches
 
 
 class EvalShard:

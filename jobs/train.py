@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunRefused as err:  # before the run exists: the message names the setting or file
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (RunInterrupted, KeyboardInterrupt):
-        print(f"\ninterrupted: {resume_hint(config)}", file=sys.stderr)
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        print(f"\ninterrupted: {resume_hint(config, getattr(err, 'settled', True))}", file=sys.stderr)
         return 130
     except TrainingFailedError as err:  # Ray has printed the workers' errors above
         print(f"\ntraining failed ({type(err).__name__}); {resume_hint(config)}", file=sys.stderr)

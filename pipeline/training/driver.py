@@ -83,7 +83,16 @@ def resolve_dataset(config: Config) -> tuple[str, DatasetMetadata]:
 
 class RunInterrupted(Exception):
     """Training was stopped from outside (Ctrl+C, `ray job stop`) while Ray Train ran: the run
-    is recorded as KILLED in MLflow, and a rerun of the same command resumes it."""
+    is recorded as KILLED in MLflow, and a rerun of the same command resumes it.
+
+    `settled` is False when the stop left Ray Train's controller running (SIGTERM, `ray job
+    stop`'s default): it may register one more checkpoint before this driver's exit ends it, so
+    the one a rerun resumes from is not known yet. Ctrl+C (SIGINT) aborts the controller first.
+    """
+
+    def __init__(self, message: str, settled: bool = True):
+        super().__init__(message)
+        self.settled = settled
 
 
 class RunRefused(ValueError):
@@ -459,16 +468,19 @@ def _remove_unregistered_checkpoints(storage_path: str, name: str, printer) -> N
                 f"hold (left by a stopped job): {names}", flush=True)
 
 
-def resume_hint(config: Config) -> str:
-    """What a rerun of the same command does for `config`'s run: where it resumes from."""
+def resume_hint(config: Config, settled: bool = True) -> str:
+    """What a rerun of the same command does for `config`'s run: where it resumes from. With
+    `settled` False (`RunInterrupted.settled`), Ray Train may still register a later checkpoint,
+    and the hint says so rather than name a step a rerun would not resume from."""
     name = run_name_for(config)
     try:
         found = registered_checkpoint(_storage_path(config), name)
     except ValueError:
         found = None
+    later = "" if settled else " (or from a later one, if Ray Train registers one while the job stops)"
     if found is None:
-        return f"run {name} has no checkpoint yet: the same command starts it again"
-    return f"the same command resumes run {name} from its checkpoint at step {found[2]}"
+        return f"run {name} has no checkpoint yet: the same command starts it again{later}"
+    return f"the same command resumes run {name} from its checkpoint at step {found[2]}{later}"
 
 
 def _fit(trainer, queue, printer):
@@ -487,7 +499,10 @@ def _fit(trainer, queue, printer):
         with ProgressPrinter(queue, printer):
             return trainer.fit()
     except SystemExit as err:
-        raise RunInterrupted("training was stopped (Ctrl+C, or the job was stopped)") from err
+        # Ray's SIGTERM handler in a driver exits with the signal's number, leaving Ray Train's
+        # controller to run until the process ends; Ray Train's SIGINT handler aborts it first.
+        raise RunInterrupted("training was stopped (Ctrl+C, or the job was stopped)",
+                             settled=err.code != signal.SIGTERM) from err
     finally:
         if main:
             signal.signal(signal.SIGINT, before)

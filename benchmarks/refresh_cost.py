@@ -12,7 +12,8 @@ full-set kNN, pool 32) on the same kind of embeddings (or, with --clustered, cla
 ones), exact or with the approximate faiss indexes of --pool-indexes, whose pools are scored
 (recall) against exact pools of 200 sampled classes computed by brute force. The embedding pass runs the model over uint8
 images already decoded (the actor keeps them decoded after its first pass, when they fit in
-`refresh.cache_max_mb`); --decode measures that first pass, with each thread count. --training trains
+`refresh.cache_max_mb`); --decode measures that first pass, with each thread count, and
+--cached-pass a later one whose cache holds part of the split. --training trains
 the `magnet` preset twice - refreshing every `--every` steps, and refreshing never (only the
 initial index) - and compares the time per training step. On CUDA the exact searches (pools,
 impostors) run on faiss-gpu, or on torch's device where faiss has no GPU, and k-means on
@@ -176,7 +177,7 @@ def embedding_sweep(backbone, image_size, sizes, batch_size, device):
 
 def decode_sweep(count, threads_list, batch_size, image_size=224, resize=256):
     """The refresh actor's first pass before its embedding: decode + eval resize and crop of
-    every training image (`decoded_batches`, what `RefreshActor._decode_all` runs), images/s
+    every training image (`decoded_batches`, what `RefreshActor._decode_from` runs), images/s
     with each thread count. Photo-like JPEGs of 341x256, what the converters store by default
     (256 px short side); 100 distinct images, cycled."""
     from throughput import textured_jpeg
@@ -197,6 +198,40 @@ def decode_sweep(count, threads_list, batch_size, image_size=224, resize=256):
             "n": decoded, "threads": threads, "stored": "341x256 JPEG", "eval": f"{resize} -> {image_size}",
             "seconds": round(seconds, 3), "images_per_s": round(decoded / seconds, 1),
         }}), flush=True)
+
+
+def cached_pass_sweep(count, fractions, batch_size, image_size=224, resize=256):
+    """A later refresh's images when `refresh.cache_max_mb` holds a fraction of the decoded
+    split (`PrefixCache`, what the actor keeps): the first pass decodes everything and keeps
+    what fits, the second replays that and decodes the rest, in one thread (the default
+    `refresh.num_cpus`). The same photo-like JPEGs as `decode_sweep`."""
+    from throughput import textured_jpeg
+
+    from pipeline.data.decoding import PrefixCache, decode_rgb, decoded_batches, eval_transform
+
+    images = [textured_jpeg(341, 256, seed) for seed in range(min(count, 100))]
+    transform = eval_transform(image_size, resize)
+
+    def decode(i):
+        return transform(decode_rgb(images[i % len(images)])).numpy()
+
+    def stream(start_batch):
+        return decoded_batches(decode, count, batch_size, 1, start=start_batch * batch_size)
+
+    split_bytes = count * 3 * image_size**2
+    for fraction in fractions:
+        cache = PrefixCache(int(fraction * split_bytes))
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            passed = sum(len(batch) for batch in cache.batches(stream))
+            seconds.append(time.perf_counter() - start)
+        print(json.dumps({"cached_pass": {
+            "n": passed, "cache_fraction_of_split": fraction, "kept_images": sum(len(b) for b in cache.kept),
+            "split_mib": round(split_bytes / 2**20, 1), "first_pass_seconds": round(seconds[0], 3),
+            "second_pass_seconds": round(seconds[1], 3), "second_pass_images_per_s": round(passed / seconds[1], 1),
+        }}), flush=True)
+        del cache
 
 
 def _sync(device):
@@ -272,6 +307,9 @@ def main() -> None:
     parser.add_argument("--decode", default="2000:1,2",
                         help="N:THREADS,... - the actor's first-pass decode of N images with each thread count "
                              "(refresh.num_cpus sets the actor's); empty to skip")
+    parser.add_argument("--cached-pass", default="",
+                        help="COUNT:FRACTIONS, e.g. 2000:0,0.5,1: a later refresh's decode with the "
+                        "cache holding each fraction of the decoded split (one thread)")
     parser.add_argument("--training", action="store_true", help="also measure training time lost")
     parser.add_argument("--every", type=int, default=27, help="refresh period of the --training run")
     parser.add_argument("--epochs", type=int, default=2)
@@ -300,6 +338,9 @@ def main() -> None:
     if args.decode:
         count, threads = args.decode.split(":")
         decode_sweep(int(count), [int(t) for t in threads.split(",")], args.batch_size)
+    if args.cached_pass:
+        count, fractions = args.cached_pass.split(":")
+        cached_pass_sweep(int(count), [float(f) for f in fractions.split(",")], args.batch_size)
     if args.training:
         training_overhead(args.every, args.epochs, args.storage, device)
 

@@ -54,7 +54,8 @@ def test_throughput_tiny(tmp_path):
 def test_refresh_cost_tiny():
     lines = _run("refresh_cost.py", "--sizes", "600", "--pool-sizes", "600,1000", "--dims", "8",
                  "--max-exact-pools", "700", "--pool-indexes", "Flat;IVF8,Flat:nprobe=8;IVF8,Flat:nprobe=1",
-                 "--embed", "tiny_cnn:32:40", "--batch-size", "16", "--decode", "40:1,2")
+                 "--embed", "tiny_cnn:32:40", "--batch-size", "16", "--decode", "40:1,2",
+                 "--cached-pass", "40:0,0.5,1")
     by_kind: dict[str, list[dict]] = {}
     for line in lines:
         for kind, row in line.items():
@@ -73,8 +74,12 @@ def test_refresh_cost_tiny():
     assert _positive(embedding["images_per_s"]) and _positive(embedding["bare_inference_images_per_s"])
     decodes = {row["threads"]: row for row in by_kind["first_pass_decode"]}
     assert set(decodes) == {1, 2} and all(row["n"] == 40 and _positive(row["images_per_s"]) for row in decodes.values())
+    cached = {row["cache_fraction_of_split"]: row for row in by_kind["cached_pass"]}
+    assert [cached[f]["kept_images"] for f in (0, 0.5, 1)] == [0, 16, 40]  # whole batches of 16 that fit
+    assert all(row["n"] == 40 and _positive(row["second_pass_images_per_s"]) for row in cached.values())
 
 
+@pytest.mark.ray
 def test_decode_memory_tiny():
     lines = _run("decode_memory.py", "--classes-per-batch", "4", "--samples-per-class", "2", "--image-size", "32",
                  "--classes", "8", "--images-per-class", "2", "--repeats", "1")
@@ -93,6 +98,7 @@ def test_eval_gather_tiny():
         assert line["rank0_peak_rise_mib"] >= 0 and line["seconds"] >= 0
 
 
+@pytest.mark.ray
 def test_collect_memory_tiny():
     lines = _run("collect_memory.py", "--rows", "3001", "--dim", "8", "--blocks", "5")
     assert [line["path"] for line in lines] == ["collect_embeddings", "concat_sort"]

@@ -347,3 +347,39 @@ def test_the_actor_s_seed_weights_follow_every_reported_loss_across_index_swaps(
     actor._cluster_losses = None  # as `_adopt` does
     actor.loss_stamp += 1
     report(5)
+
+
+def test_a_split_larger_than_the_cache_is_replayed_as_far_as_it_fits_and_embeds_the_same(ray_local, tmp_path):
+    """`refresh.cache_max_mb` below the decoded training split: later passes replay the first
+    batches that fit and decode only the rest (before, they decoded every image again), and
+    embed exactly what a pass that decodes everything embeds."""
+    import numpy as np
+    import torch
+
+    from pipeline.data.decoding import PrefixCache
+    from pipeline.models import build_model
+    from pipeline.refresh.actor import RefreshActor
+
+    config = _config(tmp_path, ["refresh.batch_size=16"])
+    store = _training_store(config)
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    batch_bytes = 16 * 3 * config.data.image_size**2  # uint8 images
+
+    def actor_caching(limit_bytes):
+        actor = RefreshActor.__new__(RefreshActor)  # its decode and embedding only: no refresh thread
+        actor.__dict__.update(config=config, store=store, num_examples=len(store), _images=PrefixCache(limit_bytes))
+        starts, decode_from = [], actor._decode_from
+        actor._decode_from = lambda start: starts.append(start) or decode_from(start)
+        return actor, starts
+
+    assert len(store) > 7 * 16
+    uncached, uncached_starts = actor_caching(0)
+    expected = uncached._embed_all(model, torch.device("cpu"))
+    assert expected.shape[0] == len(store)
+    actor, starts = actor_caching(5 * batch_bytes)
+    for _ in range(3):
+        np.testing.assert_array_equal(actor._embed_all(model, torch.device("cpu")), expected)
+    assert starts == [0, 5, 5] and len(actor._images.kept) == 5
+    np.testing.assert_array_equal(uncached._embed_all(model, torch.device("cpu")), expected)
+    assert uncached_starts == [0, 0]

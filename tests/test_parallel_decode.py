@@ -40,6 +40,11 @@ def test_threads_decode_the_same_batches_as_one(threads):
         np.testing.assert_array_equal(one, many)
     expected = np.stack([transform(decode_rgb(data)).numpy() for data in images])
     np.testing.assert_array_equal(np.concatenate(parallel), expected)
+    # From a later batch (what the refresh actor decodes past its kept ones): the same batches.
+    tail = list(decoded_batches(decode, len(images), 5, threads=threads, start=10))
+    assert len(tail) == 3
+    for one, later in zip(serial[2:], tail, strict=True):
+        np.testing.assert_array_equal(one, later)
 
 
 def test_decodes_run_in_parallel_and_one_batch_ahead_at_most():

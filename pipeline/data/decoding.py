@@ -206,7 +206,7 @@ class ReplayCache:
         kept: list | None = []
         size = 0
         for batch in stream():
-            size += sum(v.nbytes for v in batch.values()) if isinstance(batch, dict) else batch.nbytes
+            size += _nbytes(batch)
             if kept is not None and size <= self.limit_bytes:
                 kept.append(batch)
             else:
@@ -215,9 +215,52 @@ class ReplayCache:
         self.kept = kept
 
 
-def decoded_batches(decode_one, count: int, batch_size: int, threads: int):
-    """`np.stack([decode_one(i) for i in batch])` for the ids 0 .. count - 1 in batches of
-    `batch_size`, in id order, decoded by `threads` threads.
+class PrefixCache:
+    """Batches streamed once, then replayed from memory as far as they fit in `limit_bytes`:
+    the first ones that fit are kept, and each later pass replays them and streams the rest
+    from where they end.
+
+    For a deterministic decode whose stream can start at any batch (`stream(start)` yields the
+    batches from number `start` on): the refresh actor's passes over the training split. A
+    split decoded to twice the limit is then half replayed, where `ReplayCache` (all or
+    nothing, for Ray Data streams, which cannot start part-way) would decode all of it again.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.kept: list = []
+        """The first batches of the stream, in order (a prefix: nothing after a batch that did
+        not fit is kept)."""
+        self.kept_bytes = 0
+        self.whole = False
+        """Whether `kept` is the whole stream: a pass then streams nothing."""
+        self._closed = False  # a batch did not fit: the prefix ends there
+
+    def batches(self, stream):
+        """Every batch in order: the kept ones, then those of `stream(len(kept))`, kept while
+        they fit (a pass cut short keeps what it had kept, still a prefix)."""
+        kept = list(self.kept)  # this pass appends to self.kept
+        yield from kept
+        if self.whole:
+            return
+        for batch in stream(len(kept)):
+            size = _nbytes(batch)
+            if not self._closed and self.kept_bytes + size <= self.limit_bytes:
+                self.kept.append(batch)
+                self.kept_bytes += size
+            else:
+                self._closed = True
+            yield batch
+        self.whole = not self._closed
+
+
+def _nbytes(batch) -> int:
+    return sum(v.nbytes for v in batch.values()) if isinstance(batch, dict) else batch.nbytes
+
+
+def decoded_batches(decode_one, count: int, batch_size: int, threads: int, start: int = 0):
+    """`np.stack([decode_one(i) for i in batch])` for the ids `start` .. count - 1 in batches
+    of `batch_size`, in id order, decoded by `threads` threads.
 
     torchvision's decoders and resizes release the GIL, so threads decode in parallel (the
     refresh actor's first pass over the training split, which on a large split is what a
@@ -225,12 +268,12 @@ def decoded_batches(decode_one, count: int, batch_size: int, threads: int):
     this one, and no further: at most two batches are held, whatever the split's size."""
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
 
-        def submit(start: int) -> list:
-            return [pool.submit(decode_one, i) for i in range(start, min(start + batch_size, count))]
+        def submit(first: int) -> list:
+            return [pool.submit(decode_one, i) for i in range(first, min(first + batch_size, count))]
 
-        ahead = submit(0)
-        for start in range(0, count, batch_size):
-            current, ahead = ahead, submit(start + batch_size)
+        ahead = submit(start)
+        for first in range(start, count, batch_size):
+            current, ahead = ahead, submit(first + batch_size)
             yield np.stack([future.result() for future in current])
 
 

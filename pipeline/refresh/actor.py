@@ -31,7 +31,7 @@ from dataclasses import fields
 
 import numpy as np
 
-from pipeline.data.decoding import ReplayCache
+from pipeline.data.decoding import PrefixCache
 from pipeline.data.neighbourhoods import PlanTables
 from pipeline.data.pool_batches import PoolTables
 from pipeline.refresh.cluster_index import (
@@ -105,7 +105,7 @@ class RefreshActor:
         self.fatal: str | None = None
         """Why the refresh thread has ended (its model did not build): no index will come, and
         a restored one would never be refreshed, so planners are failed rather than served."""
-        self._images = ReplayCache(self.config.refresh.cache_max_mb * 2**20)
+        self._images = PrefixCache(self.config.refresh.cache_max_mb * 2**20)
         self.restored_step: int | None = None
         if not self.reconstructed:
             if resume_state is not None:
@@ -511,11 +511,12 @@ class RefreshActor:
             ])
 
     def _image_batches(self):
-        """Decoded eval-size uint8 batches in id order; kept in memory after the first pass when
-        they fit in `refresh.cache_max_mb` (the eval transform is deterministic)."""
-        yield from self._images.batches(self._decode_all)
+        """Decoded eval-size uint8 batches in id order; after the first pass, as many of the
+        first ones as fit in `refresh.cache_max_mb` are replayed from memory, and only the rest
+        decoded again (the eval transform is deterministic)."""
+        yield from self._images.batches(self._decode_from)
 
-    def _decode_all(self):
+    def _decode_from(self, start_batch: int):
         from pipeline.data.decoding import decode_rgb, decoded_batches, eval_transform
 
         data = self.config.data
@@ -527,7 +528,8 @@ class RefreshActor:
 
         # As many decode threads as the CPUs the actor holds (as its torch threads).
         threads = max(1, int(self.config.refresh.num_cpus))
-        yield from decoded_batches(decode, self.num_examples, self.config.refresh.batch_size, threads)
+        batch_size = self.config.refresh.batch_size
+        yield from decoded_batches(decode, self.num_examples, batch_size, threads, start=start_batch * batch_size)
 
     def _note_version_in_use(self, version: int) -> None:
         # Called under the lock. A restarted actor starts counting at 0, but the planners and

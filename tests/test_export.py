@@ -320,11 +320,12 @@ def test_the_metrics_task_reserves_the_cpus_it_ranks_on(ray_local):
 
 
 def _free_cpus_per_node_falls_by_what_an_actor_holds():
-    """On the session's one-node Ray, the node's free CPUs are the cluster's free CPUs, and an
-    actor's reservation takes them from it (not the node's total)."""
+    """On the session's one-node Ray, the GCS's per-node figure is the cluster's free CPUs, and
+    an actor's reservation takes its CPUs from it (not from the node's total)."""
     import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
 
-    from pipeline.serving.driver_tasks import free_cpus_per_node
+    from pipeline.serving.driver_tasks import free_cpus_per_node, node_free_cpus
 
     @ray.remote(num_cpus=1.5)
     class Holder:
@@ -333,17 +334,44 @@ def _free_cpus_per_node_falls_by_what_an_actor_holds():
 
     holder = Holder.remote()
     try:
-        ray.get(holder.ready.remote())
+        ray.get(holder.ready.remote(), timeout=120)
+        total = ray.cluster_resources()["CPU"]
         deadline = time.monotonic() + 30  # the raylet reports its use to the GCS every so often
         while True:
-            per_node, free = free_cpus_per_node(), ray.available_resources().get("CPU", 0)
-            if per_node == [free] or time.monotonic() > deadline:
+            per_node = node_free_cpus(get_cluster_status(ray.get_runtime_context().gcs_address))
+            free = ray.available_resources().get("CPU", 0)
+            if len(per_node) == 1 and per_node[0] == pytest.approx(free) and free <= total - 1.5:
                 break
+            assert time.monotonic() < deadline, (per_node, free, total)
             time.sleep(0.2)
-        assert per_node == [free]
-        assert free <= ray.cluster_resources()["CPU"] - 1.5
+        assert free_cpus_per_node() == pytest.approx(per_node)
     finally:
         ray.kill(holder)
+
+
+def test_free_cpus_are_counted_per_node_that_may_take_a_task():
+    """Nodes as the GCS's cluster status lists them: a draining node (the autoscaler is ending
+    it, so Ray places nothing there, though all its CPUs are free) and nodes not up count for
+    nothing."""
+    from ray.autoscaler.v2.schema import ClusterStatus, NodeInfo, NodeUsage, ResourceUsage
+
+    from pipeline.serving.driver_tasks import node_free_cpus
+
+    def node(status, cpus=None, used=0.0, gpus=0):
+        usage = None if cpus is None else NodeUsage(
+            [ResourceUsage("CPU", cpus, used), ResourceUsage("GPU", gpus, 0.0)], idle_time_ms=0)
+        return NodeInfo("m5.2xlarge", "worker", "i-1", "10.0.0.1", node_status=status, resource_usage=usage)
+
+    status = ClusterStatus(
+        active_nodes=[node("RUNNING", 48, used=40, gpus=4), node("RUNNING", 16, used=4), node("DRAINING", 192)],
+        idle_nodes=[node("IDLE", 8)],
+        pending_nodes=[node("ALLOCATING")],
+        failed_nodes=[node("DEAD")],
+    )
+    assert node_free_cpus(status) == [8.0, 12.0, 8.0]
+    gpu_only = NodeInfo("x", "y", "z", "w", node_status="RUNNING",
+                        resource_usage=NodeUsage([ResourceUsage("GPU", 1, 0)], idle_time_ms=0))
+    assert node_free_cpus(ClusterStatus(active_nodes=[gpu_only])) == []
 
 
 def test_metrics_cpus_a_local_ray_cannot_give_are_refused_before_ray(

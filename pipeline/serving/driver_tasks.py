@@ -27,19 +27,34 @@ def task_cpus(setting: int, free_per_node: list[float]) -> int:
 
 
 def free_cpus_per_node() -> list[float]:
-    """The CPUs free now on each live node of the cluster this process is connected to.
+    """The CPUs free now on each node of the cluster this process is connected to that may
+    take a task.
 
-    Ray's public `available_resources()` sums them over the cluster; the per-node figures are
-    the GCS's cluster status, the one `ray status` prints.
+    Ray's public `available_resources()` sums them over the cluster; the per-node figures come
+    from the GCS's cluster status (`ray.autoscaler.v2.sdk`, which `ray status` reads under the
+    v2 autoscaler; the GCS keeps it under either). With a Ray whose internal module moved, the
+    cluster's free CPUs, at most the largest node's total: the estimate before per-node
+    figures, which can ask for more than one node has free.
     """
     import ray
-    from ray.autoscaler.v2.sdk import get_cluster_status
 
-    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+    except ImportError:
+        totals = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+        return [min(ray.available_resources().get("CPU", 0), max(totals, default=0))]
+    return node_free_cpus(get_cluster_status(ray.get_runtime_context().gcs_address))
+
+
+def node_free_cpus(status) -> list[float]:
+    """Free CPUs of each node in a `ClusterStatus` that may take a task: running or idle, not
+    draining (Ray places nothing new there: the autoscaler is ending the node, most often an
+    idle one, whose CPUs are all free), not pending or dead."""
     free = []
     for node in status.active_nodes + status.idle_nodes:
-        usage = node.resource_usage.usage if node.resource_usage else []
-        free += [u.total - u.used for u in usage if u.resource_name == "CPU"]
+        if node.node_status == "DRAINING" or node.resource_usage is None:
+            continue
+        free += [u.total - u.used for u in node.resource_usage.usage if u.resource_name == "CPU"]
     return free
 
 

@@ -6,8 +6,9 @@ processes (the job-submit test's `LocalRayCluster`: token auth, its own ports an
 
 Submits the tests' tiny training job (30 epochs of 4 steps), waits for its first registered
 checkpoint and 2 s more, stops it, and prints one JSON line: how long `ray job stop` took, the
-job's status, the step the driver's resume hint named, the step Ray Train's record holds
-afterwards (a rerun resumes from that one), and the MLflow run's status.
+job's status, the step the driver's resume hint named (and whether it said a later one may be
+registered), the step Ray Train's record holds afterwards (a rerun resumes from that one), and
+the MLflow run's status.
 """
 
 from __future__ import annotations
@@ -65,16 +66,19 @@ def main() -> None:
         stopped = cluster.cli("stop", "stop-me")
         seconds = time.monotonic() - start
         time.sleep(5)  # the job's actors go with its driver
-        hint = re.findall(r"interrupted: .* at step (\d+)", cluster.job_logs("stop-me"))
+        logs = cluster.job_logs("stop-me")
+        hint = re.findall(r"interrupted: .* at step (\d+)", logs)
         found = registered_checkpoint(str(storage), name)
         print(json.dumps({
             "signal": args.signal or "SIGTERM (Ray's default)", "wait_s": 3 if args.wait is None else args.wait,
             "stop_rc": stopped.returncode, "stop_seconds": round(seconds, 1),
             "job_status": cluster.job_status("stop-me"),
             "hint_step": int(hint[-1]) if hint else None,
+            # The driver says when Ray Train may still register a later one (SIGTERM).
+            "hint_allows_later": "or from a later one" in logs,
             "registered_step": None if found is None else found[2],
             "mlflow_status": [row[0] for row in sqlite3.connect(storage / "mlflow.db").execute("select status from runs")],
-            "sigterm_trace_in_log": "SIGTERM received" in cluster.job_logs("stop-me"),
+            "sigterm_trace_in_log": "SIGTERM received" in logs,
         }))
     finally:
         cluster.stop()

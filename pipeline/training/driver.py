@@ -94,6 +94,9 @@ class RunInterrupted(Exception):
         super().__init__(message)
         self.settled = settled
 
+    def __reduce__(self):  # pickled whole (a Tune trial's error travels to the driver)
+        return type(self), (str(self), self.settled)
+
 
 class RunRefused(ValueError):
     """A run refused before Ray started and before the run was created (no MLflow run, no
@@ -436,6 +439,11 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
     except (RunInterrupted, KeyboardInterrupt):
         interrupted = True
         raise
+    except SystemExit as err:  # Ray's SIGTERM handler outside fit(): while the run starts or closes
+        import signal
+
+        interrupted = True
+        raise RunInterrupted("the job was stopped", settled=err.code != signal.SIGTERM) from err
     finally:
         if refresh_actor is not None:
             # Closed above when training ended; a failed or stopped run's actor may still hold

@@ -245,8 +245,8 @@ class RefreshConfig:
     num_gpus: float = setting(0.0, "GPU (or fraction) for the actor; faiss uses it when faiss-gpu is installed.")
     batch_size: int = setting(256, "Images per embedding batch.")
     cache_max_mb: int = setting(
-        2048, "Keep the decoded training images in the actor, as many as fit: later refreshes "
-        "decode only the rest."
+        2048, "Keep the decoded training images in the actor, as many as fit (held for the whole "
+        "run): later refreshes decode only the rest."
     )
     max_restarts: int = setting(3, "Times Ray restarts the actor if it dies.")
     max_plan_ahead_steps: int = setting(

@@ -3,7 +3,8 @@ the index its batches are planned from while training goes on.
 
 Rank 0 publishes its weights (`publish_weights`, an object-store reference) every
 `refresh.every_steps` steps; a background thread inside the actor picks up the newest
-weights, embeds every training image (eval preprocessing, decoded once and kept), builds the
+weights, embeds every training image (eval preprocessing; the decoded images are kept as far
+as `refresh.cache_max_mb` allows, the rest decoded again at each refresh), builds the
 index with faiss - Magnet's per-class k-means and impostor table, or PDDM's hard-negative
 pools (sampler `hard_pools`) - and swaps it in. The decode actors' planners poll
 `plan_tables` without blocking; every rank reports its steps and per-example losses with

@@ -82,8 +82,8 @@ def resolve_dataset(config: Config) -> tuple[str, DatasetMetadata]:
 
 
 class RunInterrupted(Exception):
-    """Training was stopped from outside (Ctrl+C, `ray job stop`) while Ray Train ran: the run
-    is recorded as KILLED in MLflow, and a rerun of the same command resumes it.
+    """Training was stopped from outside (Ctrl+C, `ray job stop`) once its MLflow run existed:
+    the run is recorded as KILLED in MLflow, and a rerun of the same command resumes it.
 
     `settled` is False when the stop left Ray Train's controller running (SIGTERM, `ray job
     stop`'s default): it may register one more checkpoint before this driver's exit ends it, so

@@ -353,18 +353,27 @@ def test_softtriple_run_trains_and_checkpoints_its_centers(ray_local, tmp_path, 
 
 
 SIGTERM_DRIVER = """
-import os, signal, sys, time
+import os, signal, sys, threading, time
 import ray
 from pipeline.config import load_config
 from pipeline.training import driver
 from pipeline.training.driver import RunInterrupted, _fit, resume_hint, run_training
 
-def sigterm(*args):  # what `ray job stop` sends
-    os.kill(os.getpid(), signal.SIGTERM)
+def sigterm_soon():  # what `ray job stop` sends
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+@ray.remote(num_cpus=0)
+def training():
     time.sleep(60)
 
-class StoppedTrainer:  # stands in for TorchTrainer.fit(): the signal comes while it runs
-    fit = sigterm
+class StoppedTrainer:  # TorchTrainer.fit() waits in ray.get for its controller's run
+    def fit(self):
+        sigterm_soon()
+        ray.get(training.remote())
+
+def stopped_while_starting(*args):
+    sigterm_soon()
+    time.sleep(60)
 
 when, address, settings = sys.argv[1], sys.argv[2], sys.argv[3:]
 config = load_config("local", settings)
@@ -373,7 +382,7 @@ try:
     if when == "in fit":
         _fit(StoppedTrainer(), None, print)
     else:  # once the MLflow run exists, before fit()
-        driver._record_conversion_summary = sigterm
+        driver._record_conversion_summary = stopped_while_starting
         run_training(config, printer=lambda *a, **k: None)
 except RunInterrupted as err:
     print(f"{when}: settled={err.settled}", flush=True)
@@ -383,9 +392,10 @@ except RunInterrupted as err:
 
 def test_a_sigterm_stop_says_ray_train_may_still_register_a_later_checkpoint(ray_local, tmp_path):
     """`ray job stop`'s default SIGTERM reaches the driver through Ray's own handler, which
-    leaves Ray Train's controller running (benchmarks/job_stop.py: once the driver named step 8
-    while the record went on to step 12): the hint must not name a step as final. Outside
-    fit(), the same stop leaves the run KILLED, not FAILED."""
+    leaves Ray Train's controller running (benchmarks/job_stop.py: the driver named step 8
+    while the record went on to step 12): during fit() the hint must not name a step as final.
+    Ray's handler raises SystemExit(1) there, in a ray.get, not 15. Before fit() no controller
+    runs: the hint is final, and the run is left KILLED, not FAILED."""
     import ray
     from mlflow import MlflowClient
 
@@ -393,14 +403,15 @@ def test_a_sigterm_stop_says_ray_train_may_still_register_a_later_checkpoint(ray
 
     settings = TINY + [f"data.cache_dir={tmp_path / 'data'}", f"train.storage_path={tmp_path / 'runs'}",
                        "train.run_name=sigtermed"]
-    hint = ("run sigtermed has no checkpoint yet: the same command starts it again (or from a later "
-            "one, if Ray Train registers one while the job stops)")
-    for when in ("in fit", "starting"):  # a process each: Ray's core aborts one a few s after the signal
-        done = subprocess.run(
+    hint = "run sigtermed has no checkpoint yet: the same command starts it again"
+    later = " (or from a later one, if Ray Train registers one while the job stops)"
+    for when, settled in (("in fit", False), ("starting", True)):  # a process each: Ray's core
+        done = subprocess.run(                                     # aborts one soon after a SIGTERM
             [sys.executable, "-c", SIGTERM_DRIVER, when, ray.get_runtime_context().gcs_address, *settings],
             cwd=REPO, capture_output=True, text=True, timeout=300,
         )
-        assert f"{when}: settled=False\n{hint}\n" in done.stdout, done.stdout + done.stderr[-3000:]
+        expected = f"{when}: settled={settled}\n{hint}{'' if settled else later}\n"
+        assert expected in done.stdout, done.stdout + done.stderr[-3000:]
     config = load_config("local", settings)
     client = MlflowClient(tracking.tracking_uri(config))
     [run] = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])

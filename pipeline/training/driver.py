@@ -86,8 +86,9 @@ class RunInterrupted(Exception):
     the run is recorded as KILLED in MLflow, and a rerun of the same command resumes it.
 
     `settled` is False when the stop left Ray Train's controller running (SIGTERM, `ray job
-    stop`'s default): it may register one more checkpoint before this driver's exit ends it, so
-    the one a rerun resumes from is not known yet. Ctrl+C (SIGINT) aborts the controller first.
+    stop`'s default, during fit()): it may register more checkpoints before this driver's exit
+    ends it, so the one a rerun resumes from is not known yet. Ctrl+C (SIGINT) aborts the
+    controller first.
     """
 
     def __init__(self, message: str, settled: bool = True):
@@ -440,10 +441,9 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         interrupted = True
         raise
     except SystemExit as err:  # Ray's SIGTERM handler outside fit(): while the run starts or closes
-        import signal
-
         interrupted = True
-        raise RunInterrupted("the job was stopped", settled=err.code != signal.SIGTERM) from err
+        # No Ray Train controller runs before fit() or after it returns: the record is final.
+        raise RunInterrupted("the job was stopped") from err
     finally:
         if refresh_actor is not None:
             # Closed above when training ended; a failed or stopped run's actor may still hold
@@ -503,17 +503,48 @@ def _fit(trainer, queue, printer):
 
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT)
+    with _sigterm_watch(main) as sigterm:
+        try:
+            with ProgressPrinter(queue, printer):
+                return trainer.fit()
+        except SystemExit as err:
+            # Ray's SIGTERM handler leaves Ray Train's controller running until this process
+            # ends; Ray Train's SIGINT handler aborts it first.
+            raise RunInterrupted("training was stopped (Ctrl+C, or the job was stopped)",
+                                 settled=not sigterm) from err
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
+def _sigterm_watch(main: bool):
+    """A list that holds True once SIGTERM (`ray job stop`'s default) has come, handled as
+    before: by the handler in place (Ray's, in a driver), which it calls. The SystemExit Ray's
+    handler raises cannot tell: its code is 15, or 1 when the signal lands in a `ray.get`.
+    Outside the main thread (a Tune trial) no handler can be set, and the list stays empty."""
+    import os
+    import signal
+
+    seen: list[bool] = []
+    if not main:
+        yield seen
+        return
+    before = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        seen.append(True)
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:  # the default action: end the process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with ProgressPrinter(queue, printer):
-            return trainer.fit()
-    except SystemExit as err:
-        # Ray's SIGTERM handler in a driver exits with the signal's number, leaving Ray Train's
-        # controller to run until the process ends; Ray Train's SIGINT handler aborts it first.
-        raise RunInterrupted("training was stopped (Ctrl+C, or the job was stopped)",
-                             settled=err.code != signal.SIGTERM) from err
+        yield seen
     finally:
-        if main:
-            signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGTERM, before)
 
 
 REFRESH_METRICS_FLUSH_S = 60.0

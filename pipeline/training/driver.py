@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
+import sys
+import threading
 from dataclasses import dataclass, field
 
 from pipeline import locks
@@ -445,16 +447,22 @@ def run_training(config: Config, *, verbose: bool = False, printer=print,
         # No Ray Train controller runs before fit() or after it returns: the record is final.
         raise RunInterrupted("the job was stopped") from err
     finally:
-        if refresh_actor is not None:
-            # Closed above when training ended; a failed or stopped run's actor may still hold
-            # what an outage of the server kept from MLflow.
-            flush_s = REFRESH_METRICS_FLUSH_STOPPED_S if interrupted else REFRESH_METRICS_FLUSH_S
-            end_refresh_actor(refresh_actor, uri, run_id, printer, flush_s if failed else None)
-        if failed:
-            tracking.print_not_recorded(
-                tracking.finish_run(uri, run_id, None, failed=True, killed=interrupted), uri, run_id, printer
-            )
-        held.close()
+        # A SIGTERM now waits until the run is closed (its status written, its lock let go):
+        # raised here, it would skip the rest.
+        stopped: list[bool] = []
+        with _sigterm_watch(threading.current_thread() is threading.main_thread(), stopped, chain=False):
+            if refresh_actor is not None:
+                # Closed above when training ended; a failed or stopped run's actor may still hold
+                # what an outage of the server kept from MLflow.
+                flush_s = REFRESH_METRICS_FLUSH_STOPPED_S if interrupted else REFRESH_METRICS_FLUSH_S
+                end_refresh_actor(refresh_actor, uri, run_id, printer, flush_s if failed else None)
+            if failed:
+                tracking.print_not_recorded(
+                    tracking.finish_run(uri, run_id, None, failed=True, killed=interrupted), uri, run_id, printer
+                )
+            held.close()
+        if stopped and sys.exc_info()[1] is None:  # closed as it would have been: now the stop
+            raise RunInterrupted("the job was stopped")
     return RunSummary(name, run_id, uri, metrics, checkpoint_path, tuple(not_logged))
 
 
@@ -492,48 +500,55 @@ def resume_hint(config: Config, settled: bool = True) -> str:
 
 
 def _fit(trainer, queue, printer):
-    """`trainer.fit()`, with Ctrl+C working again afterwards. In the main thread fit() installs
-    Ray Train's own SIGINT handler, which aborts the run and then has fit() exit the process
-    (SystemExit), and which stays installed: a Ctrl+C while the run is recorded would be
-    ignored twice, then exit with status 0."""
+    """`trainer.fit()`, with Ctrl+C working again afterwards, and a stop turned into
+    `RunInterrupted`. In the main thread fit() installs Ray Train's own SIGINT handler, which
+    aborts the run and then has fit() exit the process (SystemExit), and which stays
+    installed: a Ctrl+C while the run is recorded would be ignored twice, then exit with
+    status 0. A SIGTERM (`ray job stop`) is noted (`_sigterm_watch`): Ray's handler leaves the
+    controller running, so the run's last checkpoint is not settled."""
     import signal
-    import threading
 
     from pipeline.progress import ProgressPrinter
 
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT)
-    with _sigterm_watch(main) as sigterm:
-        try:
-            with ProgressPrinter(queue, printer):
-                return trainer.fit()
-        except SystemExit as err:
-            # Ray's SIGTERM handler leaves Ray Train's controller running until this process
-            # ends; Ray Train's SIGINT handler aborts it first.
-            raise RunInterrupted("training was stopped (Ctrl+C, or the job was stopped)",
-                                 settled=not sigterm) from err
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, before)
+    sigterm: list[bool] = []
+    try:  # (outside the watch: a SIGTERM in its own cleanup is caught too)
+        with _sigterm_watch(main, sigterm):
+            try:
+                with ProgressPrinter(queue, printer):
+                    return trainer.fit()
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, before)
+    except SystemExit as err:
+        raise RunInterrupted("training was stopped (Ctrl+C, or the job was stopped)",
+                             settled=not sigterm) from err
 
 
 @contextlib.contextmanager
-def _sigterm_watch(main: bool):
-    """A list that holds True once SIGTERM (`ray job stop`'s default) has come, handled as
-    before: by the handler in place (Ray's, in a driver), which it calls. The SystemExit Ray's
-    handler raises cannot tell: its code is 15, or 1 when the signal lands in a `ray.get`.
-    Outside the main thread (a Tune trial) no handler can be set, and the list stays empty."""
+def _sigterm_watch(main: bool, seen: list, chain: bool = True):
+    """Append True to `seen` when SIGTERM (`ray job stop`'s default) comes; with `chain`, then
+    call the handler that was in place (Ray's, in a driver, which raises SystemExit: its code
+    is 15, or 1 when the signal lands in a `ray.get`, so the exit cannot tell), else nothing
+    more (the signal waits for the block to end).
+
+    Python's handler replaces the one Ray's C++ core set, for the rest of the process: that
+    one printed a "SIGTERM received" trace and aborted the process 3 s later; now the driver
+    closes the run (its own waits are bounded) and exits. Outside the main thread (a Tune
+    trial), or with a handler Python did not set, nothing is watched."""
     import os
     import signal
 
-    seen: list[bool] = []
-    if not main:
-        yield seen
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    if before is None:
+        yield
         return
-    before = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
         seen.append(True)
+        if not chain:
+            return
         if callable(before):
             before(signum, frame)
         elif before == signal.SIG_DFL:  # the default action: end the process
@@ -542,7 +557,7 @@ def _sigterm_watch(main: bool):
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield seen
+        yield
     finally:
         signal.signal(signal.SIGTERM, before)
 

@@ -530,8 +530,8 @@ def _fit(trainer, queue, printer):
 def _sigterm_watch(main: bool, seen: list, chain: bool = True):
     """Append True to `seen` when SIGTERM (`ray job stop`'s default) comes; with `chain`, then
     call the handler that was in place (Ray's, in a driver, which raises SystemExit: its code
-    is 15, or 1 when the signal lands in a `ray.get`, so the exit cannot tell), else nothing
-    more (the signal waits for the block to end).
+    is 15, or 1 when the signal lands in a `ray.get`, so the exit cannot tell); without it,
+    nothing more: the caller acts on `seen` once the block has ended.
 
     Python's handler replaces the one Ray's C++ core set, for the rest of the process: that
     one printed a "SIGTERM received" trace and aborted the process 3 s later; now the driver

@@ -32,17 +32,12 @@ def free_cpus_per_node() -> list[float]:
 
     Ray's public `available_resources()` sums them over the cluster; the per-node figures come
     from the GCS's cluster status (`ray.autoscaler.v2.sdk`, which `ray status` reads under the
-    v2 autoscaler; the GCS keeps it under either). With a Ray whose internal module moved, the
-    cluster's free CPUs, at most the largest node's total: the estimate before per-node
-    figures, which can ask for more than one node has free.
+    v2 autoscaler; the GCS keeps it under either; not a public API, hence Ray's pinned minor
+    version in pyproject.toml).
     """
     import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
 
-    try:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-    except ImportError:
-        totals = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
-        return [min(ray.available_resources().get("CPU", 0), max(totals, default=0))]
     return node_free_cpus(get_cluster_status(ray.get_runtime_context().gcs_address))
 
 

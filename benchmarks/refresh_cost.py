@@ -180,16 +180,9 @@ def decode_sweep(count, threads_list, batch_size, image_size=224, resize=256):
     every training image (`decoded_batches`, what `RefreshActor._decode_from` runs), images/s
     with each thread count. Photo-like JPEGs of 341x256, what the converters store by default
     (256 px short side); 100 distinct images, cycled."""
-    from throughput import textured_jpeg
+    from pipeline.data.decoding import decoded_batches
 
-    from pipeline.data.decoding import decode_rgb, decoded_batches, eval_transform
-
-    images = [textured_jpeg(341, 256, seed) for seed in range(min(count, 100))]
-    transform = eval_transform(image_size, resize)
-
-    def decode(i):
-        return transform(decode_rgb(images[i % len(images)])).numpy()
-
+    decode = _photo_decoder(count, image_size, resize)
     for threads in threads_list:
         start = time.perf_counter()
         decoded = sum(len(batch) for batch in decoded_batches(decode, count, batch_size, threads))
@@ -205,15 +198,9 @@ def cached_pass_sweep(count, fractions, batch_size, image_size=224, resize=256):
     split (`PrefixCache`, what the actor keeps): the first pass decodes everything and keeps
     what fits, the second replays that and decodes the rest, in one thread (the default
     `refresh.num_cpus`). The same photo-like JPEGs as `decode_sweep`."""
-    from throughput import textured_jpeg
+    from pipeline.data.decoding import PrefixCache, decoded_batches
 
-    from pipeline.data.decoding import PrefixCache, decode_rgb, decoded_batches, eval_transform
-
-    images = [textured_jpeg(341, 256, seed) for seed in range(min(count, 100))]
-    transform = eval_transform(image_size, resize)
-
-    def decode(i):
-        return transform(decode_rgb(images[i % len(images)])).numpy()
+    decode = _photo_decoder(count, image_size, resize)
 
     def stream(start_batch):
         return decoded_batches(decode, count, batch_size, 1, start=start_batch * batch_size)
@@ -232,6 +219,22 @@ def cached_pass_sweep(count, fractions, batch_size, image_size=224, resize=256):
             "second_pass_seconds": round(seconds[1], 3), "second_pass_images_per_s": round(passed / seconds[1], 1),
         }}), flush=True)
         del cache
+
+
+def _photo_decoder(count, image_size, resize):
+    """`decode(i)`: image i (of `count`) decoded with the eval resize and crop, as the refresh
+    actor decodes it; 100 distinct photo-like 341x256 JPEGs, cycled."""
+    from throughput import textured_jpeg
+
+    from pipeline.data.decoding import decode_rgb, eval_transform
+
+    images = [textured_jpeg(341, 256, seed) for seed in range(min(count, 100))]
+    transform = eval_transform(image_size, resize)
+
+    def decode(i):
+        return transform(decode_rgb(images[i % len(images)])).numpy()
+
+    return decode
 
 
 def _sync(device):
